@@ -1,0 +1,166 @@
+//! The JSON format of the WebSocket transport (PROTOCOL.md section 4.3).
+//!
+//! One JSON object per text message with a `t` field. Server messages are written directly
+//! (the event payload is embedded verbatim, never re-serialised); client messages are parsed
+//! with serde. Unknown `t` values parse to [`ClientMessage::Unknown`] so receivers can skip them,
+//! like unknown binary frame types.
+
+use serde::Deserialize;
+use std::fmt::Write as _;
+
+use crate::frame::Resume;
+
+/// A message from a client in the JSON format.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+pub enum ClientMessage {
+    /// `{"t":"subscribe","org":"acme","since":"k3x9:41"}`; `since` is optional.
+    Subscribe {
+        org: String,
+        #[serde(default)]
+        since: Option<String>,
+    },
+    /// `{"t":"unsubscribe","org":"acme"}`
+    Unsubscribe { org: String },
+    /// `{"t":"refresh","token":"..."}`
+    Refresh { token: String },
+    /// `{"t":"ping","data":"..."}`; `data` is optional and echoed in the pong.
+    Ping {
+        #[serde(default)]
+        data: Option<String>,
+    },
+    /// A message type this version does not know; receivers skip it.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Why a client JSON message could not be parsed (a protocol error, close code 4400).
+#[derive(Debug, thiserror::Error)]
+#[error("malformed JSON message: {0}")]
+pub struct JsonError(#[from] serde_json::Error);
+
+impl ClientMessage {
+    /// Parses one text message.
+    pub fn parse(text: &str) -> Result<Self, JsonError> {
+        Ok(serde_json::from_str(text)?)
+    }
+}
+
+fn quoted(s: &str) -> String {
+    // serde_json escapes exactly as JSON requires; strings here are short (ids, messages).
+    serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
+}
+
+/// `{"t":"subscribed",...}`
+pub fn subscribed(org: &str, epoch: &str, head: u64, resume: Resume) -> String {
+    format!(
+        r#"{{"t":"subscribed","org":{},"epoch":{},"head":{head},"resume":"{}"}}"#,
+        quoted(org),
+        quoted(epoch),
+        resume.as_str()
+    )
+}
+
+/// `{"t":"event",...,"data":<payload verbatim>}`. `data` must be a JSON text (the server only
+/// accepts JSON objects for publishing, so logged payloads always are).
+pub fn event(org: &str, seq: u64, ts: u64, data: &str) -> String {
+    let org = quoted(org);
+    let mut s = String::with_capacity(48 + org.len() + data.len());
+    let _ = write!(s, r#"{{"t":"event","org":{org},"seq":{seq},"ts":{ts},"data":{data}}}"#);
+    s
+}
+
+/// `{"t":"reset",...}`
+pub fn reset(org: &str, epoch: &str, head: u64) -> String {
+    format!(
+        r#"{{"t":"reset","org":{},"epoch":{},"head":{head}}}"#,
+        quoted(org),
+        quoted(epoch)
+    )
+}
+
+/// `{"t":"heartbeat","ts":...,"heads":{"acme":42}}`
+pub fn heartbeat<'a>(ts: u64, heads: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    let mut s = format!(r#"{{"t":"heartbeat","ts":{ts},"heads":{{"#);
+    for (i, (org, head)) in heads.into_iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{}:{head}", quoted(org));
+    }
+    s.push_str("}}");
+    s
+}
+
+/// `{"t":"error","code":4003,"message":"..."}`
+pub fn error(code: u64, message: &str) -> String {
+    format!(r#"{{"t":"error","code":{code},"message":{}}}"#, quoted(message))
+}
+
+/// `{"t":"pong","data":"..."}`
+pub fn pong(data: &str) -> String {
+    format!(r#"{{"t":"pong","data":{}}}"#, quoted(data))
+}
+
+/// `{"t":"unsubscribed","org":"acme"}`
+pub fn unsubscribed(org: &str) -> String {
+    format!(r#"{{"t":"unsubscribed","org":{}}}"#, quoted(org))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn v(s: &str) -> Value {
+        serde_json::from_str(s).expect("valid JSON")
+    }
+
+    #[test]
+    fn server_messages_are_valid_json_with_the_documented_fields() {
+        assert_eq!(
+            v(&subscribed("acme", "k3x9", 41, Resume::Recovered)),
+            json!({"t":"subscribed","org":"acme","epoch":"k3x9","head":41,"resume":"recovered"})
+        );
+        assert_eq!(
+            v(&event("acme", 42, 1_763_900_000_123, r#"{"a":[1,"x"]}"#)),
+            json!({"t":"event","org":"acme","seq":42,"ts":1_763_900_000_123u64,"data":{"a":[1,"x"]}})
+        );
+        assert_eq!(v(&reset("acme", "e", 57)), json!({"t":"reset","org":"acme","epoch":"e","head":57}));
+        assert_eq!(
+            v(&heartbeat(5, [("acme", 42), ("beta", 0)])),
+            json!({"t":"heartbeat","ts":5,"heads":{"acme":42,"beta":0}})
+        );
+        assert_eq!(v(&heartbeat(5, [])), json!({"t":"heartbeat","ts":5,"heads":{}}));
+        assert_eq!(
+            v(&error(4003, "org \"x\" not granted")),
+            json!({"t":"error","code":4003,"message":"org \"x\" not granted"})
+        );
+        assert_eq!(v(&pong("a\nb")), json!({"t":"pong","data":"a\nb"}));
+        assert_eq!(v(&unsubscribed("acme")), json!({"t":"unsubscribed","org":"acme"}));
+    }
+
+    #[test]
+    fn client_messages_parse() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"t":"subscribe","org":"acme","since":"k3x9:41"}"#).unwrap(),
+            ClientMessage::Subscribe { org: "acme".into(), since: Some("k3x9:41".into()) }
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"t":"subscribe","org":"acme"}"#).unwrap(),
+            ClientMessage::Subscribe { org: "acme".into(), since: None }
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"t":"ping"}"#).unwrap(),
+            ClientMessage::Ping { data: None }
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"t":"future-thing","x":1}"#).unwrap(),
+            ClientMessage::Unknown
+        );
+        assert!(ClientMessage::parse(r#"{"org":"acme"}"#).is_err());
+        assert!(ClientMessage::parse(r#"{"t":"subscribe"}"#).is_err());
+        assert!(ClientMessage::parse("not json").is_err());
+        assert!(ClientMessage::parse(r#"{"t":"refresh","token":5}"#).is_err());
+    }
+}

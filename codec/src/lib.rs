@@ -1,0 +1,15 @@
+//! # edgestream-codec
+//!
+//! The edgestream wire contract (PROTOCOL.md sections 2 and 4.3) as pure code: no tokio, no
+//! sockets, no clock. Both transports and every Rust client (tests, the bench tool) use it.
+//!
+//! # Layout
+//! - [`varint`]: QUIC variable-length integers (RFC 9000, section 16).
+//! - [`frame`]: binary frames, encode and decode, with limits.
+//! - [`json`]: the JSON text format of the WebSocket transport.
+
+pub mod frame;
+pub mod json;
+pub mod varint;
+
+pub use frame::{encode_event, DecodeError, Frame, Resume, FLAG_BROTLI};
