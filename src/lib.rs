@@ -1,0 +1,26 @@
+//! # edgestream
+//!
+//! An edge streaming server: publishers POST events for an org, the server sequences them,
+//! keeps them in a replay log and pushes them in order to every connected client, over
+//! WebTransport or WebSocket. See ARCHITECTURE.md for the data path.
+//!
+//! # Layout
+//! - [`model`]: org ids, epochs, positions (validated once at the edge).
+//! - [`event`]: a sequenced event and its wire encodings, computed once and shared.
+//! - [`log`]: the sequencer and replay log behind the [`log::EventLog`] trait; in-memory backbone.
+//! - [`hub`]: one upstream subscription per org, fan-out to session queues, per-org cursors.
+//! - [`auth`]: JWT verification and org grants.
+//! - [`session`]: the `/v1/stream` query, and the sessions of each transport.
+//! - [`close`]: close codes and the one mapping from errors to codes and HTTP statuses.
+//! - [`metrics`]: counters and gauges, Prometheus and JSON.
+//! - [`time`]: the wall clock, read only at the edges.
+
+pub mod auth;
+pub mod close;
+pub mod event;
+pub mod hub;
+pub mod log;
+pub mod metrics;
+pub mod model;
+pub mod session;
+pub mod time;

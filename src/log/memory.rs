@@ -1,0 +1,190 @@
+//! The embedded, in-process log: one [`OrgWindow`] per org behind a short lock, and a `watch`
+//! channel per org that wakes tails. Lost on restart: every org gets a new epoch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+
+use super::window::OrgWindow;
+use super::{Appended, EventLog, LogError, OrgState, ReadOutcome, Retention, Tail};
+use crate::event::Event;
+use crate::model::{Epoch, OrgId, Position};
+use crate::time::unix_ms;
+
+struct Slot {
+    window: Mutex<OrgWindow>,
+    head: watch::Sender<u64>,
+}
+
+/// The in-memory [`EventLog`].
+pub struct MemoryLog {
+    orgs: RwLock<HashMap<OrgId, Arc<Slot>>>,
+    retention: Retention,
+}
+
+impl MemoryLog {
+    pub fn new(retention: Retention) -> Self {
+        MemoryLog { orgs: RwLock::new(HashMap::new()), retention }
+    }
+
+    fn slot(&self, org: &OrgId) -> Arc<Slot> {
+        if let Some(s) = self.orgs.read().get(org) {
+            return s.clone();
+        }
+        self.orgs
+            .write()
+            .entry(org.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    window: Mutex::new(OrgWindow::new(org.clone(), Epoch::random())),
+                    head: watch::channel(0).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Applies time-based retention to every org (the server calls this periodically, so orgs
+    /// that receive no appends are trimmed too).
+    pub fn sweep(&self, now_ms: u64) {
+        let slots: Vec<Arc<Slot>> = self.orgs.read().values().cloned().collect();
+        for s in slots {
+            s.window.lock().evict(now_ms, &self.retention);
+        }
+    }
+
+    /// Orgs known, events and bytes retained (for metrics).
+    pub fn usage(&self) -> (usize, usize, usize) {
+        let orgs = self.orgs.read();
+        let (mut events, mut bytes) = (0, 0);
+        for s in orgs.values() {
+            let w = s.window.lock();
+            events += w.len();
+            bytes += w.bytes();
+        }
+        (orgs.len(), events, bytes)
+    }
+}
+
+#[async_trait]
+impl EventLog for MemoryLog {
+    async fn append(
+        &self,
+        org: &OrgId,
+        payloads: Vec<Bytes>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, LogError> {
+        let slot = self.slot(org);
+        let appended = {
+            let mut w = slot.window.lock();
+            let (appended, _) = w.append(payloads, idempotency_key, unix_ms(), &self.retention);
+            // Under the window lock, so tails observe heads in order.
+            let last = appended.last_seq;
+            slot.head.send_if_modified(|h| {
+                let newer = last > *h;
+                *h = (*h).max(last);
+                newer
+            });
+            appended
+        };
+        Ok(appended)
+    }
+
+    async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
+        Ok(self.slot(org).window.lock().state())
+    }
+
+    async fn read(
+        &self,
+        org: &OrgId,
+        after: &Position,
+        limit: usize,
+    ) -> Result<ReadOutcome, LogError> {
+        let slot = self.slot(org);
+        let w = slot.window.lock();
+        let state = w.state();
+        Ok(match w.read_after(after, limit) {
+            Some(events) => ReadOutcome::Events { state, events },
+            None => ReadOutcome::Unusable { state },
+        })
+    }
+
+    async fn tail(&self, org: &OrgId) -> Result<Box<dyn Tail>, LogError> {
+        let slot = self.slot(org);
+        let mut rx = slot.head.subscribe();
+        let state = slot.window.lock().state();
+        rx.mark_unchanged();
+        Ok(Box::new(MemoryTail { slot, rx, cursor: Position { epoch: state.epoch, seq: state.head } }))
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+struct MemoryTail {
+    slot: Arc<Slot>,
+    rx: watch::Receiver<u64>,
+    cursor: Position,
+}
+
+/// Events read per wake-up; a burst larger than this is returned over several calls.
+const TAIL_BATCH: usize = 1024;
+
+#[async_trait]
+impl Tail for MemoryTail {
+    async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError> {
+        loop {
+            let events: Vec<Arc<Event>> = {
+                let w = self.slot.window.lock();
+                match w.read_after(&self.cursor, TAIL_BATCH) {
+                    Some(events) => events,
+                    None => {
+                        // Evicted past the cursor (the hub fell far behind): jump to the
+                        // oldest retained; sessions fill or reset from the log themselves.
+                        let s = w.state();
+                        self.cursor = Position { epoch: s.epoch, seq: s.first - 1 };
+                        continue;
+                    }
+                }
+            };
+            if let Some(last) = events.last() {
+                self.cursor.seq = last.seq;
+                return Ok(events);
+            }
+            if self.rx.changed().await.is_err() {
+                return Err(LogError::Internal("org log dropped".into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tail_follows_appends_in_order() {
+        let log = MemoryLog::new(Retention::default());
+        let org = OrgId::parse("acme").unwrap();
+        log.append(&org, vec![Bytes::from_static(b"{}")], None).await.unwrap();
+        let mut tail = log.tail(&org).await.unwrap();
+        let l2 = Arc::new(log);
+        let l3 = l2.clone();
+        let o2 = org.clone();
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                l3.append(&o2, vec![Bytes::from_static(b"{}"); 3], None).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut seen = Vec::new();
+        while seen.len() < 150 {
+            seen.extend(tail.next().await.unwrap().iter().map(|e| e.seq));
+        }
+        assert_eq!(seen, (2..=151).collect::<Vec<_>>(), "starts after the head at tail time");
+    }
+}

@@ -1,0 +1,106 @@
+//! The replay log and sequencer behind one trait, [`EventLog`], that the hub and the HTTP API
+//! use. Backbones: [`memory::MemoryLog`] (embedded, the default); Redis Streams later.
+//!
+//! A log assigns each org's gap-free seqs, keeps its epoch, retains recent events (by time,
+//! count and bytes) and serves range reads by position. It never knows about sessions,
+//! transports or tokens.
+
+pub mod memory;
+pub mod window;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::event::Event;
+use crate::model::{Epoch, OrgId, Position};
+
+pub use window::{Retention, Resume};
+
+/// What a successful append returns (PROTOCOL.md section 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub epoch: Epoch,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The Idempotency-Key was seen before: nothing was appended, this is the first result.
+    pub duplicate: bool,
+}
+
+/// An org's log at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgState {
+    pub epoch: Epoch,
+    /// The latest seq (0 if none).
+    pub head: u64,
+    /// The oldest retained seq (`head + 1` when nothing is retained).
+    pub first: u64,
+}
+
+impl OrgState {
+    /// The resume rule of PROTOCOL.md section 2 (SUBSCRIBED.resume).
+    pub fn resume(&self, since: Option<&Position>) -> Resume {
+        window::resume(&self.epoch, self.head, self.first, since)
+    }
+}
+
+/// The answer to a range read.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// Events after the position, in seq order (possibly none: the position is the head).
+    Events { state: OrgState, events: Vec<Arc<Event>> },
+    /// The position cannot be continued: other epoch, evicted, or ahead of the head.
+    Unusable { state: OrgState },
+}
+
+/// Why a log operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The backbone cannot be reached (Redis down): retry later, nothing was appended.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or corrupt state.
+    #[error("log error: {0}")]
+    Internal(String),
+}
+
+/// A follower of one org's new events, for the hub's one upstream subscription per org.
+#[async_trait]
+pub trait Tail: Send {
+    /// Waits for events after the last ones returned and returns them in seq order. After an
+    /// epoch change or an eviction the follower jumps ahead: sessions notice the jump by seq
+    /// and read the log to fill or reset.
+    async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError>;
+}
+
+/// The sequencer and replay log, as the hub and the HTTP API see it.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends a batch atomically with consecutive seqs. With `idempotency_key`, a repeat inside
+    /// the replay window appends nothing and returns the first result with `duplicate` set.
+    async fn append(
+        &self,
+        org: &OrgId,
+        payloads: Vec<Bytes>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, LogError>;
+
+    /// The org's epoch, head and oldest retained seq (creating the org's log if it has none,
+    /// so that subscribers get an epoch to resume from).
+    async fn state(&self, org: &OrgId) -> Result<OrgState, LogError>;
+
+    /// At most `limit` events after `after`.
+    async fn read(
+        &self,
+        org: &OrgId,
+        after: &Position,
+        limit: usize,
+    ) -> Result<ReadOutcome, LogError>;
+
+    /// Follows the org's new events, starting after its current head.
+    async fn tail(&self, org: &OrgId) -> Result<Box<dyn Tail>, LogError>;
+
+    /// Short name for metrics and logs (`memory`, `redis`).
+    fn kind(&self) -> &'static str;
+}

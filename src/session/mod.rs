@@ -1,0 +1,185 @@
+//! Client sessions, transport by transport, over one hub.
+//!
+//! This module owns what every transport shares: the `/v1/stream` query (PROTOCOL.md section 3),
+//! the authorization of the initial subscriptions, and the [`SessionEnv`] every session gets.
+//! Transports live in submodules and talk only to the hub, never to the log directly.
+
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, Grant};
+use crate::close::{CloseCode, Refusal};
+use crate::event::Encoding;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::model::{parse_org_list, parse_since_list, OrgId, Position};
+
+/// Limits every session obeys.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Live events queued per session before it counts as a slow consumer (4008).
+    pub queue: usize,
+    /// Orgs one session may subscribe to at once.
+    pub max_orgs: usize,
+    /// Sessions this node accepts at once, all transports together (above: 4029).
+    pub max_sessions: usize,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Largest control frame a client may send, in bytes.
+    pub max_control_frame: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            queue: 4096,
+            max_orgs: 64,
+            max_sessions: 100_000,
+            heartbeat: Duration::from_secs(5),
+            max_control_frame: 16 * 1024,
+        }
+    }
+}
+
+/// What every session needs from the server.
+pub struct SessionEnv {
+    pub hub: Hub,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub limits: SessionLimits,
+    pub encoding: Encoding,
+    /// Cancelled when the node starts draining: sessions close with 4503.
+    pub shutdown: CancellationToken,
+}
+
+impl SessionEnv {
+    /// Sessions open now, all transports.
+    pub fn open_sessions(&self) -> u64 {
+        self.metrics.transports.iter().map(|t| t.sessions.get()).sum()
+    }
+}
+
+/// The WebSocket message format (`format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Binary,
+    Json,
+}
+
+/// The `/v1/stream` query, parsed and validated (nothing is authorized yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectParams {
+    pub token: String,
+    pub orgs: Option<Vec<OrgId>>,
+    pub since: Vec<(OrgId, Position)>,
+    pub brotli: bool,
+    pub format: Format,
+}
+
+impl ConnectParams {
+    /// Parses the query string; `bearer` is the `Authorization: Bearer` token, if any.
+    pub fn parse(query: &str, bearer: Option<&str>) -> Result<Self, Refusal> {
+        let mut p = ConnectParams {
+            token: bearer.unwrap_or_default().to_owned(),
+            orgs: None,
+            since: Vec::new(),
+            brotli: false,
+            format: Format::Binary,
+        };
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "access_token" => p.token = v.into_owned(),
+                "orgs" => p.orgs = Some(parse_org_list(&v)?),
+                "since" => p.since = parse_since_list(&v)?,
+                "enc" => p.brotli = v.split(',').any(|e| e.trim() == "br"),
+                "format" => {
+                    p.format = match &*v {
+                        "bin" | "" => Format::Binary,
+                        "json" => Format::Json,
+                        other => {
+                            return Err(Refusal::new(
+                                CloseCode::Protocol,
+                                format!("unknown format {:?}", other.chars().take(16).collect::<String>()),
+                            ))
+                        }
+                    }
+                }
+                _ => {} // unknown parameters are ignored, for forward compatibility
+            }
+        }
+        Ok(p)
+    }
+
+    /// Authorizes the initial subscriptions: the orgs asked for (default: those the token
+    /// names), each granted, each `since` naming one of them.
+    pub fn plan(
+        &self,
+        grant: &Grant,
+        max_orgs: usize,
+    ) -> Result<Vec<(OrgId, Option<Position>)>, Refusal> {
+        let orgs = self.orgs.clone().unwrap_or_else(|| grant.orgs().to_vec());
+        if orgs.len() > max_orgs {
+            return Err(Refusal::new(
+                CloseCode::Protocol,
+                format!("{} orgs asked, at most {max_orgs} per session", orgs.len()),
+            ));
+        }
+        for org in &orgs {
+            grant.check_subscribe(org)?;
+        }
+        if let Some((org, _)) = self.since.iter().find(|(o, _)| !orgs.contains(o)) {
+            return Err(Refusal::new(
+                CloseCode::Protocol,
+                format!("since names org {org}, which is not subscribed"),
+            ));
+        }
+        Ok(orgs
+            .into_iter()
+            .map(|o| {
+                let since = self.since.iter().find(|(s, _)| *s == o).map(|(_, p)| p.clone());
+                (o, since)
+            })
+            .collect())
+    }
+}
+
+/// Removes the value of `access_token` from a query string, for logging.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k == "access_token" => "access_token=REDACTED".to_string(),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_query() {
+        let p = ConnectParams::parse("access_token=t&orgs=acme,beta&since=acme:e1:5&enc=br&format=json", None).unwrap();
+        assert_eq!(p.token, "t");
+        assert_eq!(p.orgs.as_ref().unwrap().len(), 2);
+        assert_eq!(p.since[0].1.seq, 5);
+        assert!(p.brotli);
+        assert_eq!(p.format, Format::Json);
+        let p = ConnectParams::parse("", Some("bearer-tok")).unwrap();
+        assert_eq!((p.token.as_str(), p.format, p.brotli), ("bearer-tok", Format::Binary, false));
+        for bad in ["orgs=a%20b", "since=acme:e1", "format=xml", "since=acme:e1:x"] {
+            assert_eq!(ConnectParams::parse(bad, None).unwrap_err().code, CloseCode::Protocol, "{bad}");
+        }
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact_query("orgs=a&access_token=secret.jwt&x=1"), "orgs=a&access_token=REDACTED&x=1");
+    }
+}
