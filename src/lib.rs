@@ -17,10 +17,13 @@
 
 pub mod auth;
 pub mod close;
+pub mod config;
 pub mod event;
+pub mod http;
 pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod session;
 pub mod time;

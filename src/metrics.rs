@@ -73,13 +73,7 @@ pub struct TransportMetrics {
     pub heartbeats_sent: Counter,
 }
 
-/// Log usage, filled in by the server at scrape time.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LogUsage {
-    pub orgs: u64,
-    pub events: u64,
-    pub bytes: u64,
-}
+pub use crate::log::LogUsage;
 
 /// Every figure the server exports.
 #[derive(Debug, Default)]

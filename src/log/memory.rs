@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::window::OrgWindow;
-use super::{Appended, EventLog, LogError, OrgState, ReadOutcome, Retention, Tail};
+use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
 use crate::event::Event;
 use crate::model::{Epoch, OrgId, Position};
 use crate::time::unix_ms;
@@ -47,26 +47,6 @@ impl MemoryLog {
             .clone()
     }
 
-    /// Applies time-based retention to every org (the server calls this periodically, so orgs
-    /// that receive no appends are trimmed too).
-    pub fn sweep(&self, now_ms: u64) {
-        let slots: Vec<Arc<Slot>> = self.orgs.read().values().cloned().collect();
-        for s in slots {
-            s.window.lock().evict(now_ms, &self.retention);
-        }
-    }
-
-    /// Orgs known, events and bytes retained (for metrics).
-    pub fn usage(&self) -> (usize, usize, usize) {
-        let orgs = self.orgs.read();
-        let (mut events, mut bytes) = (0, 0);
-        for s in orgs.values() {
-            let w = s.window.lock();
-            events += w.len();
-            bytes += w.bytes();
-        }
-        (orgs.len(), events, bytes)
-    }
 }
 
 #[async_trait]
@@ -122,6 +102,24 @@ impl EventLog for MemoryLog {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn usage(&self) -> LogUsage {
+        let orgs = self.orgs.read();
+        let mut u = LogUsage { orgs: orgs.len() as u64, ..Default::default() };
+        for s in orgs.values() {
+            let w = s.window.lock();
+            u.events += w.len() as u64;
+            u.bytes += w.bytes() as u64;
+        }
+        u
+    }
+
+    fn sweep(&self, now_ms: u64) {
+        let slots: Vec<Arc<Slot>> = self.orgs.read().values().cloned().collect();
+        for s in slots {
+            s.window.lock().evict(now_ms, &self.retention);
+        }
     }
 }
 

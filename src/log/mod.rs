@@ -65,6 +65,14 @@ pub enum LogError {
     Internal(String),
 }
 
+/// What a log holds, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogUsage {
+    pub orgs: u64,
+    pub events: u64,
+    pub bytes: u64,
+}
+
 /// A follower of one org's new events, for the hub's one upstream subscription per org.
 #[async_trait]
 pub trait Tail: Send {
@@ -103,4 +111,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Short name for metrics and logs (`memory`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// Orgs, events and bytes held on this node.
+    fn usage(&self) -> LogUsage;
+
+    /// Applies time-based retention everywhere (called periodically, so idle orgs are trimmed).
+    fn sweep(&self, _now_ms: u64) {}
 }

@@ -1,0 +1,435 @@
+//! A client session over WebSocket (PROTOCOL.md sections 4.2 and 4.3): the [`WsSession`]
+//! behaviour that `edgestream-ws`'s pump drives.
+//!
+//! All of a session's orgs share one socket and one bounded queue; each org keeps its own
+//! [`OrgCursor`], so per-org order holds whatever the interleaving. Authentication and the
+//! initial subscriptions happen in the first wake-up, after the upgrade, so that a refusal is a
+//! close code the client can read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use edgestream_codec::{json, Frame};
+use edgestream_ws::{tungstenite::Utf8Bytes, Close, Incoming, Outgoing, WsSession};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use super::{ConnectParams, Format, SessionEnv};
+use crate::auth::Grant;
+use crate::close::{CloseCode, Refusal};
+use crate::event::Event;
+use crate::hub::{Delivery, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
+use crate::metrics::{Transport, TransportMetrics};
+use crate::model::{Epoch, OrgId, Position};
+use crate::time::unix_ms;
+
+/// Live events handled per wake-up before the socket is flushed.
+const LIVE_BATCH: usize = 256;
+
+/// What woke the session.
+#[derive(Debug)]
+pub enum Wake {
+    Start,
+    Live(Arc<Event>),
+    CatchUp,
+    Heartbeat,
+    Expired,
+}
+
+/// One WebSocket client.
+pub struct WsStreamSession {
+    env: Arc<SessionEnv>,
+    params: Result<ConnectParams, Refusal>,
+    started: bool,
+    counted: bool,
+    grant: Option<Grant>,
+    expires_at: Instant,
+    cursors: HashMap<OrgId, OrgCursor>,
+    sink: Sink,
+    queue: mpsc::Receiver<Arc<Event>>,
+    overflow: Arc<Overflow>,
+    heartbeat: Interval,
+    deliveries: Vec<Delivery>,
+}
+
+impl WsStreamSession {
+    /// A session for a `/v1/stream` request; nothing is checked until it starts.
+    pub fn new(env: Arc<SessionEnv>, query: &str, bearer: Option<&str>) -> Self {
+        let (sink, queue, overflow) = Sink::bounded(env.limits.queue);
+        let mut heartbeat = tokio::time::interval(env.limits.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        WsStreamSession {
+            params: ConnectParams::parse(query, bearer),
+            env,
+            started: false,
+            counted: false,
+            grant: None,
+            expires_at: Instant::now(),
+            cursors: HashMap::new(),
+            sink,
+            queue,
+            overflow,
+            heartbeat,
+            deliveries: Vec::new(),
+        }
+    }
+
+    fn metrics(&self) -> &TransportMetrics {
+        self.env.metrics.transport(Transport::WebSocket)
+    }
+
+    fn format(&self) -> Format {
+        self.params.as_ref().map(|p| p.format).unwrap_or(Format::Binary)
+    }
+
+    fn brotli(&self) -> bool {
+        self.params.as_ref().map(|p| p.brotli).unwrap_or(false)
+    }
+
+    async fn start(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+        let params = self.params.clone()?;
+        if self.env.open_sessions() >= self.env.limits.max_sessions as u64 {
+            return Err(Refusal::new(CloseCode::TooMany, "too many sessions on this node"));
+        }
+        let grant = self.env.auth.verify(&params.token)?;
+        let plan = params.plan(&grant, self.env.limits.max_orgs)?;
+        self.set_grant(grant)?;
+        self.metrics().sessions.inc();
+        self.metrics().sessions_opened.inc();
+        self.counted = true;
+        for (org, since) in plan {
+            self.subscribe(org, since, out).await?;
+        }
+        self.heartbeat.reset();
+        Ok(())
+    }
+
+    fn set_grant(&mut self, grant: Grant) -> Result<(), Refusal> {
+        let at_ms = self.env.auth.expires_at_ms(&grant);
+        let now = unix_ms();
+        if at_ms <= now {
+            return Err(Refusal::new(CloseCode::Unauthorized, "token expired"));
+        }
+        self.expires_at = Instant::now() + std::time::Duration::from_millis(at_ms - now);
+        self.grant = Some(grant);
+        Ok(())
+    }
+
+    async fn subscribe(
+        &mut self,
+        org: OrgId,
+        since: Option<Position>,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Refusal> {
+        // Drop an existing subscription first, so the new one starts from its own position.
+        self.cursors.remove(&org);
+        let (cursor, subscribed) = self.env.hub.subscribe(&org, since.as_ref(), &self.sink).await?;
+        out.push(self.encode_subscribed(&subscribed));
+        self.cursors.insert(org, cursor);
+        Ok(())
+    }
+
+    /// A dynamic SUBSCRIBE: refusals are ERROR frames, the session stays.
+    async fn on_subscribe(
+        &mut self,
+        org: &str,
+        since: Option<Position>,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Refusal> {
+        let org = match OrgId::parse(org) {
+            Ok(o) => o,
+            Err(e) => return Err(e.into()),
+        };
+        let grant = self.grant.as_ref().expect("started sessions have a grant");
+        if let Err(f) = grant.check_subscribe(&org) {
+            out.push(self.encode_error(CloseCode::Forbidden, &f.to_string()));
+            return Ok(());
+        }
+        if !self.cursors.contains_key(&org) && self.cursors.len() >= self.env.limits.max_orgs {
+            let msg = format!("at most {} orgs per session", self.env.limits.max_orgs);
+            out.push(self.encode_error(CloseCode::Protocol, &msg));
+            return Ok(());
+        }
+        if let Err(r) = self.subscribe(org, since, out).await {
+            out.push(self.encode_error(r.code, &r.reason));
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, org: &str, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+        let org = OrgId::parse(org)?;
+        self.cursors.remove(&org);
+        out.push(self.text_or_frame(
+            || json::unsubscribed(org.as_str()),
+            || Frame::Unsubscribed { org: org.to_string() },
+        ));
+        Ok(())
+    }
+
+    /// REFRESH: a new token for the same subject moves the expiry; orgs it no longer grants
+    /// are unsubscribed. A bad token is answered with ERROR 4001 and the old one stays.
+    fn on_refresh(&mut self, token: &str, out: &mut Vec<Outgoing>) {
+        let grant = match self.env.auth.verify(token) {
+            Ok(g) => g,
+            Err(e) => {
+                out.push(self.encode_error(CloseCode::Unauthorized, &e.to_string()));
+                return;
+            }
+        };
+        let old = self.grant.as_ref().expect("started sessions have a grant");
+        if grant.sub != old.sub {
+            let e = crate::auth::AuthError::SubjectChanged;
+            out.push(self.encode_error(CloseCode::Unauthorized, &e.to_string()));
+            return;
+        }
+        let revoked: Vec<OrgId> =
+            self.cursors.keys().filter(|o| grant.check_subscribe(o).is_err()).cloned().collect();
+        if let Err(e) = self.set_grant(grant) {
+            out.push(self.encode_error(e.code, &e.reason));
+            return;
+        }
+        for org in revoked {
+            self.cursors.remove(&org);
+            out.push(self.encode_error(CloseCode::Forbidden, &format!("org {org} no longer granted")));
+            out.push(self.text_or_frame(
+                || json::unsubscribed(org.as_str()),
+                || Frame::Unsubscribed { org: org.to_string() },
+            ));
+        }
+    }
+
+    async fn on_binary(&mut self, msg: Bytes, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+        if self.format() != Format::Binary {
+            return Err(Refusal::new(CloseCode::Protocol, "binary message on a format=json session"));
+        }
+        match Frame::decode_exact(msg, self.env.limits.max_control_frame)? {
+            Frame::Subscribe { org, epoch, seq } => {
+                let since = if epoch.is_empty() {
+                    None
+                } else {
+                    Some(Position { epoch: Epoch::parse(&epoch)?, seq })
+                };
+                self.on_subscribe(&org, since, out).await
+            }
+            Frame::Unsubscribe { org } => self.on_unsubscribe(&org, out),
+            Frame::Refresh { token } => {
+                self.on_refresh(&token, out);
+                Ok(())
+            }
+            Frame::Ping(body) => {
+                out.push(Outgoing::Binary(Frame::Pong(body).to_bytes()));
+                Ok(())
+            }
+            Frame::Unknown { .. } => Ok(()), // forward compatibility: skip
+            other => Err(Refusal::new(
+                CloseCode::Protocol,
+                format!("frame type {:#04x} is not sent by clients", other.kind()),
+            )),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+        use edgestream_codec::json::ClientMessage;
+        if self.format() != Format::Json {
+            return Err(Refusal::new(CloseCode::Protocol, "text message on a format=bin session"));
+        }
+        let msg = ClientMessage::parse(text)
+            .map_err(|e| Refusal::new(CloseCode::Protocol, e.to_string()))?;
+        match msg {
+            ClientMessage::Subscribe { org, since } => {
+                let since = since.as_deref().map(Position::parse).transpose()?;
+                self.on_subscribe(&org, since, out).await
+            }
+            ClientMessage::Unsubscribe { org } => self.on_unsubscribe(&org, out),
+            ClientMessage::Refresh { token } => {
+                self.on_refresh(&token, out);
+                Ok(())
+            }
+            ClientMessage::Ping { data } => {
+                let data = data.unwrap_or_default();
+                if data.len() > edgestream_codec::frame::MAX_PING_LEN {
+                    return Err(Refusal::new(CloseCode::Protocol, "ping data over 64 bytes"));
+                }
+                out.push(Outgoing::Text(json::pong(&data).into()));
+                Ok(())
+            }
+            ClientMessage::Unknown => Ok(()),
+        }
+    }
+
+    /// Turns the cursors' deliveries into messages.
+    fn flush_deliveries(&mut self, org: &OrgId, replayed: bool, out: &mut Vec<Outgoing>) {
+        let format = self.format();
+        let brotli = self.brotli();
+        let n = self.deliveries.len() as u64;
+        for d in self.deliveries.drain(..) {
+            out.push(match d {
+                Delivery::Event(e) => match format {
+                    Format::Json => match Utf8Bytes::try_from(e.json().clone()) {
+                        Ok(t) => Outgoing::Text(t),
+                        Err(_) => continue,
+                    },
+                    Format::Binary if brotli => {
+                        Outgoing::Binary(e.binary_for_brotli(&self.env.encoding).clone())
+                    }
+                    Format::Binary => Outgoing::Binary(e.binary().clone()),
+                },
+                Delivery::Reset { epoch, head } => match format {
+                    Format::Json => Outgoing::Text(json::reset(org.as_str(), epoch.as_str(), head).into()),
+                    Format::Binary => Outgoing::Binary(
+                        Frame::Reset { org: org.to_string(), epoch: epoch.to_string(), head }.to_bytes(),
+                    ),
+                },
+            });
+        }
+        let m = self.metrics();
+        m.events_delivered.add(n);
+        if replayed {
+            m.events_replayed.add(n);
+        }
+    }
+
+    fn encode_subscribed(&self, s: &Subscribed) -> Outgoing {
+        self.text_or_frame(
+            || json::subscribed(s.org.as_str(), s.epoch.as_str(), s.head, s.resume),
+            || Frame::Subscribed {
+                org: s.org.to_string(),
+                epoch: s.epoch.to_string(),
+                head: s.head,
+                resume: s.resume,
+            },
+        )
+    }
+
+    fn encode_error(&self, code: CloseCode, message: &str) -> Outgoing {
+        self.text_or_frame(
+            || json::error(code.code().into(), message),
+            || Frame::Error { code: code.code().into(), message: message.to_string() },
+        )
+    }
+
+    fn text_or_frame(&self, text: impl FnOnce() -> String, frame: impl FnOnce() -> Frame) -> Outgoing {
+        match self.format() {
+            Format::Json => Outgoing::Text(text().into()),
+            Format::Binary => Outgoing::Binary(frame().to_bytes()),
+        }
+    }
+
+    fn heartbeat(&self) -> Outgoing {
+        let ts = unix_ms();
+        let mut heads: Vec<(String, u64)> =
+            self.cursors.values().map(|c| (c.org().to_string(), c.head())).collect();
+        heads.sort();
+        self.text_or_frame(
+            || json::heartbeat(ts, heads.iter().map(|(o, h)| (o.as_str(), *h))),
+            || Frame::Heartbeat { ts, heads: heads.clone() },
+        )
+    }
+
+    fn on_live(&mut self, event: Arc<Event>, out: &mut Vec<Outgoing>) {
+        let mut next = Some(event);
+        let mut handled = 0;
+        while let Some(e) = next.take() {
+            if let Some(cursor) = self.cursors.get_mut(&e.org) {
+                cursor.on_live(&e, &mut self.deliveries);
+                let org = e.org.clone();
+                self.flush_deliveries(&org, false, out);
+            }
+            handled += 1;
+            if handled < LIVE_BATCH {
+                next = self.queue.try_recv().ok();
+            }
+        }
+    }
+
+    async fn catch_up(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
+        let Some(org) = self.cursors.values().find(|c| c.needs_catch_up()).map(|c| c.org().clone())
+        else {
+            return Ok(());
+        };
+        let cursor = self.cursors.get_mut(&org).expect("found above");
+        cursor.catch_up(CATCH_UP_BATCH, &mut self.deliveries).await?;
+        self.flush_deliveries(&org, true, out);
+        Ok(())
+    }
+}
+
+impl Drop for WsStreamSession {
+    fn drop(&mut self) {
+        if self.counted {
+            self.metrics().sessions.dec();
+        }
+    }
+}
+
+fn close(r: Refusal) -> Close {
+    Close::new(r.code.code(), r.reason)
+}
+
+impl WsSession for WsStreamSession {
+    type Wake = Wake;
+
+    async fn wait(&mut self) -> Wake {
+        if !self.started {
+            self.started = true;
+            return Wake::Start;
+        }
+        if self.cursors.values().any(OrgCursor::needs_catch_up) {
+            // Keep the queue moving during a replay: live events first, then the next chunk.
+            return match self.queue.try_recv() {
+                Ok(e) => Wake::Live(e),
+                Err(_) => Wake::CatchUp,
+            };
+        }
+        tokio::select! {
+            biased;
+            e = self.queue.recv() => match e {
+                Some(e) => Wake::Live(e),
+                None => std::future::pending().await, // the session holds a sender: unreachable
+            },
+            _ = self.heartbeat.tick() => Wake::Heartbeat,
+            _ = tokio::time::sleep_until(self.expires_at) => Wake::Expired,
+        }
+    }
+
+    async fn on_wake(&mut self, wake: Wake, out: &mut Vec<Outgoing>) -> Result<(), Close> {
+        match wake {
+            Wake::Start => self.start(out).await.map_err(close),
+            Wake::Live(e) => {
+                self.on_live(e, out);
+                Ok(())
+            }
+            Wake::CatchUp => self.catch_up(out).await.map_err(close),
+            Wake::Heartbeat => {
+                out.push(self.heartbeat());
+                self.metrics().heartbeats_sent.inc();
+                Ok(())
+            }
+            Wake::Expired => Err(Close::new(CloseCode::TokenExpired.code(), "token expired")),
+        }
+    }
+
+    async fn on_message(&mut self, msg: Incoming, out: &mut Vec<Outgoing>) -> Result<(), Close> {
+        if !self.started {
+            // The client spoke first: authenticate and subscribe before handling it.
+            self.started = true;
+            self.start(out).await.map_err(close)?;
+        }
+        match msg {
+            Incoming::Binary(b) => self.on_binary(b, out).await.map_err(close),
+            Incoming::Text(t) => self.on_text(t.as_str(), out).await.map_err(close),
+        }
+    }
+
+    fn interrupted(&self) -> impl std::future::Future<Output = Close> + Send + 'static {
+        let shutdown = self.env.shutdown.clone();
+        let overflow = self.overflow.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => Close::new(CloseCode::GoingAway.code(), "server draining"),
+                _ = overflow.wait() => Close::new(CloseCode::SlowConsumer.code(), "slow consumer: queue full"),
+            }
+        }
+    }
+}

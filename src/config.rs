@@ -1,0 +1,315 @@
+//! Configuration of `edgestream serve`: command-line flags, `EDGESTREAM_<FLAG>` environment
+//! variables and a TOML file, in that order of precedence, then defaults.
+//!
+//! Owns parsing and validation only; the server reads the resolved [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::auth::JwtAlg;
+
+/// A duration written as `5m`, `30s`, `1h30m`, `250ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s).map(HumanDuration).map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A comma-separated list (a TOML array also works in the file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct List(pub Vec<String>);
+
+impl FromStr for List {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(List(s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()))
+    }
+}
+
+impl<'de> Deserialize<'de> for List {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::One(s) => s.parse().map_err(serde::de::Error::custom)?,
+            Raw::Many(v) => List(v),
+        })
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+macro_rules! serve_options {
+    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty ),* $(,)?) => {
+        /// Flags of `edgestream serve`. Every flag is also read from `EDGESTREAM_<FLAG>`
+        /// (e.g. `EDGESTREAM_JWT_SECRET`) and from the `--config` TOML file (kebab-case keys).
+        #[derive(Debug, Default, Clone, clap::Args)]
+        pub struct ServeArgs {
+            /// TOML file with these options (keys as the flags, e.g. `http-listen = "..."`).
+            #[arg(long)]
+            pub config: Option<PathBuf>,
+            $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
+        }
+
+        /// The `--config` file: the same options, all optional, unknown keys refused.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct FileOptions { $( pub $name: Option<$ty>, )* }
+
+        impl ServeArgs {
+            /// Fills what flags and environment left unset from the file.
+            pub fn merge_file(&mut self, file: FileOptions) {
+                $( if self.$name.is_none() { self.$name = file.$name; } )*
+            }
+        }
+    };
+}
+
+serve_options! {
+    /// HTTP and WebSocket listen address [default: 127.0.0.1:8080]
+    http_listen: SocketAddr,
+    /// QUIC (WebTransport) listen address, UDP [default: 127.0.0.1:4433]
+    quic_listen: SocketAddr,
+    /// HS256 shared secret (at least 16 bytes). Prefer the environment variable to the flag
+    jwt_secret: String,
+    /// PEM public key file for RS256, ES256 or EdDSA tokens (with --jwt-alg)
+    jwt_public_key: PathBuf,
+    /// Token algorithm [default: HS256 with a secret; required with a public key]
+    jwt_alg: JwtAlg,
+    /// Required `iss` claim
+    jwt_issuer: String,
+    /// Required `aud` claim
+    jwt_audience: String,
+    /// Clock skew tolerated on exp/nbf [default: 30s]
+    jwt_leeway: HumanDuration,
+    /// Replay log keeps at least this much history per org [default: 5m]
+    replay_window: HumanDuration,
+    /// Replay log cap in events per org [default: 100000]
+    replay_max_events: usize,
+    /// Replay log cap in bytes per org [default: 67108864]
+    replay_max_bytes: usize,
+    /// Heartbeat interval [default: 5s]
+    heartbeat: HumanDuration,
+    /// Browser origins allowed to connect, comma-separated [default: all in development mode, none otherwise]
+    allowed_origins: List,
+    /// Log format, text or json [default: text]
+    log_format: LogFormat,
+    /// Largest event payload accepted for publishing, in bytes [default: 65536]
+    max_event_bytes: usize,
+    /// Largest publish request body, in bytes [default: 1048576]
+    max_request_bytes: usize,
+    /// Payloads at least this large are brotli-compressed for enc=br clients [default: 1024]
+    brotli_min_bytes: usize,
+    /// Live events queued per session before it is closed as a slow consumer [default: 4096]
+    session_queue: usize,
+    /// Sessions accepted at once on this node [default: 100000]
+    max_sessions: usize,
+    /// Orgs one session may subscribe to [default: 64]
+    max_orgs_per_session: usize,
+    /// How long a shutdown waits for sessions and publishes to finish [default: 10s]
+    drain_timeout: HumanDuration,
+    /// A WebSocket client silent this long is closed [default: 30s]
+    ws_idle_timeout: HumanDuration,
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone)]
+pub enum AuthMode {
+    /// No key configured: a random HS256 secret and `/v1/dev/token`.
+    Development,
+    /// A configured key.
+    Keyed(crate::auth::AuthConfig),
+}
+
+/// The resolved configuration of a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_listen: SocketAddr,
+    pub quic_listen: SocketAddr,
+    pub auth: AuthMode,
+    pub leeway: Duration,
+    pub retention: crate::log::Retention,
+    pub heartbeat: Duration,
+    pub allowed_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub max_event_bytes: usize,
+    pub max_request_bytes: usize,
+    pub brotli_min_bytes: usize,
+    pub session_queue: usize,
+    pub max_sessions: usize,
+    pub max_orgs_per_session: usize,
+    pub drain_timeout: Duration,
+    pub ws_idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::resolve(ServeArgs::default()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Loads the `--config` file (if any) under the flags and resolves defaults.
+    pub fn load(mut args: ServeArgs) -> Result<Self, String> {
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+            let file: FileOptions = toml::from_str(&text)
+                .map_err(|e| format!("config file {}: {e}", path.display()))?;
+            args.merge_file(file);
+        }
+        Config::resolve(args)
+    }
+
+    /// Applies defaults and checks the combination.
+    pub fn resolve(a: ServeArgs) -> Result<Self, String> {
+        let dur = |d: Option<HumanDuration>, default: u64| d.map_or(Duration::from_secs(default), |h| h.0);
+        let leeway = dur(a.jwt_leeway, 30);
+        let auth = match (a.jwt_secret, a.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err("give either --jwt-secret or --jwt-public-key, not both".into())
+            }
+            (Some(secret), None) => {
+                if a.jwt_alg.is_some_and(|alg| alg != JwtAlg::HS256) {
+                    return Err("--jwt-secret works with HS256 only".into());
+                }
+                AuthMode::Keyed(crate::auth::AuthConfig {
+                    alg: JwtAlg::HS256,
+                    key: secret.into_bytes(),
+                    issuer: a.jwt_issuer,
+                    audience: a.jwt_audience,
+                    leeway_secs: leeway.as_secs(),
+                })
+            }
+            (None, Some(path)) => {
+                let alg = match a.jwt_alg {
+                    Some(JwtAlg::HS256) | None => {
+                        return Err("--jwt-public-key needs --jwt-alg RS256, ES256 or EdDSA".into())
+                    }
+                    Some(alg) => alg,
+                };
+                let key = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                AuthMode::Keyed(crate::auth::AuthConfig {
+                    alg,
+                    key,
+                    issuer: a.jwt_issuer,
+                    audience: a.jwt_audience,
+                    leeway_secs: leeway.as_secs(),
+                })
+            }
+            (None, None) => AuthMode::Development,
+        };
+        let heartbeat = dur(a.heartbeat, 5);
+        if heartbeat < Duration::from_millis(100) {
+            return Err("--heartbeat must be at least 100ms".into());
+        }
+        let positive = |v: Option<usize>, default: usize, name: &str| match v {
+            Some(0) => Err(format!("--{name} must be positive")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        Ok(Config {
+            http_listen: a.http_listen.unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
+            quic_listen: a.quic_listen.unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
+            auth,
+            leeway,
+            retention: crate::log::Retention {
+                window_ms: dur(a.replay_window, 300).as_millis() as u64,
+                max_events: positive(a.replay_max_events, 100_000, "replay-max-events")?,
+                max_bytes: positive(a.replay_max_bytes, 64 << 20, "replay-max-bytes")?,
+            },
+            heartbeat,
+            allowed_origins: a.allowed_origins.unwrap_or_default().0,
+            log_format: a.log_format.unwrap_or_default(),
+            max_event_bytes: positive(a.max_event_bytes, 64 * 1024, "max-event-bytes")?,
+            max_request_bytes: positive(a.max_request_bytes, 1 << 20, "max-request-bytes")?,
+            brotli_min_bytes: a.brotli_min_bytes.unwrap_or(1024),
+            session_queue: positive(a.session_queue, 4096, "session-queue")?,
+            max_sessions: positive(a.max_sessions, 100_000, "max-sessions")?,
+            max_orgs_per_session: positive(a.max_orgs_per_session, 64, "max-orgs-per-session")?,
+            drain_timeout: dur(a.drain_timeout, 10),
+            ws_idle_timeout: dur(a.ws_idle_timeout, 30),
+        })
+    }
+
+    pub fn is_development(&self) -> bool {
+        matches!(self.auth, AuthMode::Development)
+    }
+}
+
+/// Adds `EDGESTREAM_<FLAG>` environment fallbacks to every long flag of a command.
+pub fn with_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| match a.get_long() {
+        Some(long) if long != "help" && long != "version" => {
+            let var = format!("EDGESTREAM_{}", long.replace('-', "_").to_ascii_uppercase());
+            a.env(var)
+        }
+        _ => a,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.retention.window_ms, 300_000);
+        assert_eq!(c.heartbeat, Duration::from_secs(5));
+        assert!(c.is_development());
+    }
+
+    #[test]
+    fn file_under_flags() {
+        let file: FileOptions = toml::from_str(
+            "http-listen = \"127.0.0.1:9000\"\nheartbeat = \"2s\"\nallowed-origins = [\"https://a\", \"https://b\"]\n",
+        )
+        .unwrap();
+        let mut args = ServeArgs { heartbeat: Some("7s".parse().unwrap()), ..Default::default() };
+        args.merge_file(file);
+        let c = Config::resolve(args).unwrap();
+        assert_eq!(c.http_listen.port(), 9000);
+        assert_eq!(c.heartbeat, Duration::from_secs(7), "the flag wins over the file");
+        assert_eq!(c.allowed_origins, ["https://a", "https://b"]);
+        assert!(toml::from_str::<FileOptions>("no-such-option = 1").is_err());
+    }
+
+    #[test]
+    fn bad_combinations() {
+        let a = ServeArgs { jwt_secret: Some("x".repeat(32)), jwt_alg: Some(JwtAlg::RS256), ..Default::default() };
+        assert!(Config::resolve(a).is_err());
+        let a = ServeArgs { jwt_public_key: Some("/nonexistent".into()), ..Default::default() };
+        assert!(Config::resolve(a).is_err());
+        let a = ServeArgs { replay_max_events: Some(0), ..Default::default() };
+        assert!(Config::resolve(a).is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! `POST /v1/orgs/{org}/events`: one event (a JSON object) or a batch (an array of objects),
+//! appended atomically with consecutive seqs; `Idempotency-Key` answers a repeat from the log.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, value::RawValue};
+
+use super::{authenticate, org_param, ApiError};
+use crate::close::Refusal;
+use crate::log::LogError;
+use crate::server::App;
+
+/// Idempotency keys longer than this are refused.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+pub(super) async fn publish(
+    State(app): State<Arc<App>>,
+    Path(org): Path<String>,
+    req: Request,
+) -> Response {
+    app.env.metrics.publish_requests.inc();
+    match publish_inner(&app, &org, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            app.env.metrics.publish_rejected.inc();
+            e.into_response()
+        }
+    }
+}
+
+async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, ApiError> {
+    let org = org_param(org)?;
+    let (parts, body) = req.into_parts();
+    let grant = authenticate(app, &parts.headers, None)?;
+    grant.check_publish(&org).map_err(Refusal::from)?;
+    let key = match parts.headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+            Some(k.ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "Idempotency-Key must be 1 to 256 visible ASCII chars")
+            })?)
+        }
+    };
+    let body = read_body(body, app.config.max_request_bytes).await?;
+    let payloads = split_events(&body, app.config.max_event_bytes)?;
+    let count = payloads.len() as u64;
+    let appended = app.env.hub.log().append(&org, payloads, key).await.map_err(|e| match e {
+        LogError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("log unavailable: {m}")),
+        LogError::Internal(m) => {
+            tracing::error!(org = %org, error = %m, "append failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    })?;
+    let status = if appended.duplicate {
+        app.env.metrics.publish_duplicates.inc();
+        StatusCode::OK
+    } else {
+        app.env.metrics.events_published.add(count);
+        StatusCode::CREATED
+    };
+    let body = json!({
+        "org": org.as_str(),
+        "epoch": appended.epoch.as_str(),
+        "first_seq": appended.first_seq,
+        "last_seq": appended.last_seq,
+    });
+    Ok((status, Json(body)).into_response())
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+        }
+    })
+}
+
+/// Splits a body into event payloads, each the exact bytes of one JSON object.
+pub fn split_events(body: &Bytes, max_event: usize) -> Result<Vec<Bytes>, ApiError> {
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m.to_string());
+    let text = std::str::from_utf8(body).map_err(|_| bad("body is not UTF-8 JSON"))?;
+    let trimmed = text.trim_start();
+    let raws: Vec<&RawValue> = if trimmed.starts_with('[') {
+        serde_json::from_str(text).map_err(|e| bad(&format!("not JSON: {e}")))?
+    } else {
+        vec![serde_json::from_str(text).map_err(|e| bad(&format!("not JSON: {e}")))?]
+    };
+    if raws.is_empty() {
+        return Err(bad("empty batch"));
+    }
+    let mut out = Vec::with_capacity(raws.len());
+    for raw in raws {
+        let s = raw.get();
+        if !s.starts_with('{') {
+            return Err(bad("every event must be a JSON object"));
+        }
+        if s.len() > max_event {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("event of {} bytes over the limit of {max_event}", s.len()),
+            ));
+        }
+        // Zero-copy: the payload is a slice of the request body.
+        let start = s.as_ptr() as usize - body.as_ptr() as usize;
+        out.push(body.slice(start..start + s.len()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_objects_verbatim() {
+        let body = Bytes::from_static(b" [ {\"a\": 1} ,{\"b\":[2, 3]}] ");
+        let evs = split_events(&body, 100).unwrap();
+        assert_eq!(evs, [Bytes::from_static(b"{\"a\": 1}"), Bytes::from_static(b"{\"b\":[2, 3]}")]);
+        let one = split_events(&Bytes::from_static(b"{\"x\" : \"y\"}\n"), 100).unwrap();
+        assert_eq!(one, [Bytes::from_static(b"{\"x\" : \"y\"}")]);
+    }
+
+    #[test]
+    fn refuses_non_objects_and_oversize() {
+        for bad in [&b"[]"[..], b"[1]", b"\"s\"", b"{", b"nope", b"[{}, 2]", b"\xff"] {
+            assert_eq!(split_events(&Bytes::from(bad), 100).unwrap_err().status, StatusCode::BAD_REQUEST);
+        }
+        let big = Bytes::from(format!("{{\"a\":\"{}\"}}", "x".repeat(200)));
+        assert_eq!(split_events(&big, 100).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

@@ -1,0 +1,175 @@
+//! Wires the parts into a running node: the log, the hub, the HTTP listener (API and
+//! WebSocket), periodic retention, and graceful shutdown.
+//!
+//! [`Server::bind`] takes the listeners (port 0 works, for tests); [`Server::run`] takes the
+//! shutdown signal as a future, so a test can stop the server at will.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edgestream_ws::{OriginPolicy, WsConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthConfig, Authenticator, JwtAlg};
+use crate::config::{AuthMode, Config};
+use crate::event::Encoding;
+use crate::hub::Hub;
+use crate::log::{memory::MemoryLog, EventLog};
+use crate::metrics::Metrics;
+use crate::session::{SessionEnv, SessionLimits};
+use crate::time::unix_ms;
+
+/// Shared state of a running node, as the HTTP handlers see it.
+pub struct App {
+    pub env: Arc<SessionEnv>,
+    pub config: Config,
+    /// The random HS256 secret of development mode.
+    pub dev_secret: Option<Vec<u8>>,
+    pub draining: AtomicBool,
+    pub sessions: TaskTracker,
+    pub origins: OriginPolicy,
+    pub ws: WsConfig,
+    pub http_addr: SocketAddr,
+    pub quic_port: u16,
+}
+
+/// A node with its listeners bound, ready to run.
+pub struct Server {
+    app: Arc<App>,
+    http: TcpListener,
+}
+
+impl Server {
+    /// Binds the listeners and builds the node (in-memory log).
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let log: Arc<dyn EventLog> = Arc::new(MemoryLog::new(config.retention));
+        Server::bind_with_log(config, log).await
+    }
+
+    /// Binds the listeners and builds the node over the given log.
+    pub async fn bind_with_log(config: Config, log: Arc<dyn EventLog>) -> anyhow::Result<Server> {
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+        let http_addr = http.local_addr()?;
+        let (auth_config, dev_secret) = match &config.auth {
+            AuthMode::Keyed(c) => (c.clone(), None),
+            AuthMode::Development => {
+                use rand::distr::{Alphanumeric, SampleString};
+                let secret = Alphanumeric.sample_string(&mut rand::rng(), 43).into_bytes();
+                tracing::warn!(
+                    "development mode: no JWT key configured; tokens are signed with a random \
+                     secret and served at /v1/dev/token to loopback clients"
+                );
+                let c = AuthConfig {
+                    alg: JwtAlg::HS256,
+                    key: secret.clone(),
+                    issuer: None,
+                    audience: None,
+                    leeway_secs: config.leeway.as_secs(),
+                };
+                (c, Some(secret))
+            }
+        };
+        let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
+        let metrics = Arc::new(Metrics::default());
+        let env = Arc::new(SessionEnv {
+            hub: Hub::new(log, metrics.clone()),
+            auth: Arc::new(auth),
+            metrics,
+            limits: SessionLimits {
+                queue: config.session_queue,
+                max_orgs: config.max_orgs_per_session,
+                max_sessions: config.max_sessions,
+                heartbeat: config.heartbeat,
+                ..SessionLimits::default()
+            },
+            encoding: Encoding { brotli_min_bytes: config.brotli_min_bytes, ..Encoding::default() },
+            shutdown: CancellationToken::new(),
+        });
+        let origins = if config.is_development() {
+            OriginPolicy::AllowAll
+        } else {
+            OriginPolicy::List(config.allowed_origins.clone())
+        };
+        let ws = WsConfig {
+            ping_interval: config.heartbeat,
+            idle_timeout: config.ws_idle_timeout,
+            ..WsConfig::default()
+        };
+        let app = Arc::new(App {
+            env,
+            dev_secret,
+            draining: AtomicBool::new(false),
+            sessions: TaskTracker::new(),
+            origins,
+            ws,
+            http_addr,
+            quic_port: config.quic_listen.port(),
+            config,
+        });
+        Ok(Server { app, http })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.app.http_addr
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readyz turns 503, sessions close with
+    /// 4503, requests in flight finish, and the call returns within the drain timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let app = self.app;
+        let sweeper = {
+            let log = app.env.hub.log().clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    log.sweep(unix_ms());
+                }
+            })
+        };
+        let stop_http = CancellationToken::new();
+        let router = crate::http::router(app.clone());
+        let mut http = tokio::spawn(
+            axum::serve(self.http, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+                .into_future(),
+        );
+        tracing::info!(http = %app.http_addr, log = app.env.hub.log().kind(), "edgestream serving");
+        tokio::select! {
+            _ = shutdown => {}
+            r = &mut http => {
+                sweeper.abort();
+                return r.context("http server task")?.context("http server");
+            }
+        }
+        tracing::info!(sessions = app.env.open_sessions(), "draining");
+        app.draining.store(true, Ordering::Release);
+        app.env.shutdown.cancel();
+        stop_http.cancel();
+        app.sessions.close();
+        let drained = tokio::time::timeout(app.config.drain_timeout, async {
+            let _ = (&mut http).await;
+            app.sessions.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(sessions = app.sessions.len(), "drain timeout: exiting with work left");
+            http.abort();
+        }
+        sweeper.abort();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
