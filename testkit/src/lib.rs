@@ -1,0 +1,13 @@
+//! # edgestream-testkit
+//!
+//! Protocol clients written against PROTOCOL.md, for the end-to-end tests and the bench tool:
+//! tokens, HTTP publishing, and a WebSocket client (binary and JSON formats). Depends on the
+//! codec only, never on the server crate, so the tests exercise the server from outside.
+
+pub mod http;
+pub mod token;
+pub mod ws;
+
+/// How long a test helper waits for something that should happen promptly before it reports a
+/// hang. Not a performance threshold: it only turns a hang into a failure with a message.
+pub const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(20);

@@ -1,0 +1,117 @@
+//! Shared helpers of the end-to-end tests: an in-process server on port 0 with a known secret,
+//! tokens for it, and bounded polling of its metrics.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edgestream::config::{Config, ServeArgs};
+use edgestream::server::Server;
+use edgestream_testkit::{http::Api, token, ws::WsClient};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use edgestream_testkit::HANG_GUARD;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef-xyz";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub api: Api,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// A server with HS256 [`SECRET`] and defaults otherwise.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server with HS256 [`SECRET`], adjusted by `f` (which may also clear the secret).
+    pub async fn start_with(f: impl FnOnce(&mut ServeArgs)) -> Self {
+        let mut args = ServeArgs {
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            quic_listen: Some("127.0.0.1:0".parse().unwrap()),
+            jwt_secret: Some(SECRET.into()),
+            ..Default::default()
+        };
+        f(&mut args);
+        let config = Config::resolve(args).expect("valid test config");
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.http_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            api: Api::new(format!("http://{addr}")),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/v1/stream?{query}", self.addr)
+    }
+
+    /// A subscribe+publish token for `orgs` (user `alice`).
+    pub fn token(&self, orgs: &[&str]) -> String {
+        token::hs256(SECRET.as_bytes(), &token::claims("alice", orgs, "subscribe publish"))
+    }
+
+    pub fn token_for(&self, sub: &str, orgs: &[&str], scope: &str) -> String {
+        token::hs256(SECRET.as_bytes(), &token::claims(sub, orgs, scope))
+    }
+
+    /// Connects a WebSocket client with a token for `orgs` and extra query parameters.
+    pub async fn client(&self, orgs: &[&str], extra: &str) -> WsClient {
+        let q = format!("access_token={}&{extra}", self.token(orgs));
+        WsClient::connect(&self.ws_url(&q)).await.expect("connect")
+    }
+
+    pub async fn metrics(&self) -> Value {
+        self.api.get("/v1/metrics", None).await.expect("metrics").1
+    }
+
+    /// Polls `/v1/metrics` until `cond` holds (bounded: fails after the hang guard).
+    pub async fn wait_metrics(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + HANG_GUARD;
+        loop {
+            let m = self.metrics().await;
+            if cond(&m) {
+                return m;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "metrics never showed {what}: {m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Triggers the graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.begin_stop();
+        self.join().await
+    }
+
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn join(&mut self) -> anyhow::Result<()> {
+        match self.task.take() {
+            Some(t) => tokio::time::timeout(HANG_GUARD, t).await??,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.begin_stop();
+    }
+}
