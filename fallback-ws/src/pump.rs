@@ -76,6 +76,10 @@ pub trait WsSession: Send {
 
     /// Resolves when the connection must close at once, even mid-write (called once).
     fn interrupted(&self) -> impl Future<Output = Close> + Send + 'static;
+
+    /// Told the close code when the server decides to close, before the closing handshake
+    /// (which may take up to the close timeout on a congested socket).
+    fn on_close(&mut self, _close: &Close) {}
 }
 
 /// How a connection ended.
@@ -180,6 +184,7 @@ where
             break c;
         }
     };
+    session.on_close(&close);
     close_with(&mut ws, &close, cfg.close_timeout).await;
     End::Closed(close)
 }

@@ -170,14 +170,10 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
     };
     let env = app.env.clone();
     let ws_config = app.ws.clone();
-    let metrics = app.env.metrics.clone();
     app.sessions.spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
         let session = WsStreamSession::new(env, &query, bearer.as_deref());
         let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
-        if let edgestream_ws::pump::End::Closed(c) = &end {
-            metrics.record_close(c.code);
-        }
         tracing::debug!(?end, "websocket session ended");
     });
     response.map(|()| axum::body::Body::empty())

@@ -422,6 +422,10 @@ impl WsSession for WsStreamSession {
         }
     }
 
+    fn on_close(&mut self, close: &Close) {
+        self.env.metrics.record_close(close.code);
+    }
+
     fn interrupted(&self) -> impl std::future::Future<Output = Close> + Send + 'static {
         let shutdown = self.env.shutdown.clone();
         let overflow = self.overflow.clone();
