@@ -186,7 +186,11 @@ impl Authenticator {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Authenticator { key, validation, leeway_secs: cfg.leeway_secs })
+        Ok(Authenticator {
+            key,
+            validation,
+            leeway_secs: cfg.leeway_secs,
+        })
     }
 
     /// Seconds of clock skew tolerated.
@@ -231,16 +235,19 @@ impl Authenticator {
 
     /// The instant (Unix ms) a grant stops being valid: `exp` plus the leeway.
     pub fn expires_at_ms(&self, grant: &Grant) -> u64 {
-        grant.exp.saturating_add(self.leeway_secs).saturating_mul(1000)
+        grant
+            .exp
+            .saturating_add(self.leeway_secs)
+            .saturating_mul(1000)
     }
 }
 
 fn map_error(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::InvalidSignature => AuthError::BadSignature,
-        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            AuthError::WrongAlgorithm
-        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::MissingAlgorithm
+        | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
         ErrorKind::ExpiredSignature => AuthError::Expired,
         ErrorKind::ImmatureSignature => AuthError::NotYetValid,
         ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
@@ -253,8 +260,12 @@ fn map_error(kind: &ErrorKind) -> AuthError {
 
 /// Mints an HS256 token (the `token` command and development mode).
 pub fn mint_hs256(secret: &[u8], claims: &Claims) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
-        .expect("HS256 signing with an in-memory secret cannot fail")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 signing with an in-memory secret cannot fail")
 }
 
 #[cfg(test)]
@@ -292,13 +303,23 @@ mod tests {
         let a = auth();
         let acme = OrgId::parse("acme").unwrap();
         let beta = OrgId::parse("beta").unwrap();
-        let g = a.verify(&mint_hs256(SECRET, &claims(&["acme"], None))).unwrap();
+        let g = a
+            .verify(&mint_hs256(SECRET, &claims(&["acme"], None)))
+            .unwrap();
         assert!(g.check_subscribe(&acme).is_ok());
         assert_eq!(g.check_subscribe(&beta), Err(Forbidden::Org(beta.clone())));
         assert_eq!(g.check_publish(&acme), Err(Forbidden::Scope("publish")));
-        let g = a.verify(&mint_hs256(SECRET, &claims(&["*"], Some("publish")))).unwrap();
-        assert!(g.check_publish(&beta).is_ok(), "* grants every org for publishing");
-        assert!(g.check_subscribe(&beta).is_err(), "* is not honoured for subscribing");
+        let g = a
+            .verify(&mint_hs256(SECRET, &claims(&["*"], Some("publish"))))
+            .unwrap();
+        assert!(
+            g.check_publish(&beta).is_ok(),
+            "* grants every org for publishing"
+        );
+        assert!(
+            g.check_subscribe(&beta).is_err(),
+            "* is not honoured for subscribing"
+        );
         assert!(g.orgs().is_empty());
     }
 
@@ -314,14 +335,20 @@ mod tests {
         c.nbf = Some(unix_secs() + 20); // inside the leeway
         assert!(a.verify(&mint_hs256(SECRET, &c)).is_ok());
         c.nbf = Some(unix_secs() + 120);
-        assert_eq!(a.verify(&mint_hs256(SECRET, &c)), Err(AuthError::NotYetValid));
+        assert_eq!(
+            a.verify(&mint_hs256(SECRET, &c)),
+            Err(AuthError::NotYetValid)
+        );
     }
 
     #[test]
     fn size_and_empty() {
         let a = auth();
         assert_eq!(a.verify(""), Err(AuthError::Missing));
-        assert_eq!(a.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)), Err(AuthError::TooLarge));
+        assert_eq!(
+            a.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)),
+            Err(AuthError::TooLarge)
+        );
         assert_eq!(a.verify("not.a.jwt"), Err(AuthError::Malformed));
     }
 }

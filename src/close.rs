@@ -50,7 +50,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
-        Refusal { code, reason: reason.into() }
+        Refusal {
+            code,
+            reason: reason.into(),
+        }
     }
 }
 

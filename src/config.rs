@@ -19,7 +19,9 @@ pub struct HumanDuration(pub Duration);
 impl FromStr for HumanDuration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s).map(HumanDuration).map_err(|e| format!("{s:?}: {e}"))
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|e| format!("{s:?}: {e}"))
     }
 }
 
@@ -37,7 +39,13 @@ pub struct List(pub Vec<String>);
 impl FromStr for List {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Ok(List(s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()))
+        Ok(List(
+            s.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect(),
+        ))
     }
 }
 
@@ -189,7 +197,9 @@ impl Config {
 
     /// Applies defaults and checks the combination.
     pub fn resolve(a: ServeArgs) -> Result<Self, String> {
-        let dur = |d: Option<HumanDuration>, default: u64| d.map_or(Duration::from_secs(default), |h| h.0);
+        let dur = |d: Option<HumanDuration>, default: u64| {
+            d.map_or(Duration::from_secs(default), |h| h.0)
+        };
         let leeway = dur(a.jwt_leeway, 30);
         let auth = match (a.jwt_secret, a.jwt_public_key) {
             (Some(_), Some(_)) => {
@@ -236,8 +246,12 @@ impl Config {
             None => Ok(default),
         };
         Ok(Config {
-            http_listen: a.http_listen.unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
-            quic_listen: a.quic_listen.unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
+            http_listen: a
+                .http_listen
+                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
+            quic_listen: a
+                .quic_listen
+                .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
             auth,
             leeway,
             retention: crate::log::Retention {
@@ -294,22 +308,39 @@ mod tests {
             "http-listen = \"127.0.0.1:9000\"\nheartbeat = \"2s\"\nallowed-origins = [\"https://a\", \"https://b\"]\n",
         )
         .unwrap();
-        let mut args = ServeArgs { heartbeat: Some("7s".parse().unwrap()), ..Default::default() };
+        let mut args = ServeArgs {
+            heartbeat: Some("7s".parse().unwrap()),
+            ..Default::default()
+        };
         args.merge_file(file);
         let c = Config::resolve(args).unwrap();
         assert_eq!(c.http_listen.port(), 9000);
-        assert_eq!(c.heartbeat, Duration::from_secs(7), "the flag wins over the file");
+        assert_eq!(
+            c.heartbeat,
+            Duration::from_secs(7),
+            "the flag wins over the file"
+        );
         assert_eq!(c.allowed_origins, ["https://a", "https://b"]);
         assert!(toml::from_str::<FileOptions>("no-such-option = 1").is_err());
     }
 
     #[test]
     fn bad_combinations() {
-        let a = ServeArgs { jwt_secret: Some("x".repeat(32)), jwt_alg: Some(JwtAlg::RS256), ..Default::default() };
+        let a = ServeArgs {
+            jwt_secret: Some("x".repeat(32)),
+            jwt_alg: Some(JwtAlg::RS256),
+            ..Default::default()
+        };
         assert!(Config::resolve(a).is_err());
-        let a = ServeArgs { jwt_public_key: Some("/nonexistent".into()), ..Default::default() };
+        let a = ServeArgs {
+            jwt_public_key: Some("/nonexistent".into()),
+            ..Default::default()
+        };
         assert!(Config::resolve(a).is_err());
-        let a = ServeArgs { replay_max_events: Some(0), ..Default::default() };
+        let a = ServeArgs {
+            replay_max_events: Some(0),
+            ..Default::default()
+        };
         assert!(Config::resolve(a).is_err());
     }
 }

@@ -21,7 +21,10 @@ pub struct Encoding {
 
 impl Default for Encoding {
     fn default() -> Self {
-        Encoding { brotli_min_bytes: 1024, brotli_quality: 5 }
+        Encoding {
+            brotli_min_bytes: 1024,
+            brotli_quality: 5,
+        }
     }
 }
 
@@ -111,7 +114,13 @@ mod tests {
     use std::io::Read;
 
     fn ev(payload: &str) -> Arc<Event> {
-        Event::new(OrgId::parse("acme").unwrap(), Epoch::parse("e1").unwrap(), 7, 99, payload.to_string().into())
+        Event::new(
+            OrgId::parse("acme").unwrap(),
+            Epoch::parse("e1").unwrap(),
+            7,
+            99,
+            payload.to_string().into(),
+        )
     }
 
     #[test]
@@ -119,17 +128,26 @@ mod tests {
         let big = format!(r#"{{"text":"{}"}}"#, "hello brotli ".repeat(200));
         let e = ev(&big);
         let enc = Encoding::default();
-        let Frame::Event { flags, payload, seq, .. } =
-            Frame::decode_exact(e.binary_for_brotli(&enc).clone(), 1 << 20).unwrap()
+        let Frame::Event {
+            flags,
+            payload,
+            seq,
+            ..
+        } = Frame::decode_exact(e.binary_for_brotli(&enc).clone(), 1 << 20).unwrap()
         else {
             panic!("not an event")
         };
         assert_eq!((flags, seq), (FLAG_BROTLI, 7));
         let mut plain = Vec::new();
-        brotli::Decompressor::new(&payload[..], 4096).read_to_end(&mut plain).unwrap();
+        brotli::Decompressor::new(&payload[..], 4096)
+            .read_to_end(&mut plain)
+            .unwrap();
         assert_eq!(plain, big.as_bytes());
         // Encoded once: the same bytes come back.
-        assert_eq!(e.binary_for_brotli(&enc).as_ptr(), e.binary_for_brotli(&enc).as_ptr());
+        assert_eq!(
+            e.binary_for_brotli(&enc).as_ptr(),
+            e.binary_for_brotli(&enc).as_ptr()
+        );
 
         let small = ev(r#"{"a":1}"#);
         assert_eq!(small.binary_for_brotli(&enc), small.binary());

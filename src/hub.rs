@@ -72,7 +72,14 @@ impl Sink {
     pub fn bounded(capacity: usize) -> (Sink, mpsc::Receiver<Arc<Event>>, Arc<Overflow>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let overflow = Arc::new(Overflow::default());
-        (Sink { tx, overflow: overflow.clone() }, rx, overflow)
+        (
+            Sink {
+                tx,
+                overflow: overflow.clone(),
+            },
+            rx,
+            overflow,
+        )
     }
 
     fn push(&self, event: &Arc<Event>) {
@@ -160,8 +167,12 @@ impl Hub {
             log: self.inner.log.clone(),
             registration,
         };
-        let subscribed =
-            Subscribed { org: org.clone(), epoch: state.epoch, head: state.head, resume };
+        let subscribed = Subscribed {
+            org: org.clone(),
+            epoch: state.epoch,
+            head: state.head,
+            resume,
+        };
         Ok((cursor, subscribed))
     }
 
@@ -185,7 +196,11 @@ impl Hub {
             }
         };
         feed.subscribers.lock().push((id, sink.clone()));
-        Registration { hub: Arc::downgrade(&self.inner), feed, id }
+        Registration {
+            hub: Arc::downgrade(&self.inner),
+            feed,
+            id,
+        }
     }
 }
 
@@ -199,14 +214,20 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let Some(hub) = self.hub.upgrade() else { return };
+        let Some(hub) = self.hub.upgrade() else {
+            return;
+        };
         let mut feeds = hub.feeds.lock();
         let empty = {
             let mut subs = self.feed.subscribers.lock();
             subs.retain(|(id, _)| *id != self.id);
             subs.is_empty()
         };
-        if empty && feeds.get(&self.feed.org).is_some_and(|f| Arc::ptr_eq(f, &self.feed)) {
+        if empty
+            && feeds
+                .get(&self.feed.org)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.feed))
+        {
             feeds.remove(&self.feed.org);
             if let Some(task) = self.feed.task.lock().take() {
                 task.abort();
@@ -219,7 +240,9 @@ impl Drop for Registration {
 /// The upstream subscription of one org: follows the log and pushes each event to every sink.
 async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
     let mut backoff = Duration::from_millis(100);
-    let Some(org) = feed.upgrade().map(|f| f.org.clone()) else { return };
+    let Some(org) = feed.upgrade().map(|f| f.org.clone()) else {
+        return;
+    };
     'restart: loop {
         let mut tail = match log.tail(&org).await {
             Ok(t) => t,
@@ -260,7 +283,10 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
 pub enum Delivery {
     Event(Arc<Event>),
     /// Continuity was lost: RESET with the new epoch and head.
-    Reset { epoch: Epoch, head: u64 },
+    Reset {
+        epoch: Epoch,
+        head: u64,
+    },
 }
 
 /// One org of one session: where it is, and how to continue in order.
@@ -281,12 +307,19 @@ impl OrgCursor {
 
     /// The org's head as far as this node knows (for heartbeats).
     pub fn head(&self) -> u64 {
-        self.registration.feed.head.load(Ordering::Acquire).max(self.next - 1)
+        self.registration
+            .feed
+            .head
+            .load(Ordering::Acquire)
+            .max(self.next - 1)
     }
 
     /// The last position delivered.
     pub fn position(&self) -> Position {
-        Position { epoch: self.epoch.clone(), seq: self.next - 1 }
+        Position {
+            epoch: self.epoch.clone(),
+            seq: self.next - 1,
+        }
     }
 
     /// Whether the cursor must read the log before it can deliver live events.
@@ -310,7 +343,11 @@ impl OrgCursor {
 
     /// Reads the next events from the log (at most `limit`). Ends the catch-up once the head
     /// seen by the read is reached; a position the log cannot continue becomes a RESET.
-    pub async fn catch_up(&mut self, limit: usize, out: &mut Vec<Delivery>) -> Result<(), LogError> {
+    pub async fn catch_up(
+        &mut self,
+        limit: usize,
+        out: &mut Vec<Delivery>,
+    ) -> Result<(), LogError> {
         let from = self.position();
         match self.log.read(&self.org, &from, limit).await? {
             ReadOutcome::Events { state, events } => {
@@ -326,7 +363,10 @@ impl OrgCursor {
                 self.epoch = state.epoch.clone();
                 self.next = state.head + 1;
                 self.catching_up = false;
-                out.push(Delivery::Reset { epoch: state.epoch, head: state.head });
+                out.push(Delivery::Reset {
+                    epoch: state.epoch,
+                    head: state.head,
+                });
             }
         }
         Ok(())

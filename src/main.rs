@@ -10,7 +10,11 @@ use edgestream::config::{with_env, Config, HumanDuration, LogFormat, ServeArgs};
 use edgestream::server::Server;
 
 #[derive(Parser)]
-#[command(name = "edgestream", version, about = "Edge streaming server: ordered per-org events over WebTransport and WebSocket")]
+#[command(
+    name = "edgestream",
+    version,
+    about = "Edge streaming server: ordered per-org events over WebTransport and WebSocket"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (embedded in-memory log unless configured otherwise).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print an HS256 token for testing and scripts.
     Token(TokenArgs),
 }
@@ -54,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     cmd = cmd.mut_subcommand("serve", with_env);
     let cli = Cli::from_arg_matches(&cmd.get_matches())?;
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(t) => {
             let exp = edgestream::time::unix_secs() + t.ttl.0.as_secs();
             let claims = Claims {
@@ -75,7 +79,9 @@ fn main() -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args).map_err(anyhow::Error::msg)?;
     init_logging(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let server = Server::bind(config).await?;
         server.run(shutdown_signal()).await
@@ -88,7 +94,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGESTREAM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -106,19 +106,58 @@ impl Metrics {
     pub fn render_prometheus(&self, log: LogUsage, draining: bool) -> String {
         let mut s = String::with_capacity(2048);
         let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(s, "# HELP edgestream_{name} {help}\n# TYPE edgestream_{name} {kind}");
+            let _ = writeln!(
+                s,
+                "# HELP edgestream_{name} {help}\n# TYPE edgestream_{name} {kind}"
+            );
         };
         family("sessions", "gauge", "Open client sessions.");
-        family("sessions_opened_total", "counter", "Client sessions accepted.");
-        family("events_delivered_total", "counter", "Events sent to clients (live and replayed).");
-        family("events_replayed_total", "counter", "Events sent from the replay log.");
+        family(
+            "sessions_opened_total",
+            "counter",
+            "Client sessions accepted.",
+        );
+        family(
+            "events_delivered_total",
+            "counter",
+            "Events sent to clients (live and replayed).",
+        );
+        family(
+            "events_replayed_total",
+            "counter",
+            "Events sent from the replay log.",
+        );
         family("heartbeats_sent_total", "counter", "Heartbeat frames sent.");
-        family("orgs_subscribed", "gauge", "Upstream subscriptions held: one per org with subscribers.");
-        family("events_published_total", "counter", "Events appended through the publish API.");
-        family("publish_requests_total", "counter", "Publish requests received.");
-        family("publish_duplicates_total", "counter", "Publish requests answered from an Idempotency-Key.");
-        family("publish_rejected_total", "counter", "Publish requests refused (4xx/5xx).");
-        family("sessions_closed_total", "counter", "Sessions closed by the server, by close code.");
+        family(
+            "orgs_subscribed",
+            "gauge",
+            "Upstream subscriptions held: one per org with subscribers.",
+        );
+        family(
+            "events_published_total",
+            "counter",
+            "Events appended through the publish API.",
+        );
+        family(
+            "publish_requests_total",
+            "counter",
+            "Publish requests received.",
+        );
+        family(
+            "publish_duplicates_total",
+            "counter",
+            "Publish requests answered from an Idempotency-Key.",
+        );
+        family(
+            "publish_rejected_total",
+            "counter",
+            "Publish requests refused (4xx/5xx).",
+        );
+        family(
+            "sessions_closed_total",
+            "counter",
+            "Sessions closed by the server, by close code.",
+        );
         family("log_orgs", "gauge", "Orgs in the replay log.");
         family("log_events", "gauge", "Events retained in the replay log.");
         family("log_bytes", "gauge", "Bytes retained in the replay log.");
@@ -126,17 +165,57 @@ impl Metrics {
         for t in Transport::ALL {
             let m = self.transport(t);
             let l = t.label();
-            let _ = writeln!(s, "edgestream_sessions{{transport=\"{l}\"}} {}", m.sessions.get());
-            let _ = writeln!(s, "edgestream_sessions_opened_total{{transport=\"{l}\"}} {}", m.sessions_opened.get());
-            let _ = writeln!(s, "edgestream_events_delivered_total{{transport=\"{l}\"}} {}", m.events_delivered.get());
-            let _ = writeln!(s, "edgestream_events_replayed_total{{transport=\"{l}\"}} {}", m.events_replayed.get());
-            let _ = writeln!(s, "edgestream_heartbeats_sent_total{{transport=\"{l}\"}} {}", m.heartbeats_sent.get());
+            let _ = writeln!(
+                s,
+                "edgestream_sessions{{transport=\"{l}\"}} {}",
+                m.sessions.get()
+            );
+            let _ = writeln!(
+                s,
+                "edgestream_sessions_opened_total{{transport=\"{l}\"}} {}",
+                m.sessions_opened.get()
+            );
+            let _ = writeln!(
+                s,
+                "edgestream_events_delivered_total{{transport=\"{l}\"}} {}",
+                m.events_delivered.get()
+            );
+            let _ = writeln!(
+                s,
+                "edgestream_events_replayed_total{{transport=\"{l}\"}} {}",
+                m.events_replayed.get()
+            );
+            let _ = writeln!(
+                s,
+                "edgestream_heartbeats_sent_total{{transport=\"{l}\"}} {}",
+                m.heartbeats_sent.get()
+            );
         }
-        let _ = writeln!(s, "edgestream_orgs_subscribed {}", self.orgs_subscribed.get());
-        let _ = writeln!(s, "edgestream_events_published_total {}", self.events_published.get());
-        let _ = writeln!(s, "edgestream_publish_requests_total {}", self.publish_requests.get());
-        let _ = writeln!(s, "edgestream_publish_duplicates_total {}", self.publish_duplicates.get());
-        let _ = writeln!(s, "edgestream_publish_rejected_total {}", self.publish_rejected.get());
+        let _ = writeln!(
+            s,
+            "edgestream_orgs_subscribed {}",
+            self.orgs_subscribed.get()
+        );
+        let _ = writeln!(
+            s,
+            "edgestream_events_published_total {}",
+            self.events_published.get()
+        );
+        let _ = writeln!(
+            s,
+            "edgestream_publish_requests_total {}",
+            self.publish_requests.get()
+        );
+        let _ = writeln!(
+            s,
+            "edgestream_publish_duplicates_total {}",
+            self.publish_duplicates.get()
+        );
+        let _ = writeln!(
+            s,
+            "edgestream_publish_rejected_total {}",
+            self.publish_rejected.get()
+        );
         for (code, n) in self.closes() {
             let _ = writeln!(s, "edgestream_sessions_closed_total{{code=\"{code}\"}} {n}");
         }

@@ -25,7 +25,8 @@ impl OrgId {
     pub fn parse(s: &str) -> Result<Self, ModelError> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if ok {
             Ok(OrgId(Arc::from(s)))
         } else {
@@ -58,7 +59,8 @@ impl Epoch {
     pub fn parse(s: &str) -> Result<Self, ModelError> {
         let ok = !s.is_empty()
             && s.len() <= 32
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
         if ok {
             Ok(Epoch(Arc::from(s)))
         } else {
@@ -99,9 +101,14 @@ pub struct Position {
 impl Position {
     /// Parses `epoch:seq`.
     pub fn parse(s: &str) -> Result<Self, ModelError> {
-        let (epoch, seq) = s.rsplit_once(':').ok_or_else(|| ModelError::Position(truncate(s)))?;
+        let (epoch, seq) = s
+            .rsplit_once(':')
+            .ok_or_else(|| ModelError::Position(truncate(s)))?;
         let seq = parse_seq(seq).ok_or_else(|| ModelError::Position(truncate(s)))?;
-        Ok(Position { epoch: Epoch::parse(epoch)?, seq })
+        Ok(Position {
+            epoch: Epoch::parse(epoch)?,
+            seq,
+        })
     }
 }
 
@@ -109,7 +116,9 @@ fn parse_seq(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    s.parse().ok().filter(|v| *v <= edgestream_codec::varint::MAX)
+    s.parse()
+        .ok()
+        .filter(|v| *v <= edgestream_codec::varint::MAX)
 }
 
 /// Parses a `since` list: comma-separated `org:epoch:seq`. Empty entries are skipped; an org
@@ -117,7 +126,9 @@ fn parse_seq(s: &str) -> Option<u64> {
 pub fn parse_since_list(s: &str) -> Result<Vec<(OrgId, Position)>, ModelError> {
     let mut out: Vec<(OrgId, Position)> = Vec::new();
     for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (org, pos) = entry.split_once(':').ok_or_else(|| ModelError::Since(truncate(entry)))?;
+        let (org, pos) = entry
+            .split_once(':')
+            .ok_or_else(|| ModelError::Since(truncate(entry)))?;
         let org = OrgId::parse(org)?;
         let pos = Position::parse(pos).map_err(|_| ModelError::Since(truncate(entry)))?;
         if out.iter().any(|(o, _)| *o == org) {
@@ -167,7 +178,15 @@ mod tests {
         assert!(Epoch::parse(&"x".repeat(33)).is_err());
         let p = Position::parse("k3x9:41").unwrap();
         assert_eq!((p.epoch.as_str(), p.seq), ("k3x9", 41));
-        for bad in ["k3x9", "k3x9:", ":4", "k3x9:-1", "k3x9:+1", "k3x9:99999999999999999999", "a:b:1"] {
+        for bad in [
+            "k3x9",
+            "k3x9:",
+            ":4",
+            "k3x9:-1",
+            "k3x9:+1",
+            "k3x9:99999999999999999999",
+            "a:b:1",
+        ] {
             assert!(Position::parse(bad).is_err(), "{bad:?}");
         }
     }

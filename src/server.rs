@@ -62,7 +62,9 @@ impl Server {
             AuthMode::Keyed(c) => (c.clone(), None),
             AuthMode::Development => {
                 use rand::distr::{Alphanumeric, SampleString};
-                let secret = Alphanumeric.sample_string(&mut rand::rng(), 43).into_bytes();
+                let secret = Alphanumeric
+                    .sample_string(&mut rand::rng(), 43)
+                    .into_bytes();
                 tracing::warn!(
                     "development mode: no JWT key configured; tokens are signed with a random \
                      secret and served at /v1/dev/token to loopback clients"
@@ -90,7 +92,10 @@ impl Server {
                 heartbeat: config.heartbeat,
                 ..SessionLimits::default()
             },
-            encoding: Encoding { brotli_min_bytes: config.brotli_min_bytes, ..Encoding::default() },
+            encoding: Encoding {
+                brotli_min_bytes: config.brotli_min_bytes,
+                ..Encoding::default()
+            },
             shutdown: CancellationToken::new(),
         });
         let origins = if config.is_development() {
@@ -127,7 +132,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains: readyz turns 503, sessions close with
     /// 4503, requests in flight finish, and the call returns within the drain timeout.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let app = self.app;
         let sweeper = {
             let log = app.env.hub.log().clone();
@@ -142,9 +150,12 @@ impl Server {
         let stop_http = CancellationToken::new();
         let router = crate::http::router(app.clone());
         let mut http = tokio::spawn(
-            axum::serve(self.http, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(stop_http.clone().cancelled_owned())
-                .into_future(),
+            axum::serve(
+                self.http,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+            .into_future(),
         );
         tracing::info!(http = %app.http_addr, log = app.env.hub.log().kind(), "edgestream serving");
         tokio::select! {
@@ -165,7 +176,10 @@ impl Server {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(sessions = app.sessions.len(), "drain timeout: exiting with work left");
+            tracing::warn!(
+                sessions = app.sessions.len(),
+                "drain timeout: exiting with work left"
+            );
             http.abort();
         }
         sweeper.abort();

@@ -16,77 +16,207 @@ use support::{TestServer, HANG_GUARD};
 async fn idempotency_key_repeat_appends_nothing() {
     let s = TestServer::start().await;
     let tok = s.token(&["acme"]);
-    let (st, first) = s.api.publish_raw(&tok, "acme", r#"[{"a":1},{"a":2}]"#, Some("order-17")).await.unwrap();
+    let (st, first) = s
+        .api
+        .publish_raw(&tok, "acme", r#"[{"a":1},{"a":2}]"#, Some("order-17"))
+        .await
+        .unwrap();
     assert_eq!(st, 201);
-    let (st, again) = s.api.publish_raw(&tok, "acme", r#"[{"a":1},{"a":2}]"#, Some("order-17")).await.unwrap();
-    assert_eq!((st, &again), (200, &first), "a repeat answers the original result");
+    let (st, again) = s
+        .api
+        .publish_raw(&tok, "acme", r#"[{"a":1},{"a":2}]"#, Some("order-17"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (st, &again),
+        (200, &first),
+        "a repeat answers the original result"
+    );
     // The key is per org: the same key elsewhere appends.
     let tok2 = s.token(&["acme", "beta"]);
-    assert_eq!(s.api.publish_raw(&tok2, "beta", r#"{"a":1}"#, Some("order-17")).await.unwrap().0, 201);
-    let (st, other) = s.api.publish_raw(&tok, "acme", r#"{"a":3}"#, Some("order-18")).await.unwrap();
-    assert_eq!((st, other["first_seq"].as_u64()), (201, Some(3)), "nothing was appended by the repeat");
+    assert_eq!(
+        s.api
+            .publish_raw(&tok2, "beta", r#"{"a":1}"#, Some("order-17"))
+            .await
+            .unwrap()
+            .0,
+        201
+    );
+    let (st, other) = s
+        .api
+        .publish_raw(&tok, "acme", r#"{"a":3}"#, Some("order-18"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (st, other["first_seq"].as_u64()),
+        (201, Some(3)),
+        "nothing was appended by the repeat"
+    );
     let (_, h) = s.api.get("/v1/orgs/acme/events", Some(&tok)).await.unwrap();
     assert_eq!(h["head"], 3);
     assert_eq!(h["events"].as_array().unwrap().len(), 3);
-    assert_eq!(s.api.publish_raw(&tok, "acme", "{}", Some(&"k".repeat(300))).await.unwrap().0, 400);
+    assert_eq!(
+        s.api
+            .publish_raw(&tok, "acme", "{}", Some(&"k".repeat(300)))
+            .await
+            .unwrap()
+            .0,
+        400
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_reads_by_position() {
     let s = TestServer::start_with(|a| a.replay_max_events = Some(10)).await;
     let tok = s.token(&["acme"]);
-    let r = s.api.publish(&tok, "acme", &Value::Array((1..=15).map(|i| json!({"i": i})).collect())).await.unwrap();
+    let r = s
+        .api
+        .publish(
+            &tok,
+            "acme",
+            &Value::Array((1..=15).map(|i| json!({"i": i})).collect()),
+        )
+        .await
+        .unwrap();
     let epoch = r["epoch"].as_str().unwrap();
-    let (st, h) = s.api.get(&format!("/v1/orgs/acme/events?since={epoch}:8&limit=3"), Some(&tok)).await.unwrap();
+    let (st, h) = s
+        .api
+        .get(
+            &format!("/v1/orgs/acme/events?since={epoch}:8&limit=3"),
+            Some(&tok),
+        )
+        .await
+        .unwrap();
     assert_eq!(st, 200);
-    assert_eq!((h["org"].as_str(), h["epoch"].as_str(), h["head"].as_u64(), h["reset"].as_bool()), (Some("acme"), Some(epoch), Some(15), Some(false)));
-    assert_eq!(h["events"], json!([
-        {"seq": 9, "ts": h["events"][0]["ts"], "data": {"i": 9}},
-        {"seq": 10, "ts": h["events"][1]["ts"], "data": {"i": 10}},
-        {"seq": 11, "ts": h["events"][2]["ts"], "data": {"i": 11}},
-    ]));
+    assert_eq!(
+        (
+            h["org"].as_str(),
+            h["epoch"].as_str(),
+            h["head"].as_u64(),
+            h["reset"].as_bool()
+        ),
+        (Some("acme"), Some(epoch), Some(15), Some(false))
+    );
+    assert_eq!(
+        h["events"],
+        json!([
+            {"seq": 9, "ts": h["events"][0]["ts"], "data": {"i": 9}},
+            {"seq": 10, "ts": h["events"][1]["ts"], "data": {"i": 10}},
+            {"seq": 11, "ts": h["events"][2]["ts"], "data": {"i": 11}},
+        ])
+    );
     // Evicted position: reset, and the retained events from the oldest (6..).
-    let (_, h) = s.api.get(&format!("/v1/orgs/acme/events?since={epoch}:2&limit=2"), Some(&tok)).await.unwrap();
-    assert_eq!((h["reset"].as_bool(), h["events"][0]["seq"].as_u64()), (Some(true), Some(6)));
+    let (_, h) = s
+        .api
+        .get(
+            &format!("/v1/orgs/acme/events?since={epoch}:2&limit=2"),
+            Some(&tok),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (h["reset"].as_bool(), h["events"][0]["seq"].as_u64()),
+        (Some(true), Some(6))
+    );
     // The access_token query parameter works for reads too (browsers).
-    let (st, _) = s.api.get(&format!("/v1/orgs/acme/events?access_token={tok}"), None).await.unwrap();
+    let (st, _) = s
+        .api
+        .get(&format!("/v1/orgs/acme/events?access_token={tok}"), None)
+        .await
+        .unwrap();
     assert_eq!(st, 200);
-    assert_eq!(s.api.get("/v1/orgs/acme/events", None).await.unwrap().0, 401);
-    assert_eq!(s.api.get("/v1/orgs/acme/events?since=garbage", Some(&tok)).await.unwrap().0, 400);
+    assert_eq!(
+        s.api.get("/v1/orgs/acme/events", None).await.unwrap().0,
+        401
+    );
+    assert_eq!(
+        s.api
+            .get("/v1/orgs/acme/events?since=garbage", Some(&tok))
+            .await
+            .unwrap()
+            .0,
+        400
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_info_metrics_and_unknown_routes() {
     let s = TestServer::start().await;
-    assert_eq!(s.api.get("/healthz", None).await.unwrap(), (200, json!({"status": "ok"})));
-    assert_eq!(s.api.get("/readyz", None).await.unwrap(), (200, json!({"status": "ready"})));
+    assert_eq!(
+        s.api.get("/healthz", None).await.unwrap(),
+        (200, json!({"status": "ok"}))
+    );
+    assert_eq!(
+        s.api.get("/readyz", None).await.unwrap(),
+        (200, json!({"status": "ready"}))
+    );
     let (_, info) = s.api.get("/v1/info", None).await.unwrap();
-    assert_eq!(info["websocket"], format!("ws://127.0.0.1:{}/v1/stream", s.addr.port()));
+    assert_eq!(
+        info["websocket"],
+        format!("ws://127.0.0.1:{}/v1/stream", s.addr.port())
+    );
     assert_eq!(info["heartbeat_ms"], 5000);
     let tok = s.token(&["acme"]);
     s.api.publish(&tok, "acme", &json!({"a": 1})).await.unwrap();
     let (st, text) = s.api.get("/metrics", None).await.unwrap();
     let text = text.as_str().unwrap().to_string();
     assert_eq!(st, 200);
-    assert!(text.contains("edgestream_events_published_total 1"), "{text}");
-    assert!(text.contains("edgestream_sessions{transport=\"websocket\"} 0"), "{text}");
+    assert!(
+        text.contains("edgestream_events_published_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("edgestream_sessions{transport=\"websocket\"} 0"),
+        "{text}"
+    );
     assert!(!text.contains(&tok), "no token in metrics");
     let (st, v) = s.api.get("/no/such/route", None).await.unwrap();
     assert_eq!((st, v["error"].is_string()), (404, true));
-    assert_eq!(s.api.get("/v1/dev/token", None).await.unwrap().0, 404, "no dev route with a key configured");
-    assert_eq!(s.api.get("/v1/stream", None).await.unwrap().0, 400, "not an upgrade");
+    assert_eq!(
+        s.api.get("/v1/dev/token", None).await.unwrap().0,
+        404,
+        "no dev route with a key configured"
+    );
+    assert_eq!(
+        s.api.get("/v1/stream", None).await.unwrap().0,
+        400,
+        "not an upgrade"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn development_mode_serves_tokens_to_loopback_clients() {
     let s = TestServer::start_with(|a| a.jwt_secret = None).await;
-    let (st, v) = s.api.get("/v1/dev/token?sub=alice&orgs=acme,beta&scope=subscribe%20publish", None).await.unwrap();
+    let (st, v) = s
+        .api
+        .get(
+            "/v1/dev/token?sub=alice&orgs=acme,beta&scope=subscribe%20publish",
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(st, 200);
     let tok = v["token"].as_str().unwrap().to_string();
-    s.api.publish(&tok, "beta", &json!({"dev": true})).await.unwrap();
-    let mut c = WsClient::connect(&s.ws_url(&format!("access_token={tok}&orgs=beta&since=beta:x:0"))).await.unwrap();
-    assert!(matches!(c.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { head: 1, .. })));
-    assert_eq!(s.api.get("/v1/dev/token?orgs=bad%20org", None).await.unwrap().0, 400);
+    s.api
+        .publish(&tok, "beta", &json!({"dev": true}))
+        .await
+        .unwrap();
+    let mut c =
+        WsClient::connect(&s.ws_url(&format!("access_token={tok}&orgs=beta&since=beta:x:0")))
+            .await
+            .unwrap();
+    assert!(matches!(
+        c.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { head: 1, .. })
+    ));
+    assert_eq!(
+        s.api
+            .get("/v1/dev/token?orgs=bad%20org", None)
+            .await
+            .unwrap()
+            .0,
+        400
+    );
 }
 
 fn binary() -> &'static str {
@@ -101,10 +231,20 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
         l.local_addr().unwrap().port()
     };
     let cfg = dir.path().join("edgestream.toml");
-    std::fs::write(&cfg, format!("http-listen = \"127.0.0.1:{port}\"\nheartbeat = \"1s\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("http-listen = \"127.0.0.1:{port}\"\nheartbeat = \"1s\"\n"),
+    )
+    .unwrap();
     let secret = "binary-test-secret-0123456789";
     let mut child = tokio::process::Command::new(binary())
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--quic-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
         .env("EDGESTREAM_JWT_SECRET", secret)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -114,34 +254,76 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
     let api = Api::new(format!("http://127.0.0.1:{port}"));
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
     while api.get("/healthz", None).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "server did not start");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A token from the `token` command works against it.
     let out = tokio::process::Command::new(binary())
-        .args(["token", "--sub", "alice", "--org", "acme", "--scope", "subscribe publish", "--ttl", "10m"])
+        .args([
+            "token",
+            "--sub",
+            "alice",
+            "--org",
+            "acme",
+            "--scope",
+            "subscribe publish",
+            "--ttl",
+            "10m",
+        ])
         .env("EDGESTREAM_JWT_SECRET", secret)
         .output()
         .await
         .unwrap();
     assert!(out.status.success());
     let tok = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    api.publish(&tok, "acme", &json!({"from": "binary"})).await.unwrap();
+    api.publish(&tok, "acme", &json!({"from": "binary"}))
+        .await
+        .unwrap();
     let (_, info) = api.get("/v1/info", None).await.unwrap();
     assert_eq!(info["heartbeat_ms"], 1000, "the config file was read");
-    assert_eq!(api.get("/v1/dev/token", None).await.unwrap().0, 404, "the env secret was read");
+    assert_eq!(
+        api.get("/v1/dev/token", None).await.unwrap().0,
+        404,
+        "the env secret was read"
+    );
 
-    let mut c = WsClient::connect(&format!("ws://127.0.0.1:{port}/v1/stream?access_token={tok}")).await.unwrap();
-    assert!(matches!(c.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { head: 1, .. })));
+    let mut c = WsClient::connect(&format!(
+        "ws://127.0.0.1:{port}/v1/stream?access_token={tok}"
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { head: 1, .. })
+    ));
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     assert_eq!(c.expect_close().await.unwrap().0, 4503);
-    let status = tokio::time::timeout(HANG_GUARD, child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(HANG_GUARD, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "exits cleanly after draining: {status}");
     let mut stderr = String::new();
     use tokio::io::AsyncReadExt;
-    child.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
-    assert!(!stderr.contains(&tok), "the token never appears in the logs");
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        !stderr.contains(&tok),
+        "the token never appears in the logs"
+    );
     assert!(stderr.contains("draining"), "{stderr}");
 
     // A bad config is refused with a message, not a panic.

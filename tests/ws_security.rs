@@ -19,12 +19,18 @@ fn fixture(name: &str) -> Vec<u8> {
 
 /// Connects with a token and returns the close code the server answers with.
 async fn close_code(s: &TestServer, token: &str) -> u16 {
-    let mut c = WsClient::connect(&s.ws_url(&format!("access_token={token}"))).await.unwrap();
+    let mut c = WsClient::connect(&s.ws_url(&format!("access_token={token}")))
+        .await
+        .unwrap();
     c.expect_close().await.unwrap().0
 }
 
 async fn publish_status(s: &TestServer, token: &str) -> u16 {
-    s.api.publish_raw(token, "acme", r#"{"a":1}"#, None).await.unwrap().0
+    s.api
+        .publish_raw(token, "acme", r#"{"a":1}"#, None)
+        .await
+        .unwrap()
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,13 +47,24 @@ async fn jwt_pitfalls_are_refused_with_4001_and_401() {
         c
     };
     let good = token::hs256(SECRET.as_bytes(), &base());
-    assert_eq!(publish_status(&s, &good).await, 201, "the baseline token works");
+    assert_eq!(
+        publish_status(&s, &good).await,
+        201,
+        "the baseline token works"
+    );
 
-    let mut cases: Vec<(String, &str)> = Vec::new();
-    cases.push((token::alg_none(&base()), "alg none"));
-    cases.push((token::signed("RS256", &fixture("test-only-rs256-private.pem"), &base()), "wrong algorithm"));
-    cases.push((token::hs256(b"another-secret-of-enough-length", &base()), "bad signature"));
-    cases.push((token::tampered(&good), "tampered signature"));
+    let mut cases: Vec<(String, &str)> = vec![
+        (token::alg_none(&base()), "alg none"),
+        (
+            token::signed("RS256", &fixture("test-only-rs256-private.pem"), &base()),
+            "wrong algorithm",
+        ),
+        (
+            token::hs256(b"another-secret-of-enough-length", &base()),
+            "bad signature",
+        ),
+        (token::tampered(&good), "tampered signature"),
+    ];
     let mut c = base();
     c.as_object_mut().unwrap().remove("exp");
     cases.push((token::hs256(SECRET.as_bytes(), &c), "missing exp"));
@@ -93,13 +110,29 @@ async fn public_key_algorithms_verify_their_own_tokens_only() {
         })
         .await;
         let claims = token::claims("alice", &["acme"], "subscribe publish");
-        let good = token::signed(alg, &fixture(&format!("test-only-{name}-private.pem")), &claims);
+        let good = token::signed(
+            alg,
+            &fixture(&format!("test-only-{name}-private.pem")),
+            &claims,
+        );
         assert_eq!(publish_status(&s, &good).await, 201, "{alg}");
-        let mut c = WsClient::connect(&s.ws_url(&format!("access_token={good}"))).await.unwrap();
-        assert!(matches!(c.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { .. })), "{alg}");
+        let mut c = WsClient::connect(&s.ws_url(&format!("access_token={good}")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                c.next_non_heartbeat().await.unwrap(),
+                Msg::Frame(Frame::Subscribed { .. })
+            ),
+            "{alg}"
+        );
         // HS/RS confusion: an HS256 token signed with the public key's bytes.
         let confused = token::hs256(&fixture(&format!("test-only-{name}-public.pem")), &claims);
-        assert_eq!(close_code(&s, &confused).await, 4001, "{alg}: HS256 with the public key");
+        assert_eq!(
+            close_code(&s, &confused).await,
+            4001,
+            "{alg}: HS256 with the public key"
+        );
         assert_eq!(publish_status(&s, &confused).await, 401, "{alg}");
     }
 }
@@ -109,31 +142,72 @@ async fn tenant_isolation() {
     let s = TestServer::start().await;
     let tok_a = s.token_for("alice", &["org-a"], "subscribe publish");
     let tok_b = s.token_for("bob", &["org-b"], "subscribe publish");
-    let mut a = WsClient::connect(&s.ws_url(&format!("access_token={tok_a}"))).await.unwrap();
-    assert!(matches!(a.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { ref org, .. }) if org == "org-a"));
+    let mut a = WsClient::connect(&s.ws_url(&format!("access_token={tok_a}")))
+        .await
+        .unwrap();
+    assert!(
+        matches!(a.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { ref org, .. }) if org == "org-a")
+    );
 
     // Cannot subscribe to B: at connect (close 4003), dynamically (ERROR 4003), or via history.
-    let mut x = WsClient::connect(&s.ws_url(&format!("access_token={tok_a}&orgs=org-a,org-b"))).await.unwrap();
+    let mut x = WsClient::connect(&s.ws_url(&format!("access_token={tok_a}&orgs=org-a,org-b")))
+        .await
+        .unwrap();
     assert_eq!(x.expect_close().await.unwrap().0, 4003);
-    a.send_frame(&Frame::Subscribe { org: "org-b".into(), epoch: String::new(), seq: 0 }).await.unwrap();
+    a.send_frame(&Frame::Subscribe {
+        org: "org-b".into(),
+        epoch: String::new(),
+        seq: 0,
+    })
+    .await
+    .unwrap();
     match a.next_non_heartbeat().await.unwrap() {
         Msg::Frame(Frame::Error { code, .. }) => assert_eq!(code, 4003),
         other => panic!("expected ERROR 4003, got {other:?}"),
     }
-    assert_eq!(s.api.get("/v1/orgs/org-b/events", Some(&tok_a)).await.unwrap().0, 403);
+    assert_eq!(
+        s.api
+            .get("/v1/orgs/org-b/events", Some(&tok_a))
+            .await
+            .unwrap()
+            .0,
+        403
+    );
     // Cannot publish to B.
-    assert_eq!(s.api.publish_raw(&tok_a, "org-b", "{}", None).await.unwrap().0, 403);
+    assert_eq!(
+        s.api
+            .publish_raw(&tok_a, "org-b", "{}", None)
+            .await
+            .unwrap()
+            .0,
+        403
+    );
     // A `*` token publishes anywhere but subscribes nowhere.
     let star = s.token_for("ops", &["*"], "subscribe publish");
-    assert_eq!(s.api.publish_raw(&star, "org-b", r#"{"canary":"B"}"#, None).await.unwrap().0, 201);
-    let mut st = WsClient::connect(&s.ws_url(&format!("access_token={star}&orgs=org-b"))).await.unwrap();
+    assert_eq!(
+        s.api
+            .publish_raw(&star, "org-b", r#"{"canary":"B"}"#, None)
+            .await
+            .unwrap()
+            .0,
+        201
+    );
+    let mut st = WsClient::connect(&s.ws_url(&format!("access_token={star}&orgs=org-b")))
+        .await
+        .unwrap();
     assert_eq!(st.expect_close().await.unwrap().0, 4003);
 
     // B's canaries never reach A; A's own event does.
     for i in 0..50 {
-        s.api.publish(&tok_b, "org-b", &json!({"canary": "B", "i": i})).await.unwrap();
+        s.api
+            .publish(&tok_b, "org-b", &json!({"canary": "B", "i": i}))
+            .await
+            .unwrap();
     }
-    s.api.publish(&tok_a, "org-a", &json!({"mine": true})).await.unwrap();
+    s.api
+        .publish(&tok_a, "org-a", &json!({"mine": true}))
+        .await
+        .unwrap();
     let evs = a.events(1).await.unwrap();
     assert_eq!(evs[0].org, "org-a");
     assert!(!String::from_utf8_lossy(&evs[0].payload).contains("canary"));
@@ -152,31 +226,75 @@ async fn malformed_and_oversized_input_is_refused_and_others_keep_being_served()
     varint::write(&mut huge, 1 << 20);
     let cases: Vec<(&str, Vec<u8>, bool, u16)> = vec![
         ("truncated frame", vec![0x10, 0x05, 0x01], false, 4400),
-        ("trailing bytes", [Frame::Unsubscribe { org: "acme".into() }.to_bytes().to_vec(), vec![0]].concat(), false, 4400),
+        (
+            "trailing bytes",
+            [
+                Frame::Unsubscribe { org: "acme".into() }
+                    .to_bytes()
+                    .to_vec(),
+                vec![0],
+            ]
+            .concat(),
+            false,
+            4400,
+        ),
         ("declared over limit", huge, false, 4413),
-        ("server-only frame type", Frame::Unsubscribed { org: "x".into() }.to_bytes().to_vec(), false, 4400),
-        ("bad org id", Frame::Subscribe { org: "bad org".into(), epoch: String::new(), seq: 0 }.to_bytes().to_vec(), false, 4400),
+        (
+            "server-only frame type",
+            Frame::Unsubscribed { org: "x".into() }.to_bytes().to_vec(),
+            false,
+            4400,
+        ),
+        (
+            "bad org id",
+            Frame::Subscribe {
+                org: "bad org".into(),
+                epoch: String::new(),
+                seq: 0,
+            }
+            .to_bytes()
+            .to_vec(),
+            false,
+            4400,
+        ),
         ("text on binary session", b"{}".to_vec(), true, 4400),
-        ("message over the WebSocket limit", vec![0u8; 200 * 1024], false, 4413),
+        (
+            "message over the WebSocket limit",
+            vec![0u8; 200 * 1024],
+            false,
+            4413,
+        ),
     ];
     for (why, bytes, as_text, want) in cases {
         let mut c = s.client(&["acme"], "").await;
         c.next_non_heartbeat().await.unwrap();
         if as_text {
-            c.send_text(std::str::from_utf8(&bytes).unwrap()).await.unwrap();
+            c.send_text(std::str::from_utf8(&bytes).unwrap())
+                .await
+                .unwrap();
         } else {
             c.send_binary(bytes).await.unwrap();
         }
         assert_eq!(c.expect_close().await.unwrap().0, want, "{why}");
     }
-    for (why, text) in [("not JSON", "{nope"), ("missing org", r#"{"t":"subscribe"}"#), ("bad since", r#"{"t":"subscribe","org":"acme","since":"x"}"#)] {
+    for (why, text) in [
+        ("not JSON", "{nope"),
+        ("missing org", r#"{"t":"subscribe"}"#),
+        ("bad since", r#"{"t":"subscribe","org":"acme","since":"x"}"#),
+    ] {
         let mut c = s.client(&["acme"], "format=json").await;
         c.next_non_heartbeat().await.unwrap();
         c.send_text(text).await.unwrap();
         assert_eq!(c.expect_close().await.unwrap().0, 4400, "{why}");
     }
-    for (why, q) in [("bad format", "format=xml"), ("bad since", "since=acme"), ("since not subscribed", "orgs=acme&since=beta:e:1")] {
-        let mut c = WsClient::connect(&s.ws_url(&format!("access_token={tok}&{q}"))).await.unwrap();
+    for (why, q) in [
+        ("bad format", "format=xml"),
+        ("bad since", "since=acme"),
+        ("since not subscribed", "orgs=acme&since=beta:e:1"),
+    ] {
+        let mut c = WsClient::connect(&s.ws_url(&format!("access_token={tok}&{q}")))
+            .await
+            .unwrap();
         assert_eq!(c.expect_close().await.unwrap().0, 4400, "{why}");
     }
 
@@ -186,16 +304,32 @@ async fn malformed_and_oversized_input_is_refused_and_others_keep_being_served()
         ("[1,2]".to_string(), 400),
         ("[]".to_string(), 400),
         (format!(r#"{{"a":"{}"}}"#, "x".repeat(70 * 1024)), 413),
-        (format!("[{}]", vec![format!(r#"{{"a":"{}"}}"#, "x".repeat(60 * 1024)); 20].join(",")), 413),
+        (
+            format!(
+                "[{}]",
+                vec![format!(r#"{{"a":"{}"}}"#, "x".repeat(60 * 1024)); 20].join(",")
+            ),
+            413,
+        ),
     ] {
         let (st, v) = s.api.publish_raw(&tok, "acme", body, None).await.unwrap();
         assert_eq!(st, want, "{v}");
         assert!(v["error"].is_string(), "errors are JSON: {v}");
     }
-    assert_eq!(s.api.publish_raw(&tok, "bad%20org", "{}", None).await.unwrap().0, 400);
+    assert_eq!(
+        s.api
+            .publish_raw(&tok, "bad%20org", "{}", None)
+            .await
+            .unwrap()
+            .0,
+        400
+    );
 
     // Nothing above was appended, and the bystander is still served.
-    s.api.publish(&tok, "acme", &json!({"still": "here"})).await.unwrap();
+    s.api
+        .publish(&tok, "acme", &json!({"still": "here"}))
+        .await
+        .unwrap();
     assert_eq!(bystander.events(1).await.unwrap()[0].seq, 1);
 }
 
@@ -204,9 +338,15 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
     let s = TestServer::start_with(|a| a.session_queue = Some(64)).await;
     let tok = s.token(&["acme"]);
     let q = format!("access_token={tok}");
-    let mut slow = WsClient::connect_with(&s.ws_url(&q), &Options { recv_buffer: Some(4096), ..Default::default() })
-        .await
-        .unwrap();
+    let mut slow = WsClient::connect_with(
+        &s.ws_url(&q),
+        &Options {
+            recv_buffer: Some(4096),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let mut fast = s.client(&["acme"], "").await;
     fast.next_non_heartbeat().await.unwrap();
     // The slow client reads nothing from here on.
@@ -229,7 +369,10 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
     });
     let mut published = 0u64;
     for _ in 0..400 {
-        s.api.publish(&tok, "acme", &Value::Array(vec![payload.clone(); 8])).await.unwrap();
+        s.api
+            .publish(&tok, "acme", &Value::Array(vec![payload.clone(); 8]))
+            .await
+            .unwrap();
         published += 8;
         let m = s.metrics().await;
         if m["sessions_closed"]["4008"] == 1 {
@@ -237,28 +380,54 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
         }
     }
     let m = s.metrics().await;
-    assert_eq!(m["sessions_closed"]["4008"], 1, "the slow consumer was closed: {m}");
+    assert_eq!(
+        m["sessions_closed"]["4008"], 1,
+        "the slow consumer was closed: {m}"
+    );
     // The slow client, reading at last, finds the close after what was already buffered.
     assert_eq!(slow.expect_close().await.unwrap().0, 4008);
     // The fast one got everything; stop it cleanly.
-    s.wait_metrics("fast consumer caught up", |m| m["events_delivered"]["websocket"].as_u64().unwrap() >= published).await;
+    s.wait_metrics("fast consumer caught up", |m| {
+        m["events_delivered"]["websocket"].as_u64().unwrap() >= published
+    })
+    .await;
     drop(s);
-    let (n, code) = tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap();
+    let (n, code) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((n, code), (published, Some(4503)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_allow_list_refuses_before_the_upgrade() {
-    let s = TestServer::start_with(|a| a.allowed_origins = Some("https://app.example.com".parse().unwrap())).await;
+    let s = TestServer::start_with(|a| {
+        a.allowed_origins = Some("https://app.example.com".parse().unwrap())
+    })
+    .await;
     let tok = s.token(&["acme"]);
     let url = s.ws_url(&format!("access_token={tok}"));
-    let with_origin = |o: &str| Options { headers: vec![("origin".into(), o.into())], ..Default::default() };
-    let err = WsClient::connect_with(&url, &with_origin("https://evil.example.com")).await.err().expect("refused");
+    let with_origin = |o: &str| Options {
+        headers: vec![("origin".into(), o.into())],
+        ..Default::default()
+    };
+    let err = WsClient::connect_with(&url, &with_origin("https://evil.example.com"))
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("403"), "{err}");
-    let mut ok = WsClient::connect_with(&url, &with_origin("https://app.example.com")).await.unwrap();
-    assert!(matches!(ok.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { .. })));
+    let mut ok = WsClient::connect_with(&url, &with_origin("https://app.example.com"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        ok.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { .. })
+    ));
     let mut no_origin = WsClient::connect(&url).await.unwrap();
-    assert!(matches!(no_origin.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Subscribed { .. })));
+    assert!(matches!(
+        no_origin.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,20 +439,51 @@ async fn token_expiry_closes_with_4009_unless_refreshed() {
         c["exp"] = json!(token::now() + 2);
         token::hs256(SECRET.as_bytes(), &c)
     };
-    let mut expiring = WsClient::connect(&s.ws_url(&format!("access_token={}", short("alice")))).await.unwrap();
-    let mut refreshed = WsClient::connect(&s.ws_url(&format!("access_token={}", short("alice")))).await.unwrap();
+    let mut expiring = WsClient::connect(&s.ws_url(&format!("access_token={}", short("alice"))))
+        .await
+        .unwrap();
+    let mut refreshed = WsClient::connect(&s.ws_url(&format!("access_token={}", short("alice"))))
+        .await
+        .unwrap();
     expiring.next_non_heartbeat().await.unwrap();
     refreshed.next_non_heartbeat().await.unwrap();
     // A refresh for another subject is refused, and so is a bad token; a good one is accepted.
-    refreshed.send_frame(&Frame::Refresh { token: s.token_for("mallory", &["acme"], "subscribe") }).await.unwrap();
-    assert!(matches!(refreshed.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Error { code: 4001, .. })));
-    refreshed.send_frame(&Frame::Refresh { token: "garbage".into() }).await.unwrap();
-    assert!(matches!(refreshed.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Error { code: 4001, .. })));
-    refreshed.send_frame(&Frame::Refresh { token: s.token_for("alice", &["acme"], "subscribe") }).await.unwrap();
+    refreshed
+        .send_frame(&Frame::Refresh {
+            token: s.token_for("mallory", &["acme"], "subscribe"),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        refreshed.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Error { code: 4001, .. })
+    ));
+    refreshed
+        .send_frame(&Frame::Refresh {
+            token: "garbage".into(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        refreshed.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Error { code: 4001, .. })
+    ));
+    refreshed
+        .send_frame(&Frame::Refresh {
+            token: s.token_for("alice", &["acme"], "subscribe"),
+        })
+        .await
+        .unwrap();
 
     assert_eq!(expiring.expect_close().await.unwrap().0, 4009);
     // The refreshed session outlives the first token: a PING is still answered after it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    refreshed.send_frame(&Frame::Ping(b"still".to_vec().into())).await.unwrap();
-    assert_eq!(refreshed.next_non_heartbeat().await.unwrap(), Msg::Frame(Frame::Pong(b"still".to_vec().into())));
+    refreshed
+        .send_frame(&Frame::Ping(b"still".to_vec().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        refreshed.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Pong(b"still".to_vec().into()))
+    );
 }

@@ -66,11 +66,26 @@ impl Resume {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// 0x01, server to client.
-    Subscribed { org: String, epoch: String, head: u64, resume: Resume },
+    Subscribed {
+        org: String,
+        epoch: String,
+        head: u64,
+        resume: Resume,
+    },
     /// 0x02, server to client.
-    Event { org: String, seq: u64, ts: u64, flags: u64, payload: Bytes },
+    Event {
+        org: String,
+        seq: u64,
+        ts: u64,
+        flags: u64,
+        payload: Bytes,
+    },
     /// 0x03, server to client.
-    Reset { org: String, epoch: String, head: u64 },
+    Reset {
+        org: String,
+        epoch: String,
+        head: u64,
+    },
     /// 0x04, server to client.
     Heartbeat { ts: u64, heads: Vec<(String, u64)> },
     /// 0x05, server to client.
@@ -80,7 +95,11 @@ pub enum Frame {
     /// 0x07, server to client.
     Unsubscribed { org: String },
     /// 0x10, client to server. `epoch` is empty for no resume position.
-    Subscribe { org: String, epoch: String, seq: u64 },
+    Subscribe {
+        org: String,
+        epoch: String,
+        seq: u64,
+    },
     /// 0x11, client to server.
     Unsubscribe { org: String },
     /// 0x12, client to server.
@@ -145,19 +164,27 @@ impl Frame {
 
     fn body_len(&self) -> usize {
         match self {
-            Frame::Subscribed { org, epoch, head, resume } => {
-                str_len(org) + str_len(epoch) + varint::len(*head) + varint::len(*resume as u64)
-            }
-            Frame::Event { org, seq, ts, flags, payload } => {
-                event_body_len(org, *seq, *ts, *flags, payload.len())
-            }
-            Frame::Reset { org, epoch, head } => {
-                str_len(org) + str_len(epoch) + varint::len(*head)
-            }
+            Frame::Subscribed {
+                org,
+                epoch,
+                head,
+                resume,
+            } => str_len(org) + str_len(epoch) + varint::len(*head) + varint::len(*resume as u64),
+            Frame::Event {
+                org,
+                seq,
+                ts,
+                flags,
+                payload,
+            } => event_body_len(org, *seq, *ts, *flags, payload.len()),
+            Frame::Reset { org, epoch, head } => str_len(org) + str_len(epoch) + varint::len(*head),
             Frame::Heartbeat { ts, heads } => {
                 varint::len(*ts)
                     + varint::len(heads.len() as u64)
-                    + heads.iter().map(|(o, h)| str_len(o) + varint::len(*h)).sum::<usize>()
+                    + heads
+                        .iter()
+                        .map(|(o, h)| str_len(o) + varint::len(*h))
+                        .sum::<usize>()
             }
             Frame::Error { code, message } => varint::len(*code) + str_len(message),
             Frame::Pong(b) | Frame::Ping(b) => b.len(),
@@ -181,13 +208,24 @@ impl Frame {
         varint::write(buf, self.kind());
         varint::write(buf, self.body_len() as u64);
         match self {
-            Frame::Subscribed { org, epoch, head, resume } => {
+            Frame::Subscribed {
+                org,
+                epoch,
+                head,
+                resume,
+            } => {
                 put_str(buf, org);
                 put_str(buf, epoch);
                 varint::write(buf, *head);
                 varint::write(buf, *resume as u64);
             }
-            Frame::Event { org, seq, ts, flags, payload } => {
+            Frame::Event {
+                org,
+                seq,
+                ts,
+                flags,
+                payload,
+            } => {
                 put_str(buf, org);
                 varint::write(buf, *seq);
                 varint::write(buf, *ts);
@@ -288,9 +326,19 @@ fn decode_body(kind: u64, mut body: Bytes) -> Result<Frame, DecodeError> {
             let seq = varint::read(b)?;
             let ts = varint::read(b)?;
             let flags = varint::read(b)?;
-            Frame::Event { org, seq, ts, flags, payload: std::mem::take(b) }
+            Frame::Event {
+                org,
+                seq,
+                ts,
+                flags,
+                payload: std::mem::take(b),
+            }
         }
-        kind::RESET => Frame::Reset { org: get_str(b)?, epoch: get_str(b)?, head: varint::read(b)? },
+        kind::RESET => Frame::Reset {
+            org: get_str(b)?,
+            epoch: get_str(b)?,
+            head: varint::read(b)?,
+        },
         kind::HEARTBEAT => {
             let ts = varint::read(b)?;
             let count = varint::read(b)?;
@@ -304,12 +352,17 @@ fn decode_body(kind: u64, mut body: Bytes) -> Result<Frame, DecodeError> {
             }
             Frame::Heartbeat { ts, heads }
         }
-        kind::ERROR => Frame::Error { code: varint::read(b)?, message: get_str(b)? },
+        kind::ERROR => Frame::Error {
+            code: varint::read(b)?,
+            message: get_str(b)?,
+        },
         kind::PONG => Frame::Pong(body),
         kind::UNSUBSCRIBED => Frame::Unsubscribed { org: get_str(b)? },
-        kind::SUBSCRIBE => {
-            Frame::Subscribe { org: get_str(b)?, epoch: get_str(b)?, seq: varint::read(b)? }
-        }
+        kind::SUBSCRIBE => Frame::Subscribe {
+            org: get_str(b)?,
+            epoch: get_str(b)?,
+            seq: varint::read(b)?,
+        },
         kind::UNSUBSCRIBE => Frame::Unsubscribe { org: get_str(b)? },
         kind::REFRESH => Frame::Refresh { token: get_str(b)? },
         kind::PING => {
@@ -379,17 +432,45 @@ mod tests {
     }
 
     fn any_frame() -> impl Strategy<Value = Frame> {
-        let resume = prop_oneof![Just(Resume::New), Just(Resume::Recovered), Just(Resume::Reset)];
+        let resume = prop_oneof![
+            Just(Resume::New),
+            Just(Resume::Recovered),
+            Just(Resume::Reset)
+        ];
         prop_oneof![
-            (any_string(), any_string(), any_u62(), resume).prop_map(|(org, epoch, head, resume)| {
-                Frame::Subscribed { org, epoch, head, resume }
-            }),
-            (any_string(), any_u62(), any_u62(), any_u62(), any_bytes(300)).prop_map(
-                |(org, seq, ts, flags, payload)| Frame::Event { org, seq, ts, flags, payload }
+            (any_string(), any_string(), any_u62(), resume).prop_map(
+                |(org, epoch, head, resume)| {
+                    Frame::Subscribed {
+                        org,
+                        epoch,
+                        head,
+                        resume,
+                    }
+                }
             ),
-            (any_string(), any_string(), any_u62())
-                .prop_map(|(org, epoch, head)| Frame::Reset { org, epoch, head }),
-            (any_u62(), proptest::collection::vec((any_string(), any_u62()), 0..20))
+            (
+                any_string(),
+                any_u62(),
+                any_u62(),
+                any_u62(),
+                any_bytes(300)
+            )
+                .prop_map(|(org, seq, ts, flags, payload)| Frame::Event {
+                    org,
+                    seq,
+                    ts,
+                    flags,
+                    payload
+                }),
+            (any_string(), any_string(), any_u62()).prop_map(|(org, epoch, head)| Frame::Reset {
+                org,
+                epoch,
+                head
+            }),
+            (
+                any_u62(),
+                proptest::collection::vec((any_string(), any_u62()), 0..20)
+            )
                 .prop_map(|(ts, heads)| Frame::Heartbeat { ts, heads }),
             (any_u62(), any_string()).prop_map(|(code, message)| Frame::Error { code, message }),
             any_bytes(200).prop_map(Frame::Pong),
@@ -399,7 +480,8 @@ mod tests {
             any_string().prop_map(|org| Frame::Unsubscribe { org }),
             any_string().prop_map(|token| Frame::Refresh { token }),
             any_bytes(MAX_PING_LEN + 1).prop_map(Frame::Ping),
-            (0x30..varint::MAX, any_bytes(50)).prop_map(|(kind, body)| Frame::Unknown { kind, body }),
+            (0x30..varint::MAX, any_bytes(50))
+                .prop_map(|(kind, body)| Frame::Unknown { kind, body }),
         ]
     }
 
@@ -447,27 +529,44 @@ mod tests {
         varint::write(&mut buf, 10_000);
         assert_eq!(
             Frame::decode(&mut buf, 1024),
-            Err(DecodeError::TooLarge { len: 10_000, max: 1024 })
+            Err(DecodeError::TooLarge {
+                len: 10_000,
+                max: 1024
+            })
         );
     }
 
     #[test]
     fn exact_rejects_trailing_and_incomplete() {
-        let mut b = Frame::Unsubscribe { org: "acme".into() }.to_bytes().to_vec();
+        let mut b = Frame::Unsubscribe { org: "acme".into() }
+            .to_bytes()
+            .to_vec();
         b.push(0);
-        assert_eq!(Frame::decode_exact(b.into(), 100), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(
+            Frame::decode_exact(b.into(), 100),
+            Err(DecodeError::TrailingBytes(1))
+        );
         let b = Frame::Unsubscribe { org: "acme".into() }.to_bytes();
-        assert_eq!(Frame::decode_exact(b.slice(..3), 100), Err(DecodeError::Incomplete));
+        assert_eq!(
+            Frame::decode_exact(b.slice(..3), 100),
+            Err(DecodeError::Incomplete)
+        );
     }
 
     #[test]
     fn ping_limit_and_bad_utf8_and_bad_resume() {
         let p = Frame::Ping(Bytes::from(vec![0; 65])).to_bytes();
-        assert_eq!(Frame::decode_exact(p, 1000), Err(DecodeError::PingTooLong(65)));
+        assert_eq!(
+            Frame::decode_exact(p, 1000),
+            Err(DecodeError::PingTooLong(65))
+        );
         let raw = Bytes::from_static(&[0x11, 0x02, 0x01, 0xff]);
         assert_eq!(Frame::decode_exact(raw, 1000), Err(DecodeError::BadUtf8));
         let raw = Bytes::from_static(&[0x01, 0x04, 0x00, 0x00, 0x00, 0x03]);
-        assert_eq!(Frame::decode_exact(raw, 1000), Err(DecodeError::BadResume(3)));
+        assert_eq!(
+            Frame::decode_exact(raw, 1000),
+            Err(DecodeError::BadResume(3))
+        );
     }
 
     #[test]
@@ -477,13 +576,19 @@ mod tests {
         varint::write(&mut buf, 9);
         varint::write(&mut buf, 0);
         buf.put_u64(0xc000_0000_ffff_ffff);
-        assert_eq!(Frame::decode_exact(buf.freeze(), 100), Err(DecodeError::Truncated));
+        assert_eq!(
+            Frame::decode_exact(buf.freeze(), 100),
+            Err(DecodeError::Truncated)
+        );
     }
 
     #[test]
     fn known_frames_ignore_trailing_fields() {
         // A future version may append fields: the receiver decodes what it knows.
         let raw = Bytes::from_static(&[0x11, 0x03, 0x01, b'a', 0x07]);
-        assert_eq!(Frame::decode_exact(raw, 100), Ok(Frame::Unsubscribe { org: "a".into() }));
+        assert_eq!(
+            Frame::decode_exact(raw, 100),
+            Ok(Frame::Unsubscribe { org: "a".into() })
+        );
     }
 }

@@ -66,7 +66,10 @@ pub fn subscribed(org: &str, epoch: &str, head: u64, resume: Resume) -> String {
 pub fn event(org: &str, seq: u64, ts: u64, data: &str) -> String {
     let org = quoted(org);
     let mut s = String::with_capacity(48 + org.len() + data.len());
-    let _ = write!(s, r#"{{"t":"event","org":{org},"seq":{seq},"ts":{ts},"data":{data}}}"#);
+    let _ = write!(
+        s,
+        r#"{{"t":"event","org":{org},"seq":{seq},"ts":{ts},"data":{data}}}"#
+    );
     s
 }
 
@@ -94,7 +97,10 @@ pub fn heartbeat<'a>(ts: u64, heads: impl IntoIterator<Item = (&'a str, u64)>) -
 
 /// `{"t":"error","code":4003,"message":"..."}`
 pub fn error(code: u64, message: &str) -> String {
-    format!(r#"{{"t":"error","code":{code},"message":{}}}"#, quoted(message))
+    format!(
+        r#"{{"t":"error","code":{code},"message":{}}}"#,
+        quoted(message)
+    )
 }
 
 /// `{"t":"pong","data":"..."}`
@@ -126,29 +132,44 @@ mod tests {
             v(&event("acme", 42, 1_763_900_000_123, r#"{"a":[1,"x"]}"#)),
             json!({"t":"event","org":"acme","seq":42,"ts":1_763_900_000_123u64,"data":{"a":[1,"x"]}})
         );
-        assert_eq!(v(&reset("acme", "e", 57)), json!({"t":"reset","org":"acme","epoch":"e","head":57}));
+        assert_eq!(
+            v(&reset("acme", "e", 57)),
+            json!({"t":"reset","org":"acme","epoch":"e","head":57})
+        );
         assert_eq!(
             v(&heartbeat(5, [("acme", 42), ("beta", 0)])),
             json!({"t":"heartbeat","ts":5,"heads":{"acme":42,"beta":0}})
         );
-        assert_eq!(v(&heartbeat(5, [])), json!({"t":"heartbeat","ts":5,"heads":{}}));
+        assert_eq!(
+            v(&heartbeat(5, [])),
+            json!({"t":"heartbeat","ts":5,"heads":{}})
+        );
         assert_eq!(
             v(&error(4003, "org \"x\" not granted")),
             json!({"t":"error","code":4003,"message":"org \"x\" not granted"})
         );
         assert_eq!(v(&pong("a\nb")), json!({"t":"pong","data":"a\nb"}));
-        assert_eq!(v(&unsubscribed("acme")), json!({"t":"unsubscribed","org":"acme"}));
+        assert_eq!(
+            v(&unsubscribed("acme")),
+            json!({"t":"unsubscribed","org":"acme"})
+        );
     }
 
     #[test]
     fn client_messages_parse() {
         assert_eq!(
             ClientMessage::parse(r#"{"t":"subscribe","org":"acme","since":"k3x9:41"}"#).unwrap(),
-            ClientMessage::Subscribe { org: "acme".into(), since: Some("k3x9:41".into()) }
+            ClientMessage::Subscribe {
+                org: "acme".into(),
+                since: Some("k3x9:41".into())
+            }
         );
         assert_eq!(
             ClientMessage::parse(r#"{"t":"subscribe","org":"acme"}"#).unwrap(),
-            ClientMessage::Subscribe { org: "acme".into(), since: None }
+            ClientMessage::Subscribe {
+                org: "acme".into(),
+                since: None
+            }
         );
         assert_eq!(
             ClientMessage::parse(r#"{"t":"ping"}"#).unwrap(),

@@ -73,9 +73,15 @@ pub fn upgrade<B>(
     if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err(HandshakeError::Version);
     }
-    let key = h.get(header::SEC_WEBSOCKET_KEY).ok_or(HandshakeError::Key)?;
+    let key = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(HandshakeError::Key)?;
     let accept = accept_key(key.as_bytes());
-    if req.extensions().get::<hyper::upgrade::OnUpgrade>().is_none() {
+    if req
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
         return Err(HandshakeError::NoUpgrade);
     }
     let on_upgrade = hyper::upgrade::on(req);
@@ -115,7 +121,8 @@ impl OriginPolicy {
                     return false;
                 };
                 let origin = origin.trim_end_matches('/');
-                list.iter().any(|o| o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+                list.iter()
+                    .any(|o| o.trim_end_matches('/').eq_ignore_ascii_case(origin))
             }
         }
     }
@@ -127,7 +134,10 @@ mod tests {
 
     #[test]
     fn rfc6455_accept_example() {
-        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -135,9 +145,15 @@ mod tests {
         let mut h = HeaderMap::new();
         let list = OriginPolicy::List(vec!["https://app.example.com".into()]);
         assert!(list.allows(&h), "no Origin: not a browser, allowed");
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://APP.example.com"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://APP.example.com"),
+        );
         assert!(list.allows(&h));
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example.com"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example.com"),
+        );
         assert!(!list.allows(&h));
         assert!(OriginPolicy::AllowAll.allows(&h));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));

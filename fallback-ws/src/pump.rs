@@ -45,7 +45,10 @@ pub struct Close {
 
 impl Close {
     pub fn new(code: u16, reason: impl Into<String>) -> Self {
-        Close { code, reason: reason.into() }
+        Close {
+            code,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -99,9 +102,12 @@ pub async fn run<S: WsSession>(
     session: S,
     cfg: &WsConfig,
 ) -> End {
-    let ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg.tungstenite()))
-            .await;
+    let ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(cfg.tungstenite()),
+    )
+    .await;
     run_on(ws, session, cfg).await
 }
 
@@ -193,9 +199,10 @@ where
 fn read_error(e: tungstenite::Error) -> Result<Close, End> {
     use tungstenite::error::{CapacityError, Error};
     match e {
-        Error::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            Ok(Close::new(4413, format!("message of {size} bytes exceeds {max_size}")))
-        }
+        Error::Capacity(CapacityError::MessageTooLong { size, max_size }) => Ok(Close::new(
+            4413,
+            format!("message of {size} bytes exceeds {max_size}"),
+        )),
         Error::Capacity(e) => Ok(Close::new(4413, e.to_string())),
         Error::Protocol(e) => Ok(Close::new(1002, e.to_string())),
         Error::Utf8(_) => Ok(Close::new(1007, "invalid UTF-8 in text message")),
@@ -218,7 +225,10 @@ where
         }
         reason.truncate(cut);
     }
-    let frame = CloseFrame { code: CloseCode::from(close.code), reason: reason.into() };
+    let frame = CloseFrame {
+        code: CloseCode::from(close.code),
+        reason: reason.into(),
+    };
     let _ = timeout(limit, async {
         if ws.close(Some(frame)).await.is_err() {
             return;

@@ -36,7 +36,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
 }
 
@@ -90,7 +93,11 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn authenticate(app: &App, headers: &HeaderMap, query_token: Option<&str>) -> Result<Grant, ApiError> {
+fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Grant, ApiError> {
     let token = bearer(headers).or(query_token).unwrap_or_default();
     Ok(app.env.auth.verify(token).map_err(Refusal::from)?)
 }
@@ -121,10 +128,18 @@ async fn history(
     let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
     grant.check_subscribe(&org).map_err(Refusal::from)?;
     let limit = q.limit.unwrap_or(100).clamp(1, HISTORY_MAX);
-    let since = q.since.as_deref().map(Position::parse).transpose().map_err(Refusal::from)?;
+    let since = q
+        .since
+        .as_deref()
+        .map(Position::parse)
+        .transpose()
+        .map_err(Refusal::from)?;
     let log = app.env.hub.log();
     let state = log.state(&org).await.map_err(Refusal::from)?;
-    let oldest = Position { epoch: state.epoch.clone(), seq: state.first - 1 };
+    let oldest = Position {
+        epoch: state.epoch.clone(),
+        seq: state.first - 1,
+    };
     let (reset, outcome) = match since {
         None => (false, log.read(&org, &oldest, limit).await),
         Some(p) => match log.read(&org, &p, limit).await.map_err(Refusal::from)? {
@@ -139,8 +154,10 @@ async fn history(
     let events: Vec<serde_json::Value> = events
         .iter()
         .map(|e| {
-            let data: Box<serde_json::value::RawValue> =
-                serde_json::from_slice(&e.payload).unwrap_or_else(|_| serde_json::value::RawValue::from_string("null".into()).expect("valid"));
+            let data: Box<serde_json::value::RawValue> = serde_json::from_slice(&e.payload)
+                .unwrap_or_else(|_| {
+                    serde_json::value::RawValue::from_string("null".into()).expect("valid")
+                });
             json!({"seq": e.seq, "ts": e.ts, "data": data})
         })
         .collect();
@@ -171,7 +188,9 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
     let env = app.env.clone();
     let ws_config = app.ws.clone();
     app.sessions.spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
         let session = WsStreamSession::new(env, &query, bearer.as_deref());
         let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
         tracing::debug!(?end, "websocket session ended");
@@ -180,19 +199,29 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let body = app.env.metrics.render_prometheus(app.env.hub.log().usage(), app.draining.load(Ordering::Acquire));
+    let body = app.env.metrics.render_prometheus(
+        app.env.hub.log().usage(),
+        app.draining.load(Ordering::Acquire),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn metrics_json(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    let mut v = app.env.metrics.to_json(app.env.hub.log().usage(), app.draining.load(Ordering::Acquire));
+    let mut v = app.env.metrics.to_json(
+        app.env.hub.log().usage(),
+        app.draining.load(Ordering::Acquire),
+    );
     v["log_backend"] = json!(app.env.hub.log().kind());
     Json(v)
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.draining.load(Ordering::Acquire) {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
     } else {
         Json(json!({"status": "ready"})).into_response()
     }
@@ -229,16 +258,25 @@ async fn dev_token(
     Query(q): Query<DevTokenQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if !peer.ip().is_loopback() {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "development tokens are for loopback clients only"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "development tokens are for loopback clients only",
+        ));
     }
-    let secret = app.dev_secret.as_ref().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such route"))?;
+    let secret = app
+        .dev_secret
+        .as_ref()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such route"))?;
     let orgs = parse_org_list(q.orgs.as_deref().unwrap_or("")).map_err(Refusal::from)?;
     let ttl = match q.ttl.as_deref() {
         Some(t) => humantime::parse_duration(t)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?,
         None => std::time::Duration::from_secs(3600),
     };
-    let sub = q.sub.filter(|s| !s.is_empty()).unwrap_or_else(|| "dev".into());
+    let sub = q
+        .sub
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "dev".into());
     let claims = Claims {
         sub,
         exp: unix_secs() + ttl.as_secs(),
@@ -250,4 +288,3 @@ async fn dev_token(
     };
     Ok(Json(json!({ "token": mint_hs256(secret, &claims) })))
 }
-

@@ -42,22 +42,37 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
     let key = match parts.headers.get("idempotency-key") {
         None => None,
         Some(v) => {
-            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
             Some(k.ok_or_else(|| {
-                ApiError::new(StatusCode::BAD_REQUEST, "Idempotency-Key must be 1 to 256 visible ASCII chars")
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Idempotency-Key must be 1 to 256 visible ASCII chars",
+                )
             })?)
         }
     };
     let body = read_body(body, app.config.max_request_bytes).await?;
     let payloads = split_events(&body, app.config.max_event_bytes)?;
     let count = payloads.len() as u64;
-    let appended = app.env.hub.log().append(&org, payloads, key).await.map_err(|e| match e {
-        LogError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("log unavailable: {m}")),
-        LogError::Internal(m) => {
-            tracing::error!(org = %org, error = %m, "append failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-        }
-    })?;
+    let appended = app
+        .env
+        .hub
+        .log()
+        .append(&org, payloads, key)
+        .await
+        .map_err(|e| match e {
+            LogError::Unavailable(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("log unavailable: {m}"),
+            ),
+            LogError::Internal(m) => {
+                tracing::error!(org = %org, error = %m, "append failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        })?;
     let status = if appended.duplicate {
         app.env.metrics.publish_duplicates.inc();
         StatusCode::OK
@@ -79,7 +94,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {limit} bytes"),
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
         }
@@ -126,17 +144,37 @@ mod tests {
     fn splits_objects_verbatim() {
         let body = Bytes::from_static(b" [ {\"a\": 1} ,{\"b\":[2, 3]}] ");
         let evs = split_events(&body, 100).unwrap();
-        assert_eq!(evs, [Bytes::from_static(b"{\"a\": 1}"), Bytes::from_static(b"{\"b\":[2, 3]}")]);
+        assert_eq!(
+            evs,
+            [
+                Bytes::from_static(b"{\"a\": 1}"),
+                Bytes::from_static(b"{\"b\":[2, 3]}")
+            ]
+        );
         let one = split_events(&Bytes::from_static(b"{\"x\" : \"y\"}\n"), 100).unwrap();
         assert_eq!(one, [Bytes::from_static(b"{\"x\" : \"y\"}")]);
     }
 
     #[test]
     fn refuses_non_objects_and_oversize() {
-        for bad in [&b"[]"[..], b"[1]", b"\"s\"", b"{", b"nope", b"[{}, 2]", b"\xff"] {
-            assert_eq!(split_events(&Bytes::from(bad), 100).unwrap_err().status, StatusCode::BAD_REQUEST);
+        for bad in [
+            &b"[]"[..],
+            b"[1]",
+            b"\"s\"",
+            b"{",
+            b"nope",
+            b"[{}, 2]",
+            b"\xff",
+        ] {
+            assert_eq!(
+                split_events(&Bytes::from(bad), 100).unwrap_err().status,
+                StatusCode::BAD_REQUEST
+            );
         }
         let big = Bytes::from(format!("{{\"a\":\"{}\"}}", "x".repeat(200)));
-        assert_eq!(split_events(&big, 100).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            split_events(&big, 100).unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
     }
 }

@@ -28,7 +28,10 @@ pub struct MemoryLog {
 
 impl MemoryLog {
     pub fn new(retention: Retention) -> Self {
-        MemoryLog { orgs: RwLock::new(HashMap::new()), retention }
+        MemoryLog {
+            orgs: RwLock::new(HashMap::new()),
+            retention,
+        }
     }
 
     fn slot(&self, org: &OrgId) -> Arc<Slot> {
@@ -46,7 +49,6 @@ impl MemoryLog {
             })
             .clone()
     }
-
 }
 
 #[async_trait]
@@ -97,7 +99,14 @@ impl EventLog for MemoryLog {
         let mut rx = slot.head.subscribe();
         let state = slot.window.lock().state();
         rx.mark_unchanged();
-        Ok(Box::new(MemoryTail { slot, rx, cursor: Position { epoch: state.epoch, seq: state.head } }))
+        Ok(Box::new(MemoryTail {
+            slot,
+            rx,
+            cursor: Position {
+                epoch: state.epoch,
+                seq: state.head,
+            },
+        }))
     }
 
     fn kind(&self) -> &'static str {
@@ -106,7 +115,10 @@ impl EventLog for MemoryLog {
 
     fn usage(&self) -> LogUsage {
         let orgs = self.orgs.read();
-        let mut u = LogUsage { orgs: orgs.len() as u64, ..Default::default() };
+        let mut u = LogUsage {
+            orgs: orgs.len() as u64,
+            ..Default::default()
+        };
         for s in orgs.values() {
             let w = s.window.lock();
             u.events += w.len() as u64;
@@ -144,7 +156,10 @@ impl Tail for MemoryTail {
                         // Evicted past the cursor (the hub fell far behind): jump to the
                         // oldest retained; sessions fill or reset from the log themselves.
                         let s = w.state();
-                        self.cursor = Position { epoch: s.epoch, seq: s.first - 1 };
+                        self.cursor = Position {
+                            epoch: s.epoch,
+                            seq: s.first - 1,
+                        };
                         continue;
                     }
                 }
@@ -168,14 +183,18 @@ mod tests {
     async fn tail_follows_appends_in_order() {
         let log = MemoryLog::new(Retention::default());
         let org = OrgId::parse("acme").unwrap();
-        log.append(&org, vec![Bytes::from_static(b"{}")], None).await.unwrap();
+        log.append(&org, vec![Bytes::from_static(b"{}")], None)
+            .await
+            .unwrap();
         let mut tail = log.tail(&org).await.unwrap();
         let l2 = Arc::new(log);
         let l3 = l2.clone();
         let o2 = org.clone();
         tokio::spawn(async move {
             for _ in 0..50 {
-                l3.append(&o2, vec![Bytes::from_static(b"{}"); 3], None).await.unwrap();
+                l3.append(&o2, vec![Bytes::from_static(b"{}"); 3], None)
+                    .await
+                    .unwrap();
                 tokio::task::yield_now().await;
             }
         });
@@ -183,6 +202,10 @@ mod tests {
         while seen.len() < 150 {
             seen.extend(tail.next().await.unwrap().iter().map(|e| e.seq));
         }
-        assert_eq!(seen, (2..=151).collect::<Vec<_>>(), "starts after the head at tail time");
+        assert_eq!(
+            seen,
+            (2..=151).collect::<Vec<_>>(),
+            "starts after the head at tail time"
+        );
     }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::event::Event;
 use crate::model::{Epoch, OrgId, Position};
 
-pub use window::{Retention, Resume};
+pub use window::{Resume, Retention};
 
 /// What a successful append returns (PROTOCOL.md section 7).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,10 @@ impl OrgState {
 #[derive(Debug)]
 pub enum ReadOutcome {
     /// Events after the position, in seq order (possibly none: the position is the head).
-    Events { state: OrgState, events: Vec<Arc<Event>> },
+    Events {
+        state: OrgState,
+        events: Vec<Arc<Event>>,
+    },
     /// The position cannot be continued: other epoch, evicted, or ahead of the head.
     Unusable { state: OrgState },
 }

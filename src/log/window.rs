@@ -26,7 +26,11 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { window_ms: 5 * 60 * 1000, max_events: 100_000, max_bytes: 64 << 20 }
+        Retention {
+            window_ms: 5 * 60 * 1000,
+            max_events: 100_000,
+            max_bytes: 64 << 20,
+        }
     }
 }
 
@@ -65,7 +69,11 @@ impl OrgWindow {
     }
 
     pub fn state(&self) -> OrgState {
-        OrgState { epoch: self.epoch.clone(), head: self.head, first: self.first() }
+        OrgState {
+            epoch: self.epoch.clone(),
+            head: self.head,
+            first: self.first(),
+        }
     }
 
     /// The oldest retained seq, or `head + 1` when nothing is retained.
@@ -84,13 +92,25 @@ impl OrgWindow {
     ) -> (Appended, Vec<Arc<Event>>) {
         self.evict(now_ms, retention);
         if let Some(prev) = key.and_then(|k| self.idempotency.get(k)) {
-            return (Appended { duplicate: true, ..prev.clone() }, Vec::new());
+            return (
+                Appended {
+                    duplicate: true,
+                    ..prev.clone()
+                },
+                Vec::new(),
+            );
         }
         let first_seq = self.head + 1;
         let mut added = Vec::with_capacity(payloads.len());
         for payload in payloads {
             self.head += 1;
-            let e = Event::new(self.org.clone(), self.epoch.clone(), self.head, now_ms, payload);
+            let e = Event::new(
+                self.org.clone(),
+                self.epoch.clone(),
+                self.head,
+                now_ms,
+                payload,
+            );
             self.bytes += e.size();
             self.events.push_back(e.clone());
             added.push(e);
@@ -102,7 +122,8 @@ impl OrgWindow {
             duplicate: false,
         };
         if let Some(k) = key {
-            self.idempotency.insert(k, result.clone(), now_ms, retention.max_events.max(1024));
+            self.idempotency
+                .insert(k, result.clone(), now_ms, retention.max_events.max(1024));
         }
         self.evict(now_ms, retention);
         (result, added)
@@ -186,14 +207,23 @@ mod tests {
     }
 
     fn payloads(n: usize) -> Vec<Bytes> {
-        (0..n).map(|i| Bytes::from(format!(r#"{{"i":{i}}}"#))).collect()
+        (0..n)
+            .map(|i| Bytes::from(format!(r#"{{"i":{i}}}"#)))
+            .collect()
     }
 
     fn pos(epoch: &str, seq: u64) -> Position {
-        Position { epoch: Epoch::parse(epoch).unwrap(), seq }
+        Position {
+            epoch: Epoch::parse(epoch).unwrap(),
+            seq,
+        }
     }
 
-    const KEEP_ALL: Retention = Retention { window_ms: u64::MAX, max_events: usize::MAX, max_bytes: usize::MAX };
+    const KEEP_ALL: Retention = Retention {
+        window_ms: u64::MAX,
+        max_events: usize::MAX,
+        max_bytes: usize::MAX,
+    };
 
     #[test]
     fn seqs_are_gap_free_and_batches_contiguous() {
@@ -203,13 +233,23 @@ mod tests {
         assert_eq!((a.first_seq, a.last_seq), (1, 1));
         assert_eq!((b.first_seq, b.last_seq), (2, 4));
         assert_eq!(ev.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3, 4]);
-        assert_eq!(w.state(), OrgState { epoch: Epoch::parse("ep1").unwrap(), head: 4, first: 1 });
+        assert_eq!(
+            w.state(),
+            OrgState {
+                epoch: Epoch::parse("ep1").unwrap(),
+                head: 4,
+                first: 1
+            }
+        );
     }
 
     #[test]
     fn idempotency_key_appends_once_within_window() {
         let mut w = window();
-        let r = Retention { window_ms: 100, ..KEEP_ALL };
+        let r = Retention {
+            window_ms: 100,
+            ..KEEP_ALL
+        };
         let (a, _) = w.append(payloads(2), Some("k"), 1000, &r);
         let (b, ev) = w.append(payloads(2), Some("k"), 1050, &r);
         assert!(b.duplicate && ev.is_empty());
@@ -223,19 +263,38 @@ mod tests {
     #[test]
     fn retention_by_time_count_and_bytes() {
         let mut w = window();
-        let r = Retention { window_ms: 1000, max_events: 5, max_bytes: usize::MAX };
+        let r = Retention {
+            window_ms: 1000,
+            max_events: 5,
+            max_bytes: usize::MAX,
+        };
         for t in 0..10 {
             w.append(payloads(1), None, t, &r);
         }
         assert_eq!((w.len(), w.first()), (5, 6), "count cap");
         w.evict(1000 + 7, &r);
-        assert_eq!((w.len(), w.first()), (3, 8), "events before ts 7 are past the window");
+        assert_eq!(
+            (w.len(), w.first()),
+            (3, 8),
+            "events before ts 7 are past the window"
+        );
         w.evict(10_000, &r);
         assert_eq!((w.len(), w.first(), w.state().head), (0, 11, 10));
 
         let mut w = window();
-        let one = Event::new(OrgId::parse("a").unwrap(), Epoch::parse("e").unwrap(), 1, 0, payloads(1)[0].clone()).size();
-        let r = Retention { window_ms: u64::MAX, max_events: usize::MAX, max_bytes: one * 3 };
+        let one = Event::new(
+            OrgId::parse("a").unwrap(),
+            Epoch::parse("e").unwrap(),
+            1,
+            0,
+            payloads(1)[0].clone(),
+        )
+        .size();
+        let r = Retention {
+            window_ms: u64::MAX,
+            max_events: usize::MAX,
+            max_bytes: one * 3,
+        };
         w.append(payloads(10), None, 0, &r);
         assert_eq!((w.len(), w.bytes()), (3, one * 3), "byte cap");
     }
@@ -243,20 +302,49 @@ mod tests {
     #[test]
     fn resume_rules() {
         let mut w = window();
-        let r = Retention { max_events: 5, ..KEEP_ALL };
+        let r = Retention {
+            max_events: 5,
+            ..KEEP_ALL
+        };
         w.append(payloads(10), None, 0, &r); // retained: 6..=10
         let s = w.state();
         assert_eq!(s.resume(None), Resume::New);
-        assert_eq!(s.resume(Some(&pos("ep1", 10))), Resume::Recovered, "at head");
-        assert_eq!(s.resume(Some(&pos("ep1", 5))), Resume::Recovered, "next one retained");
+        assert_eq!(
+            s.resume(Some(&pos("ep1", 10))),
+            Resume::Recovered,
+            "at head"
+        );
+        assert_eq!(
+            s.resume(Some(&pos("ep1", 5))),
+            Resume::Recovered,
+            "next one retained"
+        );
         assert_eq!(s.resume(Some(&pos("ep1", 4))), Resume::Reset, "evicted");
-        assert_eq!(s.resume(Some(&pos("ep1", 11))), Resume::Reset, "ahead of head");
-        assert_eq!(s.resume(Some(&pos("other", 7))), Resume::Reset, "foreign epoch");
-        assert_eq!(w.read_after(&pos("ep1", 7), 2).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), [8, 9]);
+        assert_eq!(
+            s.resume(Some(&pos("ep1", 11))),
+            Resume::Reset,
+            "ahead of head"
+        );
+        assert_eq!(
+            s.resume(Some(&pos("other", 7))),
+            Resume::Reset,
+            "foreign epoch"
+        );
+        assert_eq!(
+            w.read_after(&pos("ep1", 7), 2)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            [8, 9]
+        );
         assert!(w.read_after(&pos("ep1", 10), 5).unwrap().is_empty());
         assert!(w.read_after(&pos("ep1", 4), 5).is_none());
         let fresh = window();
-        assert_eq!(fresh.state().resume(Some(&pos("ep1", 0))), Resume::Recovered);
+        assert_eq!(
+            fresh.state().resume(Some(&pos("ep1", 0))),
+            Resume::Recovered
+        );
     }
 
     proptest! {

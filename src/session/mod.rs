@@ -59,7 +59,11 @@ pub struct SessionEnv {
 impl SessionEnv {
     /// Sessions open now, all transports.
     pub fn open_sessions(&self) -> u64 {
-        self.metrics.transports.iter().map(|t| t.sessions.get()).sum()
+        self.metrics
+            .transports
+            .iter()
+            .map(|t| t.sessions.get())
+            .sum()
     }
 }
 
@@ -103,7 +107,10 @@ impl ConnectParams {
                         other => {
                             return Err(Refusal::new(
                                 CloseCode::Protocol,
-                                format!("unknown format {:?}", other.chars().take(16).collect::<String>()),
+                                format!(
+                                    "unknown format {:?}",
+                                    other.chars().take(16).collect::<String>()
+                                ),
                             ))
                         }
                     }
@@ -140,7 +147,11 @@ impl ConnectParams {
         Ok(orgs
             .into_iter()
             .map(|o| {
-                let since = self.since.iter().find(|(s, _)| *s == o).map(|(_, p)| p.clone());
+                let since = self
+                    .since
+                    .iter()
+                    .find(|(s, _)| *s == o)
+                    .map(|(_, p)| p.clone());
                 (o, since)
             })
             .collect())
@@ -152,7 +163,7 @@ pub fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k == "access_token" => "access_token=REDACTED".to_string(),
+            Some(("access_token", _)) => "access_token=REDACTED".to_string(),
             _ => kv.to_string(),
         })
         .collect::<Vec<_>>()
@@ -165,21 +176,40 @@ mod tests {
 
     #[test]
     fn parse_query() {
-        let p = ConnectParams::parse("access_token=t&orgs=acme,beta&since=acme:e1:5&enc=br&format=json", None).unwrap();
+        let p = ConnectParams::parse(
+            "access_token=t&orgs=acme,beta&since=acme:e1:5&enc=br&format=json",
+            None,
+        )
+        .unwrap();
         assert_eq!(p.token, "t");
         assert_eq!(p.orgs.as_ref().unwrap().len(), 2);
         assert_eq!(p.since[0].1.seq, 5);
         assert!(p.brotli);
         assert_eq!(p.format, Format::Json);
         let p = ConnectParams::parse("", Some("bearer-tok")).unwrap();
-        assert_eq!((p.token.as_str(), p.format, p.brotli), ("bearer-tok", Format::Binary, false));
-        for bad in ["orgs=a%20b", "since=acme:e1", "format=xml", "since=acme:e1:x"] {
-            assert_eq!(ConnectParams::parse(bad, None).unwrap_err().code, CloseCode::Protocol, "{bad}");
+        assert_eq!(
+            (p.token.as_str(), p.format, p.brotli),
+            ("bearer-tok", Format::Binary, false)
+        );
+        for bad in [
+            "orgs=a%20b",
+            "since=acme:e1",
+            "format=xml",
+            "since=acme:e1:x",
+        ] {
+            assert_eq!(
+                ConnectParams::parse(bad, None).unwrap_err().code,
+                CloseCode::Protocol,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn redaction() {
-        assert_eq!(redact_query("orgs=a&access_token=secret.jwt&x=1"), "orgs=a&access_token=REDACTED&x=1");
+        assert_eq!(
+            redact_query("orgs=a&access_token=secret.jwt&x=1"),
+            "orgs=a&access_token=REDACTED&x=1"
+        );
     }
 }

@@ -80,7 +80,10 @@ impl WsStreamSession {
     }
 
     fn format(&self) -> Format {
-        self.params.as_ref().map(|p| p.format).unwrap_or(Format::Binary)
+        self.params
+            .as_ref()
+            .map(|p| p.format)
+            .unwrap_or(Format::Binary)
     }
 
     fn brotli(&self) -> bool {
@@ -90,7 +93,10 @@ impl WsStreamSession {
     async fn start(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
         let params = self.params.clone()?;
         if self.env.open_sessions() >= self.env.limits.max_sessions as u64 {
-            return Err(Refusal::new(CloseCode::TooMany, "too many sessions on this node"));
+            return Err(Refusal::new(
+                CloseCode::TooMany,
+                "too many sessions on this node",
+            ));
         }
         let grant = self.env.auth.verify(&params.token)?;
         let plan = params.plan(&grant, self.env.limits.max_orgs)?;
@@ -124,7 +130,11 @@ impl WsStreamSession {
     ) -> Result<(), Refusal> {
         // Drop an existing subscription first, so the new one starts from its own position.
         self.cursors.remove(&org);
-        let (cursor, subscribed) = self.env.hub.subscribe(&org, since.as_ref(), &self.sink).await?;
+        let (cursor, subscribed) = self
+            .env
+            .hub
+            .subscribe(&org, since.as_ref(), &self.sink)
+            .await?;
         out.push(self.encode_subscribed(&subscribed));
         self.cursors.insert(org, cursor);
         Ok(())
@@ -162,7 +172,9 @@ impl WsStreamSession {
         self.cursors.remove(&org);
         out.push(self.text_or_frame(
             || json::unsubscribed(org.as_str()),
-            || Frame::Unsubscribed { org: org.to_string() },
+            || Frame::Unsubscribed {
+                org: org.to_string(),
+            },
         ));
         Ok(())
     }
@@ -183,32 +195,47 @@ impl WsStreamSession {
             out.push(self.encode_error(CloseCode::Unauthorized, &e.to_string()));
             return;
         }
-        let revoked: Vec<OrgId> =
-            self.cursors.keys().filter(|o| grant.check_subscribe(o).is_err()).cloned().collect();
+        let revoked: Vec<OrgId> = self
+            .cursors
+            .keys()
+            .filter(|o| grant.check_subscribe(o).is_err())
+            .cloned()
+            .collect();
         if let Err(e) = self.set_grant(grant) {
             out.push(self.encode_error(e.code, &e.reason));
             return;
         }
         for org in revoked {
             self.cursors.remove(&org);
-            out.push(self.encode_error(CloseCode::Forbidden, &format!("org {org} no longer granted")));
+            out.push(self.encode_error(
+                CloseCode::Forbidden,
+                &format!("org {org} no longer granted"),
+            ));
             out.push(self.text_or_frame(
                 || json::unsubscribed(org.as_str()),
-                || Frame::Unsubscribed { org: org.to_string() },
+                || Frame::Unsubscribed {
+                    org: org.to_string(),
+                },
             ));
         }
     }
 
     async fn on_binary(&mut self, msg: Bytes, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
         if self.format() != Format::Binary {
-            return Err(Refusal::new(CloseCode::Protocol, "binary message on a format=json session"));
+            return Err(Refusal::new(
+                CloseCode::Protocol,
+                "binary message on a format=json session",
+            ));
         }
         match Frame::decode_exact(msg, self.env.limits.max_control_frame)? {
             Frame::Subscribe { org, epoch, seq } => {
                 let since = if epoch.is_empty() {
                     None
                 } else {
-                    Some(Position { epoch: Epoch::parse(&epoch)?, seq })
+                    Some(Position {
+                        epoch: Epoch::parse(&epoch)?,
+                        seq,
+                    })
                 };
                 self.on_subscribe(&org, since, out).await
             }
@@ -232,7 +259,10 @@ impl WsStreamSession {
     async fn on_text(&mut self, text: &str, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
         use edgestream_codec::json::ClientMessage;
         if self.format() != Format::Json {
-            return Err(Refusal::new(CloseCode::Protocol, "text message on a format=bin session"));
+            return Err(Refusal::new(
+                CloseCode::Protocol,
+                "text message on a format=bin session",
+            ));
         }
         let msg = ClientMessage::parse(text)
             .map_err(|e| Refusal::new(CloseCode::Protocol, e.to_string()))?;
@@ -276,9 +306,16 @@ impl WsStreamSession {
                     Format::Binary => Outgoing::Binary(e.binary().clone()),
                 },
                 Delivery::Reset { epoch, head } => match format {
-                    Format::Json => Outgoing::Text(json::reset(org.as_str(), epoch.as_str(), head).into()),
+                    Format::Json => {
+                        Outgoing::Text(json::reset(org.as_str(), epoch.as_str(), head).into())
+                    }
                     Format::Binary => Outgoing::Binary(
-                        Frame::Reset { org: org.to_string(), epoch: epoch.to_string(), head }.to_bytes(),
+                        Frame::Reset {
+                            org: org.to_string(),
+                            epoch: epoch.to_string(),
+                            head,
+                        }
+                        .to_bytes(),
                     ),
                 },
             });
@@ -305,11 +342,18 @@ impl WsStreamSession {
     fn encode_error(&self, code: CloseCode, message: &str) -> Outgoing {
         self.text_or_frame(
             || json::error(code.code().into(), message),
-            || Frame::Error { code: code.code().into(), message: message.to_string() },
+            || Frame::Error {
+                code: code.code().into(),
+                message: message.to_string(),
+            },
         )
     }
 
-    fn text_or_frame(&self, text: impl FnOnce() -> String, frame: impl FnOnce() -> Frame) -> Outgoing {
+    fn text_or_frame(
+        &self,
+        text: impl FnOnce() -> String,
+        frame: impl FnOnce() -> Frame,
+    ) -> Outgoing {
         match self.format() {
             Format::Json => Outgoing::Text(text().into()),
             Format::Binary => Outgoing::Binary(frame().to_bytes()),
@@ -318,12 +362,18 @@ impl WsStreamSession {
 
     fn heartbeat(&self) -> Outgoing {
         let ts = unix_ms();
-        let mut heads: Vec<(String, u64)> =
-            self.cursors.values().map(|c| (c.org().to_string(), c.head())).collect();
+        let mut heads: Vec<(String, u64)> = self
+            .cursors
+            .values()
+            .map(|c| (c.org().to_string(), c.head()))
+            .collect();
         heads.sort();
         self.text_or_frame(
             || json::heartbeat(ts, heads.iter().map(|(o, h)| (o.as_str(), *h))),
-            || Frame::Heartbeat { ts, heads: heads.clone() },
+            || Frame::Heartbeat {
+                ts,
+                heads: heads.clone(),
+            },
         )
     }
 
@@ -344,12 +394,18 @@ impl WsStreamSession {
     }
 
     async fn catch_up(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
-        let Some(org) = self.cursors.values().find(|c| c.needs_catch_up()).map(|c| c.org().clone())
+        let Some(org) = self
+            .cursors
+            .values()
+            .find(|c| c.needs_catch_up())
+            .map(|c| c.org().clone())
         else {
             return Ok(());
         };
         let cursor = self.cursors.get_mut(&org).expect("found above");
-        cursor.catch_up(CATCH_UP_BATCH, &mut self.deliveries).await?;
+        cursor
+            .catch_up(CATCH_UP_BATCH, &mut self.deliveries)
+            .await?;
         self.flush_deliveries(&org, true, out);
         Ok(())
     }

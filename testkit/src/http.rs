@@ -11,7 +11,10 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: impl Into<String>) -> Self {
-        Api { base: base.into(), client: reqwest::Client::new() }
+        Api {
+            base: base.into(),
+            client: reqwest::Client::new(),
+        }
     }
 
     /// POSTs a raw body to an org; returns the status and the JSON answer.
@@ -39,7 +42,9 @@ impl Api {
 
     /// Publishes a JSON value (object or array) and expects 201.
     pub async fn publish(&self, token: &str, org: &str, body: &Value) -> anyhow::Result<Value> {
-        let (status, v) = self.publish_raw(token, org, serde_json::to_vec(body)?, None).await?;
+        let (status, v) = self
+            .publish_raw(token, org, serde_json::to_vec(body)?, None)
+            .await?;
         anyhow::ensure!(status == 201, "publish answered {status}: {v}");
         Ok(v)
     }
@@ -53,6 +58,9 @@ impl Api {
         let res = req.send().await?;
         let status = res.status().as_u16();
         let text = res.text().await?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 }

@@ -6,7 +6,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
 }
 
 /// Standard claims: `sub`, `orgs`, `scope`, `exp` one hour ahead.
@@ -16,8 +19,12 @@ pub fn claims(sub: &str, orgs: &[&str], scope: &str) -> Value {
 
 /// Signs arbitrary claims with HS256.
 pub fn hs256(secret: &[u8], claims: &Value) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
-        .expect("sign")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
 }
 
 /// Signs with a PEM private key (`RS256`, `ES256` or `EdDSA`).
@@ -40,10 +47,13 @@ pub fn alg_none(claims: &Value) -> String {
     format!("{header}.{body}.")
 }
 
-/// A token whose signature is changed in one character.
+/// A token whose signature differs in its first character (the last one may carry only
+/// padding bits, which lenient decoders ignore).
 pub fn tampered(token: &str) -> String {
+    let dot = token.rfind('.').expect("a JWT has dots") + 1;
     let mut t = token.to_string();
-    let last = t.pop().expect("non-empty");
-    t.push(if last == 'A' { 'B' } else { 'A' });
+    let first = t.as_bytes()[dot];
+    let replacement = if first == b'A' { "B" } else { "A" };
+    t.replace_range(dot..dot + 1, replacement);
     t
 }

@@ -60,8 +60,15 @@ impl WsClient {
         }
         let host = req.uri().host().context("url host")?.to_string();
         let port = req.uri().port_u16().unwrap_or(80);
-        let addr = tokio::net::lookup_host((host.as_str(), port)).await?.next().context("resolve")?;
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await?
+            .next()
+            .context("resolve")?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if let Some(n) = opts.recv_buffer {
             socket.set_recv_buffer_size(n)?;
         }
@@ -157,7 +164,14 @@ impl WsClient {
 
 /// An EVENT frame as an [`Ev`] (payload decompressed); `None` for other frames.
 pub fn as_event(f: Frame) -> anyhow::Result<Option<Ev>> {
-    let Frame::Event { org, seq, ts, flags, payload } = f else {
+    let Frame::Event {
+        org,
+        seq,
+        ts,
+        flags,
+        payload,
+    } = f
+    else {
         return Ok(None);
     };
     let compressed = flags & FLAG_BROTLI != 0;
@@ -168,7 +182,13 @@ pub fn as_event(f: Frame) -> anyhow::Result<Option<Ev>> {
     } else {
         payload
     };
-    Ok(Some(Ev { org, seq, ts, payload, compressed }))
+    Ok(Some(Ev {
+        org,
+        seq,
+        ts,
+        payload,
+        compressed,
+    }))
 }
 
 /// A JSON-format event message as an [`Ev`] (`data` re-serialised compactly).

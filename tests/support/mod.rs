@@ -60,7 +60,10 @@ impl TestServer {
 
     /// A subscribe+publish token for `orgs` (user `alice`).
     pub fn token(&self, orgs: &[&str]) -> String {
-        token::hs256(SECRET.as_bytes(), &token::claims("alice", orgs, "subscribe publish"))
+        token::hs256(
+            SECRET.as_bytes(),
+            &token::claims("alice", orgs, "subscribe publish"),
+        )
     }
 
     pub fn token_for(&self, sub: &str, orgs: &[&str], scope: &str) -> String {
@@ -85,7 +88,10 @@ impl TestServer {
             if cond(&m) {
                 return m;
             }
-            assert!(tokio::time::Instant::now() < deadline, "metrics never showed {what}: {m}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metrics never showed {what}: {m}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
