@@ -246,6 +246,7 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
             "127.0.0.1:0",
         ])
         .env("EDGESTREAM_JWT_SECRET", secret)
+        .env("EDGESTREAM_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -334,4 +335,67 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("soon"));
+}
+
+/// Sends the head of a request now and the rest later, over a raw connection.
+async fn split_request(addr: std::net::SocketAddr, first: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(first.as_bytes()).await.unwrap();
+    tcp
+}
+
+async fn finish_request(mut tcp: tokio::net::TcpStream, rest: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(rest.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(HANG_GUARD, tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_publishes_in_flight_and_readyz_turns_503() {
+    let mut s = TestServer::start().await;
+    let tok = s.token(&["acme"]);
+    let mut watcher = s.client(&["acme"], "").await;
+    assert!(matches!(
+        watcher.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { .. })
+    ));
+    let body = r#"{"in":"flight"}"#;
+    let publish = split_request(
+        s.addr,
+        &format!(
+            "POST /v1/orgs/acme/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            &body[..5]
+        ),
+    )
+    .await;
+    let ready = split_request(s.addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n").await;
+    // Let the server read both request heads before the drain starts.
+    s.wait_metrics("the publish in flight", |m| m["publish_requests"] == 1)
+        .await;
+    s.begin_stop();
+    assert_eq!(
+        watcher.expect_close().await.unwrap().0,
+        4503,
+        "sessions close first"
+    );
+    let answer = finish_request(publish, &body[5..]).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 201"),
+        "the publish in flight completes: {answer}"
+    );
+    let answer = finish_request(ready, "Connection: close\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "readyz reports draining: {answer}"
+    );
+    assert!(answer.contains("draining"));
+    s.join().await.unwrap();
 }

@@ -136,6 +136,9 @@ impl WsClient {
     pub async fn expect_close(&mut self) -> anyhow::Result<(u16, String)> {
         loop {
             if let Msg::Close(code, reason) = self.next().await? {
+                // Send the closing-handshake reply tungstenite queued, so the server is not
+                // left waiting for it.
+                let _ = self.ws.flush().await;
                 return Ok((code.unwrap_or(1005), reason));
             }
         }
