@@ -102,153 +102,229 @@ impl Metrics {
         self.closes.lock().clone()
     }
 
+    /// Every figure once: Prometheus name, type, help, JSON key, and samples (with the label
+    /// value, if the family has a label). Both renderings are made from this list.
+    fn families(&self, log: LogUsage, draining: bool) -> Vec<Family> {
+        let per_transport = |f: fn(&TransportMetrics) -> u64| {
+            Transport::ALL
+                .iter()
+                .map(|t| (Some(t.label().to_string()), f(self.transport(*t))))
+                .collect()
+        };
+        let one = |v: u64| vec![(None, v)];
+        let closes = self
+            .closes()
+            .into_iter()
+            .map(|(c, n)| (Some(c.to_string()), n))
+            .collect();
+        vec![
+            Family::new(
+                "sessions",
+                "gauge",
+                "Open client sessions.",
+                "transport",
+                per_transport(|m| m.sessions.get()),
+            ),
+            Family::new(
+                "sessions_opened_total",
+                "counter",
+                "Client sessions accepted.",
+                "transport",
+                per_transport(|m| m.sessions_opened.get()),
+            ),
+            Family::new(
+                "events_delivered_total",
+                "counter",
+                "Events sent to clients (live and replayed).",
+                "transport",
+                per_transport(|m| m.events_delivered.get()),
+            ),
+            Family::new(
+                "events_replayed_total",
+                "counter",
+                "Events sent from the replay log.",
+                "transport",
+                per_transport(|m| m.events_replayed.get()),
+            ),
+            Family::new(
+                "heartbeats_sent_total",
+                "counter",
+                "Heartbeat frames sent.",
+                "transport",
+                per_transport(|m| m.heartbeats_sent.get()),
+            ),
+            Family::new(
+                "orgs_subscribed",
+                "gauge",
+                "Upstream subscriptions held: one per org with subscribers.",
+                "",
+                one(self.orgs_subscribed.get()),
+            ),
+            Family::new(
+                "events_published_total",
+                "counter",
+                "Events appended through the publish API.",
+                "",
+                one(self.events_published.get()),
+            ),
+            Family::new(
+                "publish_requests_total",
+                "counter",
+                "Publish requests received.",
+                "",
+                one(self.publish_requests.get()),
+            ),
+            Family::new(
+                "publish_duplicates_total",
+                "counter",
+                "Publish requests answered from an Idempotency-Key.",
+                "",
+                one(self.publish_duplicates.get()),
+            ),
+            Family::new(
+                "publish_rejected_total",
+                "counter",
+                "Publish requests refused (4xx/5xx).",
+                "",
+                one(self.publish_rejected.get()),
+            ),
+            Family::new(
+                "sessions_closed_total",
+                "counter",
+                "Sessions closed by the server, by close code.",
+                "code",
+                closes,
+            ),
+            Family::new(
+                "log_orgs",
+                "gauge",
+                "Orgs in the replay log.",
+                "",
+                one(log.orgs),
+            ),
+            Family::new(
+                "log_events",
+                "gauge",
+                "Events retained in the replay log.",
+                "",
+                one(log.events),
+            ),
+            Family::new(
+                "log_bytes",
+                "gauge",
+                "Bytes retained in the replay log.",
+                "",
+                one(log.bytes),
+            ),
+            Family::new(
+                "draining",
+                "gauge",
+                "1 while the node drains for shutdown.",
+                "",
+                one(u64::from(draining)),
+            ),
+        ]
+    }
+
     /// Prometheus text exposition format.
     pub fn render_prometheus(&self, log: LogUsage, draining: bool) -> String {
-        let mut s = String::with_capacity(2048);
-        let mut family = |name: &str, kind: &str, help: &str| {
+        let mut s = String::with_capacity(4096);
+        for f in self.families(log, draining) {
             let _ = writeln!(
                 s,
-                "# HELP edgestream_{name} {help}\n# TYPE edgestream_{name} {kind}"
+                "# HELP edgestream_{} {}\n# TYPE edgestream_{} {}",
+                f.name, f.help, f.name, f.kind
             );
-        };
-        family("sessions", "gauge", "Open client sessions.");
-        family(
-            "sessions_opened_total",
-            "counter",
-            "Client sessions accepted.",
-        );
-        family(
-            "events_delivered_total",
-            "counter",
-            "Events sent to clients (live and replayed).",
-        );
-        family(
-            "events_replayed_total",
-            "counter",
-            "Events sent from the replay log.",
-        );
-        family("heartbeats_sent_total", "counter", "Heartbeat frames sent.");
-        family(
-            "orgs_subscribed",
-            "gauge",
-            "Upstream subscriptions held: one per org with subscribers.",
-        );
-        family(
-            "events_published_total",
-            "counter",
-            "Events appended through the publish API.",
-        );
-        family(
-            "publish_requests_total",
-            "counter",
-            "Publish requests received.",
-        );
-        family(
-            "publish_duplicates_total",
-            "counter",
-            "Publish requests answered from an Idempotency-Key.",
-        );
-        family(
-            "publish_rejected_total",
-            "counter",
-            "Publish requests refused (4xx/5xx).",
-        );
-        family(
-            "sessions_closed_total",
-            "counter",
-            "Sessions closed by the server, by close code.",
-        );
-        family("log_orgs", "gauge", "Orgs in the replay log.");
-        family("log_events", "gauge", "Events retained in the replay log.");
-        family("log_bytes", "gauge", "Bytes retained in the replay log.");
-        family("draining", "gauge", "1 while the node drains for shutdown.");
-        for t in Transport::ALL {
-            let m = self.transport(t);
-            let l = t.label();
-            let _ = writeln!(
-                s,
-                "edgestream_sessions{{transport=\"{l}\"}} {}",
-                m.sessions.get()
-            );
-            let _ = writeln!(
-                s,
-                "edgestream_sessions_opened_total{{transport=\"{l}\"}} {}",
-                m.sessions_opened.get()
-            );
-            let _ = writeln!(
-                s,
-                "edgestream_events_delivered_total{{transport=\"{l}\"}} {}",
-                m.events_delivered.get()
-            );
-            let _ = writeln!(
-                s,
-                "edgestream_events_replayed_total{{transport=\"{l}\"}} {}",
-                m.events_replayed.get()
-            );
-            let _ = writeln!(
-                s,
-                "edgestream_heartbeats_sent_total{{transport=\"{l}\"}} {}",
-                m.heartbeats_sent.get()
-            );
+            for (label, v) in &f.samples {
+                match label {
+                    Some(l) => {
+                        let _ = writeln!(s, "edgestream_{}{{{}=\"{l}\"}} {v}", f.name, f.label);
+                    }
+                    None => {
+                        let _ = writeln!(s, "edgestream_{} {v}", f.name);
+                    }
+                }
+            }
         }
-        let _ = writeln!(
-            s,
-            "edgestream_orgs_subscribed {}",
-            self.orgs_subscribed.get()
-        );
-        let _ = writeln!(
-            s,
-            "edgestream_events_published_total {}",
-            self.events_published.get()
-        );
-        let _ = writeln!(
-            s,
-            "edgestream_publish_requests_total {}",
-            self.publish_requests.get()
-        );
-        let _ = writeln!(
-            s,
-            "edgestream_publish_duplicates_total {}",
-            self.publish_duplicates.get()
-        );
-        let _ = writeln!(
-            s,
-            "edgestream_publish_rejected_total {}",
-            self.publish_rejected.get()
-        );
-        for (code, n) in self.closes() {
-            let _ = writeln!(s, "edgestream_sessions_closed_total{{code=\"{code}\"}} {n}");
-        }
-        let _ = writeln!(s, "edgestream_log_orgs {}", log.orgs);
-        let _ = writeln!(s, "edgestream_log_events {}", log.events);
-        let _ = writeln!(s, "edgestream_log_bytes {}", log.bytes);
-        let _ = writeln!(s, "edgestream_draining {}", u8::from(draining));
         s
     }
 
-    /// The same figures as JSON.
+    /// The same figures as JSON: keys without the `_total` suffix; labelled families become
+    /// objects keyed by the label value.
     pub fn to_json(&self, log: LogUsage, draining: bool) -> Value {
-        let per = |f: fn(&TransportMetrics) -> u64| {
-            let mut m = serde_json::Map::new();
-            for t in Transport::ALL {
-                m.insert(t.label().into(), json!(f(self.transport(t))));
-            }
-            Value::Object(m)
-        };
-        json!({
-            "sessions": per(|m| m.sessions.get()),
-            "sessions_opened": per(|m| m.sessions_opened.get()),
-            "events_delivered": per(|m| m.events_delivered.get()),
-            "events_replayed": per(|m| m.events_replayed.get()),
-            "heartbeats_sent": per(|m| m.heartbeats_sent.get()),
-            "orgs_subscribed": self.orgs_subscribed.get(),
-            "events_published": self.events_published.get(),
-            "publish_requests": self.publish_requests.get(),
-            "publish_duplicates": self.publish_duplicates.get(),
-            "publish_rejected": self.publish_rejected.get(),
-            "sessions_closed": self.closes().into_iter().map(|(c, n)| (c.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
-            "log": {"orgs": log.orgs, "events": log.events, "bytes": log.bytes},
-            "draining": draining,
-        })
+        let mut out = serde_json::Map::new();
+        for f in self.families(log, draining) {
+            let key = f.name.strip_suffix("_total").unwrap_or(f.name);
+            let v = if f.label.is_empty() {
+                json!(f.samples.first().map_or(0, |(_, v)| *v))
+            } else {
+                Value::Object(
+                    f.samples
+                        .into_iter()
+                        .map(|(l, v)| (l.unwrap_or_default(), json!(v)))
+                        .collect(),
+                )
+            };
+            out.insert(key.to_string(), v);
+        }
+        out.insert("draining".into(), json!(draining));
+        out.insert(
+            "log".into(),
+            json!({"orgs": log.orgs, "events": log.events, "bytes": log.bytes}),
+        );
+        Value::Object(out)
+    }
+}
+
+/// One metric family, for rendering.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    label: &'static str,
+    samples: Vec<(Option<String>, u64)>,
+}
+
+impl Family {
+    fn new(
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        label: &'static str,
+        samples: Vec<(Option<String>, u64)>,
+    ) -> Self {
+        Family {
+            name,
+            kind,
+            help,
+            label,
+            samples,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_renderings_carry_the_same_figures() {
+        let m = Metrics::default();
+        m.transport(Transport::WebSocket).sessions.set(3);
+        m.events_published.add(7);
+        m.record_close(4008);
+        m.record_close(4008);
+        let log = LogUsage { orgs: 1, events: 7, bytes: 700 };
+        let text = m.render_prometheus(log, false);
+        assert!(text.contains("edgestream_sessions{transport=\"websocket\"} 3\n"), "{text}");
+        assert!(text.contains("edgestream_events_published_total 7\n"));
+        assert!(text.contains("edgestream_sessions_closed_total{code=\"4008\"} 2\n"));
+        assert!(text.contains("# TYPE edgestream_log_bytes gauge\n"));
+        let j = m.to_json(log, true);
+        assert_eq!(j["sessions"]["websocket"], 3);
+        assert_eq!(j["events_published"], 7);
+        assert_eq!(j["sessions_closed"]["4008"], 2);
+        assert_eq!(j["log"]["bytes"], 700);
+        assert_eq!(j["draining"], true);
     }
 }
