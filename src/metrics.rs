@@ -314,9 +314,16 @@ mod tests {
         m.events_published.add(7);
         m.record_close(4008);
         m.record_close(4008);
-        let log = LogUsage { orgs: 1, events: 7, bytes: 700 };
+        let log = LogUsage {
+            orgs: 1,
+            events: 7,
+            bytes: 700,
+        };
         let text = m.render_prometheus(log, false);
-        assert!(text.contains("edgestream_sessions{transport=\"websocket\"} 3\n"), "{text}");
+        assert!(
+            text.contains("edgestream_sessions{transport=\"websocket\"} 3\n"),
+            "{text}"
+        );
         assert!(text.contains("edgestream_events_published_total 7\n"));
         assert!(text.contains("edgestream_sessions_closed_total{code=\"4008\"} 2\n"));
         assert!(text.contains("# TYPE edgestream_log_bytes gauge\n"));

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use edgestream_codec::{json, Frame};
 use edgestream_ws::{tungstenite::Utf8Bytes, Close, Incoming, Outgoing, WsSession};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::{ConnectParams, Format, SessionEnv};
 use crate::auth::Grant;
@@ -49,7 +49,7 @@ pub struct WsStreamSession {
     sink: Sink,
     queue: mpsc::Receiver<Arc<Event>>,
     overflow: Arc<Overflow>,
-    heartbeat: Interval,
+    next_heartbeat: Instant,
     deliveries: Vec<Delivery>,
 }
 
@@ -57,8 +57,6 @@ impl WsStreamSession {
     /// A session for a `/v1/stream` request; nothing is checked until it starts.
     pub fn new(env: Arc<SessionEnv>, query: &str, bearer: Option<&str>) -> Self {
         let (sink, queue, overflow) = Sink::bounded(env.limits.queue);
-        let mut heartbeat = tokio::time::interval(env.limits.heartbeat);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         WsStreamSession {
             params: ConnectParams::parse(query, bearer),
             env,
@@ -70,7 +68,7 @@ impl WsStreamSession {
             sink,
             queue,
             overflow,
-            heartbeat,
+            next_heartbeat: Instant::now(),
             deliveries: Vec::new(),
         }
     }
@@ -107,7 +105,7 @@ impl WsStreamSession {
         for (org, since) in plan {
             self.subscribe(org, since, out).await?;
         }
-        self.heartbeat.reset();
+        self.next_heartbeat = Instant::now() + self.env.limits.heartbeat;
         Ok(())
     }
 
@@ -431,6 +429,16 @@ impl WsSession for WsStreamSession {
             self.started = true;
             return Wake::Start;
         }
+        // Timers first, so that a busy queue or a long replay never starves heartbeats (clients
+        // treat three missing heartbeats as a dead link) or the token expiry.
+        let now = Instant::now();
+        if now >= self.expires_at {
+            return Wake::Expired;
+        }
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.env.limits.heartbeat;
+            return Wake::Heartbeat;
+        }
         if self.cursors.values().any(OrgCursor::needs_catch_up) {
             // Keep the queue moving during a replay: live events first, then the next chunk.
             return match self.queue.try_recv() {
@@ -444,7 +452,10 @@ impl WsSession for WsStreamSession {
                 Some(e) => Wake::Live(e),
                 None => std::future::pending().await, // the session holds a sender: unreachable
             },
-            _ = self.heartbeat.tick() => Wake::Heartbeat,
+            _ = tokio::time::sleep_until(self.next_heartbeat) => {
+                self.next_heartbeat = Instant::now() + self.env.limits.heartbeat;
+                Wake::Heartbeat
+            }
             _ = tokio::time::sleep_until(self.expires_at) => Wake::Expired,
         }
     }
