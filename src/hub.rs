@@ -19,7 +19,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
 
 use crate::event::Event;
@@ -96,6 +96,9 @@ struct Feed {
     head: AtomicU64,
     subscribers: Mutex<Vec<(u64, Sink)>>,
     task: Mutex<Option<AbortHandle>>,
+    /// True once the upstream follows the log. Subscribers wait for it before reading the
+    /// head, so the follower's start is never after a head a subscriber relies on.
+    following: watch::Sender<bool>,
 }
 
 struct HubInner {
@@ -119,6 +122,9 @@ pub struct Subscribed {
     pub head: u64,
     pub resume: Resume,
 }
+
+/// How long a subscribe waits for the org's upstream to start following the log.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Events read from the log per catch-up step.
 pub const CATCH_UP_BATCH: usize = 1024;
@@ -151,8 +157,14 @@ impl Hub {
         since: Option<&Position>,
         sink: &Sink,
     ) -> Result<(OrgCursor, Subscribed), LogError> {
-        // Register first: every event after the head read below reaches the sink.
+        // Register first, and wait until the org's upstream follows the log: then every event
+        // after the head read below reaches the sink.
         let registration = self.register(org, sink);
+        let mut following = registration.feed.following.subscribe();
+        match tokio::time::timeout(FOLLOW_TIMEOUT, following.wait_for(|f| *f)).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(LogError::Unavailable("cannot follow the org's log".into())),
+        }
         let state = self.inner.log.state(org).await?;
         let resume = state.resume(since);
         let (next, catching_up) = match (resume, since) {
@@ -187,6 +199,7 @@ impl Hub {
                     head: AtomicU64::new(0),
                     subscribers: Mutex::new(Vec::new()),
                     task: Mutex::new(None),
+                    following: watch::channel(false).0,
                 });
                 let task = tokio::spawn(upstream(self.inner.log.clone(), Arc::downgrade(&feed)));
                 *feed.task.lock() = Some(task.abort_handle());
@@ -243,9 +256,15 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
     let Some(org) = feed.upgrade().map(|f| f.org.clone()) else {
         return;
     };
+    // Where the follower is; kept across restarts so an error skips nothing.
+    let mut position: Option<Position> = None;
     'restart: loop {
-        let mut tail = match log.tail(&org).await {
-            Ok(t) => t,
+        let mut tail = match log.tail(&org, position.clone()).await {
+            Ok(t) => {
+                let Some(f) = feed.upgrade() else { return };
+                f.following.send_replace(true);
+                t
+            }
             Err(e) => {
                 tracing::warn!(org = %org, error = %e, "cannot follow org log; retrying");
                 tokio::time::sleep(backoff).await;
@@ -257,6 +276,7 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
             let events = match tail.next().await {
                 Ok(events) => events,
                 Err(e) => {
+                    position = Some(tail.position());
                     tracing::warn!(org = %org, error = %e, "org log follow failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -370,5 +390,192 @@ impl OrgCursor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::memory::MemoryLog;
+    use crate::log::{Appended, LogUsage, OrgState, Retention, Tail};
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    /// A log whose followers start late, as a busy runtime may start the upstream task.
+    struct SlowTail(MemoryLog);
+
+    #[async_trait]
+    impl EventLog for SlowTail {
+        async fn append(
+            &self,
+            org: &OrgId,
+            p: Vec<Bytes>,
+            k: Option<&str>,
+        ) -> Result<Appended, LogError> {
+            self.0.append(org, p, k).await
+        }
+        async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
+            self.0.state(org).await
+        }
+        async fn read(
+            &self,
+            org: &OrgId,
+            after: &Position,
+            limit: usize,
+        ) -> Result<ReadOutcome, LogError> {
+            self.0.read(org, after, limit).await
+        }
+        async fn tail(
+            &self,
+            org: &OrgId,
+            after: Option<Position>,
+        ) -> Result<Box<dyn Tail>, LogError> {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.0.tail(org, after).await
+        }
+        fn kind(&self) -> &'static str {
+            "slow-tail"
+        }
+        fn usage(&self) -> LogUsage {
+            self.0.usage()
+        }
+    }
+
+    async fn next_delivery(
+        cursor: &mut OrgCursor,
+        rx: &mut mpsc::Receiver<Arc<Event>>,
+    ) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        while out.is_empty() {
+            if cursor.needs_catch_up() {
+                cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
+                continue;
+            }
+            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the event published after subscribing is delivered")
+                .unwrap();
+            cursor.on_live(&e, &mut out);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_event_published_right_after_subscribe_is_delivered_even_if_the_follower_starts_late(
+    ) {
+        let log = Arc::new(SlowTail(MemoryLog::new(Retention::default())));
+        let hub = Hub::new(log.clone(), Arc::new(Metrics::default()));
+        let org = OrgId::parse("acme").unwrap();
+        log.append(&org, vec![Bytes::from_static(b"{}")], None)
+            .await
+            .unwrap();
+        let (sink, mut rx, _) = Sink::bounded(16);
+        let (mut cursor, sub) = hub.subscribe(&org, None, &sink).await.unwrap();
+        assert_eq!((sub.head, sub.resume), (1, Resume::New));
+        log.append(&org, vec![Bytes::from_static(b"{\"n\":2}")], None)
+            .await
+            .unwrap();
+        let d = next_delivery(&mut cursor, &mut rx).await;
+        assert!(
+            matches!(&d[..], [Delivery::Event(e)] if e.seq == 2),
+            "{d:?}"
+        );
+        assert_eq!(hub.orgs_subscribed(), 1);
+        drop(cursor);
+        assert_eq!(
+            hub.orgs_subscribed(),
+            0,
+            "the last subscriber out releases the feed"
+        );
+    }
+
+    #[tokio::test]
+    async fn cursor_dedupes_fills_gaps_and_resets() {
+        let log = Arc::new(MemoryLog::new(Retention {
+            max_events: 5,
+            ..Retention::default()
+        }));
+        let hub = Hub::new(log.clone(), Arc::new(Metrics::default()));
+        let org = OrgId::parse("acme").unwrap();
+        let payloads = |n| vec![Bytes::from_static(b"{}"); n];
+        let a = log.append(&org, payloads(3), None).await.unwrap();
+        let (sink, _rx, _) = Sink::bounded(16);
+        let since = Position {
+            epoch: a.epoch.clone(),
+            seq: 1,
+        };
+        let (mut cursor, sub) = hub.subscribe(&org, Some(&since), &sink).await.unwrap();
+        assert_eq!(sub.resume, Resume::Recovered);
+        let mut out = Vec::new();
+        cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
+        let seqs = |out: &[Delivery]| {
+            out.iter()
+                .map(|d| match d {
+                    Delivery::Event(e) => e.seq,
+                    Delivery::Reset { .. } => 0,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&out), [2, 3]);
+        assert!(!cursor.needs_catch_up());
+        // A live duplicate is dropped; a live event past a gap switches to catch-up.
+        let evs = log.read(&org, &since, 10).await.unwrap();
+        let ReadOutcome::Events { events, .. } = evs else {
+            panic!()
+        };
+        out.clear();
+        cursor.on_live(&events[0], &mut out);
+        assert!(out.is_empty());
+        log.append(&org, payloads(2), None).await.unwrap(); // 4, 5
+        let ReadOutcome::Events { events, .. } = log
+            .read(
+                &org,
+                &Position {
+                    epoch: a.epoch.clone(),
+                    seq: 4,
+                },
+                1,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        cursor.on_live(&events[0], &mut out); // seq 5: 4 is missing
+        assert!(out.is_empty() && cursor.needs_catch_up());
+        cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
+        assert_eq!(seqs(&out), [4, 5]);
+        // Fall out of the window: the catch-up becomes a RESET at the head.
+        log.append(&org, payloads(1), None).await.unwrap(); // 6
+        let ReadOutcome::Events { events, .. } = log
+            .read(
+                &org,
+                &Position {
+                    epoch: a.epoch.clone(),
+                    seq: 5,
+                },
+                1,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        log.append(&org, payloads(10), None).await.unwrap(); // 7..=16, keeps 12..=16
+        out.clear();
+        let mut later = events[0].clone();
+        later = Event::new(
+            later.org.clone(),
+            later.epoch.clone(),
+            16,
+            later.ts,
+            later.payload.clone(),
+        );
+        cursor.on_live(&later, &mut out);
+        cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
+        assert!(
+            matches!(&out[..], [Delivery::Reset { head: 16, .. }]),
+            "{out:?}"
+        );
     }
 }

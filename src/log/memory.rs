@@ -94,19 +94,21 @@ impl EventLog for MemoryLog {
         })
     }
 
-    async fn tail(&self, org: &OrgId) -> Result<Box<dyn Tail>, LogError> {
+    async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
         let slot = self.slot(org);
         let mut rx = slot.head.subscribe();
-        let state = slot.window.lock().state();
         rx.mark_unchanged();
-        Ok(Box::new(MemoryTail {
-            slot,
-            rx,
-            cursor: Position {
-                epoch: state.epoch,
-                seq: state.head,
-            },
-        }))
+        let cursor = match after {
+            Some(p) => p,
+            None => {
+                let state = slot.window.lock().state();
+                Position {
+                    epoch: state.epoch,
+                    seq: state.head,
+                }
+            }
+        };
+        Ok(Box::new(MemoryTail { slot, rx, cursor }))
     }
 
     fn kind(&self) -> &'static str {
@@ -173,6 +175,10 @@ impl Tail for MemoryTail {
             }
         }
     }
+
+    fn position(&self) -> Position {
+        self.cursor.clone()
+    }
 }
 
 #[cfg(test)]
@@ -186,7 +192,7 @@ mod tests {
         log.append(&org, vec![Bytes::from_static(b"{}")], None)
             .await
             .unwrap();
-        let mut tail = log.tail(&org).await.unwrap();
+        let mut tail = log.tail(&org, None).await.unwrap();
         let l2 = Arc::new(log);
         let l3 = l2.clone();
         let o2 = org.clone();

@@ -83,6 +83,9 @@ pub trait Tail: Send {
     /// epoch change or an eviction the follower jumps ahead: sessions notice the jump by seq
     /// and read the log to fill or reset.
     async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError>;
+
+    /// The last position returned (or the start position).
+    fn position(&self) -> Position;
 }
 
 /// The sequencer and replay log, as the hub and the HTTP API see it.
@@ -109,8 +112,10 @@ pub trait EventLog: Send + Sync + 'static {
         limit: usize,
     ) -> Result<ReadOutcome, LogError>;
 
-    /// Follows the org's new events, starting after its current head.
-    async fn tail(&self, org: &OrgId) -> Result<Box<dyn Tail>, LogError>;
+    /// Follows the org's new events, starting after `after` (after the current head when
+    /// `None`). A follower restarted after an error passes its last position, so nothing
+    /// appended in between is skipped.
+    async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError>;
 
     /// Short name for metrics and logs (`memory`, `redis`).
     fn kind(&self) -> &'static str;

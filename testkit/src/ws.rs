@@ -105,15 +105,20 @@ impl WsClient {
         }
     }
 
-    /// The next message that is not a heartbeat.
+    /// The next message that is not a heartbeat (heartbeats do not extend the hang guard).
     pub async fn next_non_heartbeat(&mut self) -> anyhow::Result<Msg> {
-        loop {
-            match self.next().await? {
-                Msg::Frame(Frame::Heartbeat { .. }) => continue,
-                Msg::Json(v) if v["t"] == "heartbeat" => continue,
-                other => return Ok(other),
+        let wait = async {
+            loop {
+                match self.next().await? {
+                    Msg::Frame(Frame::Heartbeat { .. }) => continue,
+                    Msg::Json(v) if v["t"] == "heartbeat" => continue,
+                    other => return Ok(other),
+                }
             }
-        }
+        };
+        tokio::time::timeout(HANG_GUARD, wait)
+            .await
+            .context("only heartbeats from the server, for the whole hang guard")?
     }
 
     pub async fn send_frame(&mut self, f: &Frame) -> anyhow::Result<()> {
@@ -134,7 +139,12 @@ impl WsClient {
     /// Reads until the server closes; returns the close code and reason. Other messages are
     /// discarded.
     pub async fn expect_close(&mut self) -> anyhow::Result<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + HANG_GUARD;
         loop {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no close from the server in time"
+            );
             if let Msg::Close(code, reason) = self.next().await? {
                 // Send the closing-handshake reply tungstenite queued, so the server is not
                 // left waiting for it.
