@@ -14,6 +14,8 @@
 //! - [`close`]: close codes and the one mapping from errors to codes and HTTP statuses.
 //! - [`metrics`]: counters and gauges, Prometheus and JSON.
 //! - [`time`]: the wall clock, read only at the edges.
+//! - [`tls`]: the self-signed development certificate for QUIC and its hash.
+//! - [`config`], [`server`], [`http`]: configuration, wiring and the HTTP API.
 
 pub mod auth;
 pub mod close;
@@ -27,3 +29,4 @@ pub mod model;
 pub mod server;
 pub mod session;
 pub mod time;
+pub mod tls;
