@@ -9,7 +9,7 @@ use std::time::Duration;
 use edgestream_codec::Frame;
 use edgestream_testkit::http::Api;
 use edgestream_testkit::ws::{Msg, WsClient};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::{TestServer, HANG_GUARD};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,15 +69,7 @@ async fn idempotency_key_repeat_appends_nothing() {
 async fn history_reads_by_position() {
     let s = TestServer::start_with(|a| a.replay_max_events = Some(10)).await;
     let tok = s.token(&["acme"]);
-    let r = s
-        .api
-        .publish(
-            &tok,
-            "acme",
-            &Value::Array((1..=15).map(|i| json!({"i": i})).collect()),
-        )
-        .await
-        .unwrap();
+    let r = s.publish_numbered(&tok, "acme", 1..=15).await;
     let epoch = r["epoch"].as_str().unwrap();
     let (st, h) = s
         .api

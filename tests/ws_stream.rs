@@ -170,15 +170,7 @@ async fn resume_with_valid_position_gets_exactly_the_missed_events() {
 async fn unusable_positions_reset() {
     let s = TestServer::start_with(|a| a.replay_max_events = Some(5)).await;
     let tok = s.token(&["acme"]);
-    let r = s
-        .api
-        .publish(
-            &tok,
-            "acme",
-            &Value::Array((0..20).map(|i| json!({"i": i})).collect()),
-        )
-        .await
-        .unwrap();
+    let r = s.publish_numbered(&tok, "acme", 0..20).await;
     let epoch = r["epoch"].as_str().unwrap().to_string();
     for (i, (since, why)) in [
         ("acme:someotherepoch:3".to_string(), "foreign epoch"),
@@ -339,14 +331,7 @@ async fn pool_holds_one_upstream_subscription_per_org() {
 async fn heartbeats_name_the_heads_of_the_sessions_orgs() {
     let s = TestServer::start_with(|a| a.heartbeat = Some("200ms".parse().unwrap())).await;
     let tok = s.token(&["acme", "beta"]);
-    s.api
-        .publish(
-            &tok,
-            "acme",
-            &Value::Array((0..3).map(|i| json!({"i": i})).collect()),
-        )
-        .await
-        .unwrap();
+    s.publish_numbered(&tok, "acme", 0..3).await;
     let mut c = s.client(&["acme", "beta"], "").await;
     let mut j = s.client(&["acme", "beta"], "format=json&orgs=acme").await;
     loop {

@@ -76,6 +76,20 @@ impl TestServer {
         WsClient::connect(&self.ws_url(&q)).await.expect("connect")
     }
 
+    /// Publishes one batch of `{"i": i}` for each `i` in `range`; returns the answer.
+    pub async fn publish_numbered(
+        &self,
+        token: &str,
+        org: &str,
+        range: impl Iterator<Item = u64>,
+    ) -> Value {
+        let batch: Vec<Value> = range.map(|i| serde_json::json!({ "i": i })).collect();
+        self.api
+            .publish(token, org, &Value::Array(batch))
+            .await
+            .expect("publish")
+    }
+
     pub async fn metrics(&self) -> Value {
         self.api.get("/v1/metrics", None).await.expect("metrics").1
     }
