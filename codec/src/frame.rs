@@ -225,13 +225,7 @@ impl Frame {
                 ts,
                 flags,
                 payload,
-            } => {
-                put_str(buf, org);
-                varint::write(buf, *seq);
-                varint::write(buf, *ts);
-                varint::write(buf, *flags);
-                buf.put_slice(payload);
-            }
+            } => put_event_body(buf, org, *seq, *ts, *flags, payload),
             Frame::Reset { org, epoch, head } => {
                 put_str(buf, org);
                 put_str(buf, epoch);
@@ -406,12 +400,23 @@ pub fn encode_event(org: &str, seq: u64, ts: u64, flags: u64, payload: &[u8]) ->
         BytesMut::with_capacity(varint::len(kind::EVENT) + varint::len(body as u64) + body);
     varint::write(&mut buf, kind::EVENT);
     varint::write(&mut buf, body as u64);
-    put_str(&mut buf, org);
-    varint::write(&mut buf, seq);
-    varint::write(&mut buf, ts);
-    varint::write(&mut buf, flags);
-    buf.put_slice(payload);
+    put_event_body(&mut buf, org, seq, ts, flags, payload);
     buf.freeze()
+}
+
+fn put_event_body<B: BufMut>(
+    buf: &mut B,
+    org: &str,
+    seq: u64,
+    ts: u64,
+    flags: u64,
+    payload: &[u8],
+) {
+    put_str(buf, org);
+    varint::write(buf, seq);
+    varint::write(buf, ts);
+    varint::write(buf, flags);
+    buf.put_slice(payload);
 }
 
 #[cfg(test)]
