@@ -144,6 +144,14 @@ serve_options! {
     drain_timeout: HumanDuration,
     /// A WebSocket client silent this long is closed [default: 30s]
     ws_idle_timeout: HumanDuration,
+    /// PEM certificate chain for the QUIC listener [default: a self-signed development certificate]
+    cert: PathBuf,
+    /// PEM private key for --cert
+    key: PathBuf,
+    /// A WebTransport client silent this long (no packet) is dropped [default: 15s]
+    quic_idle_timeout: HumanDuration,
+    /// QUIC address validation: auto (Retry under handshake load), always or never [default: auto]
+    quic_retry: crate::webtransport::RetryPolicy,
 }
 
 /// How tokens are verified.
@@ -159,7 +167,6 @@ pub enum AuthMode {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub http_listen: SocketAddr,
-    pub quic_listen: SocketAddr,
     pub auth: AuthMode,
     pub leeway: Duration,
     pub retention: crate::log::Retention,
@@ -174,6 +181,7 @@ pub struct Config {
     pub max_orgs_per_session: usize,
     pub drain_timeout: Duration,
     pub ws_idle_timeout: Duration,
+    pub quic: crate::webtransport::QuicConfig,
 }
 
 impl Default for Config {
@@ -249,9 +257,6 @@ impl Config {
             http_listen: a
                 .http_listen
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
-            quic_listen: a
-                .quic_listen
-                .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
             auth,
             leeway,
             retention: crate::log::Retention {
@@ -270,6 +275,19 @@ impl Config {
             max_orgs_per_session: positive(a.max_orgs_per_session, 64, "max-orgs-per-session")?,
             drain_timeout: dur(a.drain_timeout, 10),
             ws_idle_timeout: dur(a.ws_idle_timeout, 30),
+            quic: crate::webtransport::QuicConfig {
+                listen: a
+                    .quic_listen
+                    .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
+                idle_timeout: dur(a.quic_idle_timeout, 15),
+                retry: a.quic_retry.unwrap_or_default(),
+                cert_files: match (a.cert, a.key) {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    (None, None) => None,
+                    _ => return Err("--cert and --key go together".into()),
+                },
+                ..Default::default()
+            },
         })
     }
 

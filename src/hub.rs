@@ -70,16 +70,19 @@ pub struct Sink {
 impl Sink {
     /// A bounded queue of `capacity` events: the sink for the hub, the receiver for the session.
     pub fn bounded(capacity: usize) -> (Sink, mpsc::Receiver<Arc<Event>>, Arc<Overflow>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
         let overflow = Arc::new(Overflow::default());
-        (
-            Sink {
-                tx,
-                overflow: overflow.clone(),
-            },
-            rx,
-            overflow,
-        )
+        let (sink, rx) = Sink::bounded_with(capacity, overflow.clone());
+        (sink, rx, overflow)
+    }
+
+    /// A bounded queue that raises a shared overflow signal (one signal per session, several
+    /// queues: WebTransport has one queue per org stream).
+    pub fn bounded_with(
+        capacity: usize,
+        overflow: Arc<Overflow>,
+    ) -> (Sink, mpsc::Receiver<Arc<Event>>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Sink { tx, overflow }, rx)
     }
 
     fn push(&self, event: &Arc<Event>) {
@@ -262,6 +265,7 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
         let mut tail = match log.tail(&org, position.clone()).await {
             Ok(t) => {
                 let Some(f) = feed.upgrade() else { return };
+                f.head.store(t.position().seq, Ordering::Release);
                 f.following.send_replace(true);
                 t
             }
@@ -298,6 +302,16 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
     }
 }
 
+/// Reads an org's head on this node from any task.
+#[derive(Clone)]
+pub struct HeadWatch(Arc<Feed>);
+
+impl HeadWatch {
+    pub fn head(&self) -> u64 {
+        self.0.head.load(Ordering::Acquire)
+    }
+}
+
 /// What a cursor asks its session to send.
 #[derive(Debug, Clone)]
 pub enum Delivery {
@@ -323,6 +337,11 @@ pub struct OrgCursor {
 impl OrgCursor {
     pub fn org(&self) -> &OrgId {
         &self.org
+    }
+
+    /// A handle that reads the org's head on this node (for heartbeats sent by another task).
+    pub fn head_watch(&self) -> HeadWatch {
+        HeadWatch(self.registration.feed.clone())
     }
 
     /// The org's head as far as this node knows (for heartbeats).

@@ -30,3 +30,4 @@ pub mod server;
 pub mod session;
 pub mod time;
 pub mod tls;
+pub mod webtransport;

@@ -24,6 +24,8 @@ use crate::log::{memory::MemoryLog, EventLog};
 use crate::metrics::Metrics;
 use crate::session::{SessionEnv, SessionLimits};
 use crate::time::unix_ms;
+use crate::webtransport::{self, Certificates};
+use web_transport_quinn::quinn;
 
 /// Shared state of a running node, as the HTTP handlers see it.
 pub struct App {
@@ -36,13 +38,16 @@ pub struct App {
     pub origins: OriginPolicy,
     pub ws: WsConfig,
     pub http_addr: SocketAddr,
-    pub quic_port: u16,
+    pub quic_addr: SocketAddr,
+    /// The certificate served on UDP.
+    pub certs: Arc<Certificates>,
 }
 
 /// A node with its listeners bound, ready to run.
 pub struct Server {
     app: Arc<App>,
     http: TcpListener,
+    quic: quinn::Endpoint,
 }
 
 impl Server {
@@ -58,6 +63,13 @@ impl Server {
             .await
             .with_context(|| format!("cannot listen on {}", config.http_listen))?;
         let http_addr = http.local_addr()?;
+        let certs = Arc::new(Certificates::load(
+            &config.quic,
+            webtransport::dev_cert_names(config.quic.listen),
+        )?);
+        let quic = webtransport::endpoint(&config.quic, certs.clone())
+            .with_context(|| format!("cannot listen on udp {}", config.quic.listen))?;
+        let quic_addr = quic.local_addr()?;
         let (auth_config, dev_secret) = match &config.auth {
             AuthMode::Keyed(c) => (c.clone(), None),
             AuthMode::Development => {
@@ -116,14 +128,19 @@ impl Server {
             origins,
             ws,
             http_addr,
-            quic_port: config.quic_listen.port(),
+            quic_addr,
+            certs,
             config,
         });
-        Ok(Server { app, http })
+        Ok(Server { app, http, quic })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
         self.app.http_addr
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.app.quic_addr
     }
 
     pub fn app(&self) -> &Arc<App> {
@@ -147,6 +164,26 @@ impl Server {
                 }
             })
         };
+        let rotation = {
+            let certs = app.certs.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = certs.rotate_if_due(time::OffsetDateTime::now_utc()) {
+                        tracing::error!(error = %e, "development certificate rotation failed");
+                    }
+                }
+            })
+        };
+        let quic = self.quic;
+        let quic_accept = tokio::spawn(webtransport::serve(
+            quic.clone(),
+            app.env.clone(),
+            app.config.quic.clone(),
+            app.origins.clone(),
+            app.sessions.clone(),
+        ));
         let stop_http = CancellationToken::new();
         let router = crate::http::router(app.clone());
         let mut http = tokio::spawn(
@@ -157,11 +194,19 @@ impl Server {
             .with_graceful_shutdown(stop_http.clone().cancelled_owned())
             .into_future(),
         );
-        tracing::info!(http = %app.http_addr, log = app.env.hub.log().kind(), "edgestream serving");
+        tracing::info!(
+            http = %app.http_addr,
+            quic = %app.quic_addr,
+            log = app.env.hub.log().kind(),
+            cert_sha256 = app.certs.dev_hash().as_deref().unwrap_or("configured certificate"),
+            "edgestream serving"
+        );
         tokio::select! {
             _ = shutdown => {}
             r = &mut http => {
                 sweeper.abort();
+                rotation.abort();
+                quic_accept.abort();
                 return r.context("http server task")?.context("http server");
             }
         }
@@ -172,6 +217,7 @@ impl Server {
         app.sessions.close();
         let drained = tokio::time::timeout(app.config.drain_timeout, async {
             let _ = (&mut http).await;
+            let _ = quic_accept.await;
             app.sessions.wait().await;
         })
         .await;
@@ -183,6 +229,9 @@ impl Server {
             http.abort();
         }
         sweeper.abort();
+        rotation.abort();
+        quic.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), quic.wait_idle()).await;
         tracing::info!("stopped");
         Ok(())
     }

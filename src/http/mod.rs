@@ -64,7 +64,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/metrics", get(metrics_json))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/v1/info", get(info));
+        .route("/v1/info", get(info))
+        .route("/v1/cert-hash", get(cert_hash));
     if app.dev_secret.is_some() {
         r = r.route("/v1/dev/token", get(dev_token));
     }
@@ -235,12 +236,27 @@ async fn info(State(app): State<Arc<App>>, headers: HeaderMap) -> Json<serde_jso
         .and_then(|h| h.to_str().ok())
         .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
         .unwrap_or_else(|| app.http_addr.ip().to_string());
+    let cert_hash = app
+        .certs
+        .dev_hash()
+        .map(|h| json!({"algorithm": "sha-256", "value": h}));
     Json(json!({
-        "webtransport": format!("https://{host}:{}/v1/stream", app.quic_port),
+        "webtransport": format!("https://{host}:{}/v1/stream", app.quic_addr.port()),
         "websocket": format!("ws://{host}:{}/v1/stream", app.http_addr.port()),
-        "cert_hash": serde_json::Value::Null,
+        "cert_hash": cert_hash,
         "heartbeat_ms": app.env.limits.heartbeat.as_millis() as u64,
     }))
+}
+
+/// `GET /v1/cert-hash`: the development certificate's hash (404 with a configured one).
+async fn cert_hash(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
+    match app.certs.dev_hash() {
+        Some(h) => Ok(Json(json!({"algorithm": "sha-256", "value": h}))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "a CA-issued certificate is configured",
+        )),
+    }
 }
 
 #[derive(Deserialize)]

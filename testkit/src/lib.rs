@@ -7,6 +7,7 @@
 pub mod http;
 pub mod token;
 pub mod ws;
+pub mod wt;
 
 /// How long a test helper waits for something that should happen promptly before it reports a
 /// hang. Not a performance threshold: it only turns a hang into a failure with a message.

@@ -19,6 +19,7 @@ pub const SECRET: &str = "test-secret-0123456789abcdef-xyz";
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub quic_addr: SocketAddr,
     pub api: Api,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -42,16 +43,44 @@ impl TestServer {
         let config = Config::resolve(args).expect("valid test config");
         let server = Server::bind(config).await.expect("bind");
         let addr = server.http_addr();
+        let quic_addr = server.quic_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
         TestServer {
             addr,
+            quic_addr,
             api: Api::new(format!("http://{addr}")),
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    pub fn wt_url(&self, query: &str) -> String {
+        format!(
+            "https://127.0.0.1:{}/v1/stream?{query}",
+            self.quic_addr.port()
+        )
+    }
+
+    /// The development certificate's hash, as `/v1/cert-hash` reports it.
+    pub async fn cert_hash(&self) -> String {
+        let (st, v) = self
+            .api
+            .get("/v1/cert-hash", None)
+            .await
+            .expect("cert-hash");
+        assert_eq!(st, 200, "{v}");
+        v["value"].as_str().expect("value").to_string()
+    }
+
+    /// Connects a WebTransport client with a token for `orgs` and extra query parameters.
+    pub async fn wt_client(&self, orgs: &[&str], extra: &str) -> edgestream_testkit::wt::WtClient {
+        let q = format!("access_token={}&{extra}", self.token(orgs));
+        edgestream_testkit::wt::connect(&self.wt_url(&q), &self.cert_hash().await)
+            .await
+            .expect("connect")
     }
 
     pub fn ws_url(&self, query: &str) -> String {

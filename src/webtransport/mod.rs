@@ -1,0 +1,298 @@
+//! The WebTransport transport (PROTOCOL.md section 4.1): the QUIC listener, its TLS
+//! certificate, and the accept path up to a session.
+//!
+//! This module and [`session`] are the only places that name quinn or web-transport-quinn:
+//! swapping the transport library touches nothing else. Staged accept: QUIC handshake (with a
+//! deadline, and Retry when asked or under handshake load), then the HTTP/3 CONNECT request
+//! (with a deadline), then path and `Origin` checks (refused with an HTTP status, as the
+//! WebTransport draft asks), then the session, which authenticates before subscribing.
+
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_util::task::TaskTracker;
+use web_transport_quinn::quinn;
+
+use crate::session::SessionEnv;
+use crate::tls::DevCertificate;
+
+/// When to make clients prove their address with a Retry before the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryPolicy {
+    /// Only while many handshakes are in flight.
+    #[default]
+    Auto,
+    /// For every new connection.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// QUIC settings of the listener.
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    pub listen: SocketAddr,
+    /// A session idle this long (no packet from the client) is dropped.
+    pub idle_timeout: Duration,
+    /// Deadline for the QUIC handshake plus the WebTransport CONNECT.
+    pub handshake_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Handshakes in flight above which `Auto` sends Retry.
+    pub retry_above: usize,
+    /// PEM certificate chain and key; `None`: a self-signed development certificate.
+    pub cert_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Validity of the development certificate (at most 14 days).
+    pub dev_cert_validity: Duration,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            listen: "127.0.0.1:4433".parse().expect("valid"),
+            idle_timeout: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::Auto,
+            retry_above: 256,
+            cert_files: None,
+            dev_cert_validity: Duration::from_secs(10 * 24 * 3600),
+        }
+    }
+}
+
+/// The certificate served on UDP, replaceable while the listener runs.
+pub struct Certificates {
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The development certificate, when no files were configured.
+    dev: RwLock<Option<DevCertificate>>,
+    names: Vec<String>,
+    validity: time::Duration,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates")
+            .field("dev", &*self.dev.read())
+            .finish_non_exhaustive()
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<CertifiedKey> {
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| anyhow::anyhow!("unsupported private key: {e}"))?;
+    Ok(CertifiedKey::new(chain, signer))
+}
+
+impl Certificates {
+    /// Loads PEM files, or makes a development certificate for `names`.
+    pub fn load(cfg: &QuicConfig, names: Vec<String>) -> anyhow::Result<Self> {
+        let validity = time::Duration::try_from(cfg.dev_cert_validity)
+            .map_err(|e| anyhow::anyhow!("certificate validity: {e}"))?;
+        let (key, dev) = match &cfg.cert_files {
+            Some((cert, key)) => {
+                use rustls::pki_types::pem::PemObject;
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+                anyhow::ensure!(!chain.is_empty(), "{}: no certificate", cert.display());
+                let k = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+                (certified(chain, k)?, None)
+            }
+            None => {
+                let dev =
+                    DevCertificate::generate(&names, time::OffsetDateTime::now_utc(), validity)?;
+                (Self::certified_dev(&dev)?, Some(dev))
+            }
+        };
+        Ok(Certificates {
+            current: RwLock::new(Arc::new(key)),
+            dev: RwLock::new(dev),
+            names,
+            validity,
+        })
+    }
+
+    fn certified_dev(dev: &DevCertificate) -> anyhow::Result<CertifiedKey> {
+        certified(
+            vec![CertificateDer::from(dev.cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(dev.key_der.clone())),
+        )
+    }
+
+    /// The base64 SHA-256 of the development certificate (`None` with a configured one).
+    pub fn dev_hash(&self) -> Option<String> {
+        self.dev.read().as_ref().map(DevCertificate::sha256_base64)
+    }
+
+    /// Replaces the development certificate when it nears its end. New handshakes get the new
+    /// one; sessions already open keep going. Returns whether it rotated.
+    pub fn rotate_if_due(&self, now: time::OffsetDateTime) -> anyhow::Result<bool> {
+        let due = self
+            .dev
+            .read()
+            .as_ref()
+            .is_some_and(|d| d.needs_rotation(now));
+        if !due {
+            return Ok(false);
+        }
+        let dev = DevCertificate::generate(&self.names, now, self.validity)?;
+        *self.current.write() = Arc::new(Self::certified_dev(&dev)?);
+        tracing::info!(sha256 = %dev.sha256_base64(), "development certificate rotated");
+        *self.dev.write() = Some(dev);
+        Ok(true)
+    }
+}
+
+#[derive(Debug)]
+struct Resolver(Arc<Certificates>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.read().clone())
+    }
+}
+
+/// The names the development certificate is made for.
+pub fn dev_cert_names(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if !listen.ip().is_unspecified() && !names.contains(&listen.ip().to_string()) {
+        names.push(listen.ip().to_string());
+    }
+    names
+}
+
+/// Builds the quinn endpoint: TLS 1.3 only, ALPN h3, no 0-RTT, limits fit for a push server.
+pub fn endpoint(cfg: &QuicConfig, certs: Arc<Certificates>) -> anyhow::Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver(certs)));
+    tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+    // No early data: a session must never be opened from replayable 0-RTT data.
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(cfg.idle_timeout)?));
+    // Clients open the HTTP/3 control and QPACK streams, the control stream and, later,
+    // uploads: a handful of streams, not the defaults of 100 and 256 KiB windows everywhere.
+    t.max_concurrent_uni_streams(8u32.into());
+    t.max_concurrent_bidi_streams(8u32.into());
+    t.stream_receive_window((256u32 * 1024).into());
+    t.receive_window((1024u32 * 1024).into());
+    t.send_window(8 * 1024 * 1024);
+    t.datagram_receive_buffer_size(Some(64 * 1024));
+    t.datagram_send_buffer_size(256 * 1024);
+    server.transport_config(Arc::new(t));
+    Ok(quinn::Endpoint::server(server, cfg.listen)?)
+}
+
+/// Accepts connections until `env.shutdown` is cancelled; each session runs in `tracker`.
+/// The caller closes the endpoint after the sessions have drained.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    env: Arc<SessionEnv>,
+    cfg: QuicConfig,
+    origins: edgestream_ws::OriginPolicy,
+    tracker: TaskTracker,
+) {
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let origins = Arc::new(origins);
+    loop {
+        let incoming = tokio::select! {
+            _ = env.shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let retry = match cfg.retry {
+            RetryPolicy::Always => true,
+            RetryPolicy::Never => false,
+            RetryPolicy::Auto => handshaking.load(Ordering::Relaxed) >= cfg.retry_above,
+        };
+        if retry && !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let (env, cfg, origins, handshaking) = (
+            env.clone(),
+            cfg.clone(),
+            origins.clone(),
+            handshaking.clone(),
+        );
+        tracker.spawn(async move {
+            handshaking.fetch_add(1, Ordering::Relaxed);
+            let accepted =
+                tokio::time::timeout(cfg.handshake_timeout, accept(incoming, &origins)).await;
+            handshaking.fetch_sub(1, Ordering::Relaxed);
+            match accepted {
+                Ok(Some((wt, query))) => session::run(env, wt, &query).await,
+                Ok(None) => {}
+                Err(_) => tracing::debug!("QUIC handshake or CONNECT timed out"),
+            }
+        });
+    }
+    // The endpoint stays open: sessions are closing with 4503 and their capsules must get
+    // out. The server closes it once they are done.
+}
+
+/// Handshake and CONNECT: the session and its query, or `None` when refused.
+async fn accept(
+    incoming: quinn::Incoming,
+    origins: &edgestream_ws::OriginPolicy,
+) -> Option<(web_transport_quinn::Session, String)> {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "QUIC handshake failed");
+            return None;
+        }
+    };
+    let request = match web_transport_quinn::Request::accept(conn).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebTransport CONNECT failed");
+            return None;
+        }
+    };
+    let url = request.url.clone();
+    if url.path() != "/v1/stream" {
+        let _ = request
+            .reject(web_transport_quinn::http::StatusCode::NOT_FOUND)
+            .await;
+        return None;
+    }
+    if !origins.allows(&request.headers) {
+        let _ = request
+            .reject(web_transport_quinn::http::StatusCode::FORBIDDEN)
+            .await;
+        return None;
+    }
+    let query = url.query().unwrap_or("").to_owned();
+    match request.ok().await {
+        Ok(s) => Some((s, query)),
+        Err(e) => {
+            tracing::debug!(error = %e, "WebTransport CONNECT answer failed");
+            None
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! One WebTransport session (PROTOCOL.md section 4.1): one unidirectional stream per org,
+//! the client's first bidirectional stream as the control stream, heartbeats and PING/PONG as
+//! datagrams, and close codes as WebTransport session errors.
+//!
+//! Tasks: the session task owns the orgs and the timers; each org stream has a writer task
+//! with its own queue and cursor, so a stalled stream stalls only its org; the control stream
+//! and the datagrams each have a reader task. Every queue of the session raises one shared
+//! overflow signal: a client that lets any queue fill is closed with 4008.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use edgestream_codec::Frame;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use web_transport_quinn::{RecvStream, SendStream, Session};
+
+use crate::auth::{AuthError, Grant};
+use crate::close::{CloseCode, Refusal};
+use crate::event::Event;
+use crate::hub::{Delivery, HeadWatch, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
+use crate::metrics::{Transport, TransportMetrics};
+use crate::model::{Epoch, OrgId, Position};
+use crate::session::{ConnectParams, SessionEnv};
+use crate::time::unix_ms;
+
+/// Live events written per batch on an org stream.
+const LIVE_BATCH: usize = 256;
+/// How long the closing capsule may take to reach the client.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs a session until it closes.
+pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
+    let metrics = env.metrics.clone();
+    let refusal = match WtSession::start(env.clone(), wt.clone(), query).await {
+        Ok(mut s) => {
+            let m = s.metrics();
+            m.sessions.inc();
+            m.sessions_opened.inc();
+            let r = s.serve().await;
+            s.metrics().sessions.dec();
+            s.shutdown_streams();
+            r
+        }
+        Err(r) => Some(r),
+    };
+    if let Some(r) = refusal {
+        metrics.record_close(r.code.code());
+        wt.close(u32::from(r.code.code()), r.reason.as_bytes());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, wt.closed()).await;
+    }
+}
+
+/// An org's stream as the session task sees it.
+struct OrgStream {
+    stop: Option<oneshot::Sender<()>>,
+    head: HeadWatch,
+    task: JoinHandle<()>,
+}
+
+struct WtSession {
+    env: Arc<SessionEnv>,
+    wt: Session,
+    params: ConnectParams,
+    grant: Grant,
+    expires_at: Instant,
+    orgs: HashMap<OrgId, OrgStream>,
+    overflow: Arc<Overflow>,
+    control: Option<SendStream>,
+    control_rx: mpsc::Receiver<Result<Frame, Refusal>>,
+    control_tx: mpsc::Sender<Result<Frame, Refusal>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl WtSession {
+    /// Authenticates and subscribes the initial orgs (or refuses with a close code).
+    async fn start(env: Arc<SessionEnv>, wt: Session, query: &str) -> Result<Self, Refusal> {
+        let params = ConnectParams::parse(query, None)?;
+        if env.open_sessions() >= env.limits.max_sessions as u64 {
+            return Err(Refusal::new(
+                CloseCode::TooMany,
+                "too many sessions on this node",
+            ));
+        }
+        let grant = env.auth.verify(&params.token)?;
+        let plan = params.plan(&grant, env.limits.max_orgs)?;
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let mut s = WtSession {
+            expires_at: Instant::now(),
+            overflow: Arc::new(Overflow::default()),
+            orgs: HashMap::new(),
+            control: None,
+            readers: Vec::new(),
+            env,
+            wt,
+            params,
+            grant: grant.clone(),
+            control_rx,
+            control_tx,
+        };
+        s.set_grant(grant)?;
+        s.readers
+            .push(tokio::spawn(datagrams(s.wt.clone(), s.env.clone())));
+        for (org, since) in plan {
+            s.subscribe(org, since).await?;
+        }
+        Ok(s)
+    }
+
+    fn metrics(&self) -> &TransportMetrics {
+        self.env.metrics.transport(Transport::WebTransport)
+    }
+
+    fn set_grant(&mut self, grant: Grant) -> Result<(), Refusal> {
+        let at_ms = self.env.auth.expires_at_ms(&grant);
+        let now = unix_ms();
+        if at_ms <= now {
+            return Err(Refusal::new(CloseCode::Unauthorized, "token expired"));
+        }
+        self.expires_at = Instant::now() + Duration::from_millis(at_ms - now);
+        self.grant = grant;
+        Ok(())
+    }
+
+    /// Opens the org's stream and starts its writer; an existing subscription is replaced.
+    async fn subscribe(&mut self, org: OrgId, since: Option<Position>) -> Result<(), Refusal> {
+        self.unsubscribe(&org, false).await;
+        let (sink, rx) = Sink::bounded_with(self.env.limits.queue, self.overflow.clone());
+        let (cursor, subscribed) = self.env.hub.subscribe(&org, since.as_ref(), &sink).await?;
+        let stream =
+            self.wt.open_uni().await.map_err(|e| {
+                Refusal::new(CloseCode::Internal, format!("cannot open stream: {e}"))
+            })?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let head = cursor.head_watch();
+        let writer = OrgWriter {
+            env: self.env.clone(),
+            brotli: self.params.brotli,
+            stream,
+            cursor,
+            rx,
+            _sink: sink,
+            frames: Vec::new(),
+            deliveries: Vec::new(),
+        };
+        let task = tokio::spawn(writer.run(subscribed, stop_rx));
+        self.orgs.insert(
+            org,
+            OrgStream {
+                stop: Some(stop_tx),
+                head,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends an org's stream: UNSUBSCRIBED then FIN when `announce`, else just stops it.
+    async fn unsubscribe(&mut self, org: &OrgId, announce: bool) {
+        if let Some(mut s) = self.orgs.remove(org) {
+            if announce {
+                if let Some(stop) = s.stop.take() {
+                    let _ = stop.send(());
+                }
+                // The writer finishes on its own; never wait on a client that does not read.
+            } else {
+                s.task.abort();
+            }
+        }
+    }
+
+    fn shutdown_streams(&mut self) {
+        for (_, s) in self.orgs.drain() {
+            s.task.abort();
+        }
+        for r in self.readers.drain(..) {
+            r.abort();
+        }
+    }
+
+    /// The session loop; returns the close to send, or `None` when the client went away.
+    async fn serve(&mut self) -> Option<Refusal> {
+        let mut next_heartbeat = Instant::now() + self.env.limits.heartbeat;
+        let shutdown = self.env.shutdown.clone();
+        let overflow = self.overflow.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Some(Refusal::new(CloseCode::GoingAway, "server draining")),
+                _ = overflow.wait() => return Some(Refusal::new(CloseCode::SlowConsumer, "slow consumer: queue full")),
+                e = self.wt.closed() => {
+                    tracing::debug!(error = %e, "webtransport session ended");
+                    return None;
+                }
+                _ = tokio::time::sleep_until(self.expires_at) => {
+                    return Some(Refusal::new(CloseCode::TokenExpired, "token expired"));
+                }
+                _ = tokio::time::sleep_until(next_heartbeat) => {
+                    next_heartbeat = Instant::now() + self.env.limits.heartbeat;
+                    self.heartbeat();
+                }
+                bi = self.wt.accept_bi(), if self.control.is_none() => match bi {
+                    Ok((send, recv)) => {
+                        self.control = Some(send);
+                        let tx = self.control_tx.clone();
+                        let max = self.env.limits.max_control_frame;
+                        self.readers.push(tokio::spawn(control_reader(recv, tx, max)));
+                    }
+                    Err(_) => return None,
+                },
+                frame = self.control_rx.recv() => match frame {
+                    Some(Ok(f)) => {
+                        if let Err(r) = self.on_control(f).await {
+                            return Some(r);
+                        }
+                    }
+                    Some(Err(r)) => return Some(r),
+                    None => {}
+                },
+            }
+        }
+    }
+
+    async fn reply(&mut self, frame: Frame) -> Result<(), Refusal> {
+        if let Some(c) = self.control.as_mut() {
+            c.write_all(&frame.to_bytes())
+                .await
+                .map_err(|_| Refusal::new(CloseCode::Protocol, "control stream closed"))?;
+        }
+        Ok(())
+    }
+
+    async fn error(&mut self, code: CloseCode, message: &str) -> Result<(), Refusal> {
+        self.reply(Frame::Error {
+            code: code.code().into(),
+            message: message.to_string(),
+        })
+        .await
+    }
+
+    async fn on_control(&mut self, frame: Frame) -> Result<(), Refusal> {
+        match frame {
+            Frame::Subscribe { org, epoch, seq } => {
+                let org = OrgId::parse(&org)?;
+                let since = if epoch.is_empty() {
+                    None
+                } else {
+                    Some(Position {
+                        epoch: Epoch::parse(&epoch)?,
+                        seq,
+                    })
+                };
+                if let Err(f) = self.grant.check_subscribe(&org) {
+                    return self.error(CloseCode::Forbidden, &f.to_string()).await;
+                }
+                if !self.orgs.contains_key(&org) && self.orgs.len() >= self.env.limits.max_orgs {
+                    let msg = format!("at most {} orgs per session", self.env.limits.max_orgs);
+                    return self.error(CloseCode::Protocol, &msg).await;
+                }
+                if let Err(r) = self.subscribe(org, since).await {
+                    return self.error(r.code, &r.reason).await;
+                }
+                Ok(())
+            }
+            Frame::Unsubscribe { org } => {
+                let org = OrgId::parse(&org)?;
+                if self.orgs.contains_key(&org) {
+                    self.unsubscribe(&org, true).await;
+                    Ok(())
+                } else {
+                    // Not subscribed: there is no stream to carry UNSUBSCRIBED, so answer here.
+                    self.reply(Frame::Unsubscribed {
+                        org: org.to_string(),
+                    })
+                    .await
+                }
+            }
+            Frame::Refresh { token } => self.on_refresh(&token).await,
+            Frame::Ping(body) => self.reply(Frame::Pong(body)).await,
+            Frame::Unknown { .. } => Ok(()),
+            other => Err(Refusal::new(
+                CloseCode::Protocol,
+                format!("frame type {:#04x} is not sent by clients", other.kind()),
+            )),
+        }
+    }
+
+    async fn on_refresh(&mut self, token: &str) -> Result<(), Refusal> {
+        let grant = match self.env.auth.verify(token) {
+            Ok(g) if g.sub == self.grant.sub => g,
+            Ok(_) => {
+                return self
+                    .error(
+                        CloseCode::Unauthorized,
+                        &AuthError::SubjectChanged.to_string(),
+                    )
+                    .await
+            }
+            Err(e) => return self.error(CloseCode::Unauthorized, &e.to_string()).await,
+        };
+        let revoked: Vec<OrgId> = self
+            .orgs
+            .keys()
+            .filter(|o| grant.check_subscribe(o).is_err())
+            .cloned()
+            .collect();
+        if let Err(e) = self.set_grant(grant) {
+            return self.error(e.code, &e.reason).await;
+        }
+        for org in revoked {
+            self.error(
+                CloseCode::Forbidden,
+                &format!("org {org} no longer granted"),
+            )
+            .await?;
+            self.unsubscribe(&org, true).await;
+        }
+        Ok(())
+    }
+
+    /// Sends HEARTBEAT datagrams naming every org's head, split to fit the path.
+    fn heartbeat(&mut self) {
+        let ts = unix_ms();
+        let mut heads: Vec<(String, u64)> = self
+            .orgs
+            .iter()
+            .map(|(o, s)| (o.to_string(), s.head.head()))
+            .collect();
+        heads.sort();
+        let max = self.wt.max_datagram_size();
+        for frame in split_heartbeat(ts, heads, max) {
+            if self.wt.send_datagram(frame).is_ok() {
+                self.metrics().heartbeats_sent.inc();
+            }
+        }
+    }
+}
+
+/// Splits a heartbeat into frames of at most `max` bytes each (one at least, even empty).
+pub fn split_heartbeat(ts: u64, heads: Vec<(String, u64)>, max: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut current: Vec<(String, u64)> = Vec::new();
+    for entry in heads {
+        current.push(entry);
+        let f = Frame::Heartbeat {
+            ts,
+            heads: current.clone(),
+        };
+        if f.encoded_len() > max && current.len() > 1 {
+            let last = current.pop().expect("len > 1");
+            out.push(
+                Frame::Heartbeat {
+                    ts,
+                    heads: std::mem::take(&mut current),
+                }
+                .to_bytes(),
+            );
+            current.push(last);
+        }
+    }
+    let f = Frame::Heartbeat { ts, heads: current };
+    if out.is_empty() || !matches!(&f, Frame::Heartbeat { heads, .. } if heads.is_empty()) {
+        out.push(f.to_bytes());
+    }
+    out
+}
+
+/// Writes one org's frames to its stream, in order.
+struct OrgWriter {
+    env: Arc<SessionEnv>,
+    brotli: bool,
+    stream: SendStream,
+    cursor: OrgCursor,
+    rx: mpsc::Receiver<Arc<Event>>,
+    /// Keeps the queue open while the writer lives.
+    _sink: Sink,
+    frames: Vec<Bytes>,
+    deliveries: Vec<Delivery>,
+}
+
+impl OrgWriter {
+    async fn run(mut self, subscribed: Subscribed, mut stop: oneshot::Receiver<()>) {
+        let first = Frame::Subscribed {
+            org: subscribed.org.to_string(),
+            epoch: subscribed.epoch.to_string(),
+            head: subscribed.head,
+            resume: subscribed.resume,
+        };
+        self.frames.push(first.to_bytes());
+        loop {
+            if !self.frames.is_empty() && self.flush().await.is_err() {
+                return; // the client stopped the stream or the session ended
+            }
+            if self.cursor.needs_catch_up() {
+                if let Err(e) = self
+                    .cursor
+                    .catch_up(CATCH_UP_BATCH, &mut self.deliveries)
+                    .await
+                {
+                    tracing::warn!(error = %e, "replay read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                self.encode(true);
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = &mut stop => {
+                    let bye = Frame::Unsubscribed { org: self.cursor.org().to_string() }.to_bytes();
+                    let _ = self.stream.write_all(&bye).await;
+                    let _ = self.stream.finish();
+                    return;
+                }
+                e = self.rx.recv() => {
+                    let Some(e) = e else { return };
+                    self.cursor.on_live(&e, &mut self.deliveries);
+                    for _ in 1..LIVE_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(e) => self.cursor.on_live(&e, &mut self.deliveries),
+                            Err(_) => break,
+                        }
+                    }
+                    self.encode(false);
+                }
+            }
+        }
+    }
+
+    fn encode(&mut self, replayed: bool) {
+        let org = self.cursor.org().clone();
+        let n = self
+            .deliveries
+            .iter()
+            .filter(|d| matches!(d, Delivery::Event(_)))
+            .count() as u64;
+        for d in self.deliveries.drain(..) {
+            self.frames.push(match d {
+                Delivery::Event(e) if self.brotli => {
+                    e.binary_for_brotli(&self.env.encoding).clone()
+                }
+                Delivery::Event(e) => e.binary().clone(),
+                Delivery::Reset { epoch, head } => Frame::Reset {
+                    org: org.to_string(),
+                    epoch: epoch.to_string(),
+                    head,
+                }
+                .to_bytes(),
+            });
+        }
+        let m = self.env.metrics.transport(Transport::WebTransport);
+        m.events_delivered.add(n);
+        if replayed {
+            m.events_replayed.add(n);
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), ()> {
+        let r = self.stream.write_all_chunks(&mut self.frames).await;
+        self.frames.clear();
+        r.map_err(|_| ())
+    }
+}
+
+/// Reads frames from the control stream and hands them to the session task.
+async fn control_reader(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Result<Frame, Refusal>>,
+    max: usize,
+) {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        loop {
+            match Frame::decode(&mut buf, max) {
+                Ok(Some(f)) => {
+                    if tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+        match recv.read_chunk(max, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) | Err(_) => return, // finished or reset: the session goes on without it
+        }
+    }
+}
+
+/// Answers PING datagrams with PONG datagrams; ignores everything else.
+async fn datagrams(wt: Session, env: Arc<SessionEnv>) {
+    while let Ok(d) = wt.read_datagram().await {
+        if let Ok(Frame::Ping(body)) = Frame::decode_exact(d, env.limits.max_control_frame) {
+            let _ = wt.send_datagram(Frame::Pong(body).to_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_split_to_fit() {
+        let heads: Vec<(String, u64)> = (0..200)
+            .map(|i| (format!("org-{i:03}-{}", "x".repeat(40)), i))
+            .collect();
+        let frames = split_heartbeat(1, heads.clone(), 1200);
+        assert!(frames.len() > 1);
+        let mut seen = Vec::new();
+        for f in &frames {
+            assert!(f.len() <= 1200, "{}", f.len());
+            let Frame::Heartbeat { heads, .. } = Frame::decode_exact(f.clone(), 4096).unwrap()
+            else {
+                panic!()
+            };
+            seen.extend(heads);
+        }
+        assert_eq!(seen, heads, "every head once, in order");
+        assert_eq!(
+            split_heartbeat(1, vec![], 1200).len(),
+            1,
+            "an empty heartbeat still goes out"
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! End to end over WebTransport with the Rust client: the WebSocket guarantees again (order,
+//! resume, reset, isolation, JWT refusal, slow consumers), plus per-org streams, datagram
+//! heartbeats, PING/PONG, close codes and session release.
+
+mod support;
+
+use edgestream_codec::{Frame, Resume};
+use edgestream_testkit::token;
+use edgestream_testkit::wt::{self, StreamItem, WtClient};
+use serde_json::{json, Value};
+use support::{TestServer, SECRET};
+
+async fn subscribed(c: &mut WtClient) -> (String, String, u64, Resume) {
+    match c.next_frame().await.unwrap() {
+        Frame::Subscribed {
+            org,
+            epoch,
+            head,
+            resume,
+        } => (org, epoch, head, resume),
+        other => panic!("expected SUBSCRIBED, got {other:?}"),
+    }
+}
+
+fn seqs(evs: &[edgestream_testkit::ws::Ev]) -> Vec<u64> {
+    evs.iter().map(|e| e.seq).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_in_order_and_brotli() {
+    let s = TestServer::start().await;
+    let tok = s.token(&["acme"]);
+    let mut c = s.wt_client(&["acme"], "enc=br").await;
+    let (org, _, head, resume) = subscribed(&mut c).await;
+    assert_eq!((org.as_str(), head, resume), ("acme", 0, Resume::New));
+    let api = s.api.clone();
+    let publisher = tokio::spawn(async move {
+        for b in 0..100 {
+            let batch: Vec<Value> = (0..100).map(|i| json!({"n": b * 100 + i})).collect();
+            api.publish(&tok, "acme", &Value::Array(batch))
+                .await
+                .unwrap();
+        }
+    });
+    let evs = c.events(10_000).await.unwrap();
+    publisher.await.unwrap();
+    assert_eq!(seqs(&evs), (1..=10_000).collect::<Vec<_>>());
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e.payload, format!(r#"{{"n":{i}}}"#).as_bytes());
+    }
+    let big = format!(r#"{{"text":"{}"}}"#, "brotli ".repeat(500));
+    let tok = s.token(&["acme"]);
+    s.api
+        .publish_raw(&tok, "acme", big.clone(), None)
+        .await
+        .unwrap();
+    let e = &c.events(1).await.unwrap()[0];
+    assert!(e.compressed);
+    assert_eq!(e.payload, big.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_and_reset() {
+    let s = TestServer::start_with(|a| a.replay_max_events = Some(50)).await;
+    let tok = s.token(&["acme"]);
+    let r = s.publish_numbered(&tok, "acme", 0..10).await;
+    let epoch = r["epoch"].as_str().unwrap().to_string();
+    let mut c = s
+        .wt_client(&["acme"], &format!("since=acme:{epoch}:4"))
+        .await;
+    assert_eq!(subscribed(&mut c).await.3, Resume::Recovered);
+    s.publish_numbered(&tok, "acme", 10..15).await;
+    assert_eq!(
+        seqs(&c.events(11).await.unwrap()),
+        (5..=15).collect::<Vec<_>>()
+    );
+    for since in ["acme:other:3".to_string(), format!("acme:{epoch}:99")] {
+        let mut c = s.wt_client(&["acme"], &format!("since={since}")).await;
+        let (_, e, head, resume) = subscribed(&mut c).await;
+        assert_eq!(
+            (e.as_str(), head, resume),
+            (epoch.as_str(), 15, Resume::Reset),
+            "{since}"
+        );
+    }
+    s.publish_numbered(&tok, "acme", 0..60).await; // evicts seq 5
+    let mut c = s
+        .wt_client(&["acme"], &format!("since=acme:{epoch}:4"))
+        .await;
+    assert_eq!(subscribed(&mut c).await.3, Resume::Reset, "evicted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orgs_on_separate_streams_one_stalled_while_the_other_flows() {
+    let s = TestServer::start().await;
+    let tok = s.token(&["acme", "beta"]);
+    let mut c = s.wt_client(&["acme", "beta"], "").await;
+    let mut orgs = vec![subscribed(&mut c).await.0, subscribed(&mut c).await.0];
+    orgs.sort();
+    assert_eq!(orgs, ["acme", "beta"]);
+    c.stall("acme", true);
+    // Enough for acme to exceed the stream's flow-control window, not the session queue.
+    let pad = "x".repeat(4000);
+    for b in 0..20 {
+        let batch: Vec<Value> = (0..50)
+            .map(|i| json!({"b": b, "i": i, "pad": pad}))
+            .collect();
+        s.api
+            .publish(&tok, "acme", &Value::Array(batch))
+            .await
+            .unwrap();
+    }
+    s.publish_numbered(&tok, "beta", 0..100).await;
+    let mut beta = Vec::new();
+    while beta.len() < 100 {
+        match c.next_item().await.unwrap() {
+            StreamItem::Frame {
+                org,
+                frame: Frame::Event { seq, .. },
+            } => {
+                assert_eq!(org, "beta", "acme's stream is not being read");
+                beta.push(seq);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        beta,
+        (1..=100).collect::<Vec<_>>(),
+        "beta flows while acme is stalled"
+    );
+    c.stall("acme", false);
+    let acme = c.events(1000).await.unwrap();
+    assert!(acme.iter().all(|e| e.org == "acme"));
+    assert_eq!(seqs(&acme), (1..=1000).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_datagrams_name_heads_and_pings_are_answered() {
+    let s = TestServer::start_with(|a| a.heartbeat = Some("200ms".parse().unwrap())).await;
+    let tok = s.token(&["acme", "beta"]);
+    s.publish_numbered(&tok, "acme", 0..3).await;
+    let mut c = s.wt_client(&["acme", "beta"], "").await;
+    subscribed(&mut c).await;
+    subscribed(&mut c).await;
+    match c.next_datagram().await.unwrap() {
+        Frame::Heartbeat { heads, ts } => {
+            assert!(ts > 1_700_000_000_000);
+            assert_eq!(heads, [("acme".to_string(), 3), ("beta".to_string(), 0)]);
+        }
+        other => panic!("unexpected datagram {other:?}"),
+    }
+    c.send_datagram(&Frame::Ping(b"dg".to_vec().into()))
+        .unwrap();
+    loop {
+        // Datagrams may be lost on a real network; on loopback they arrive.
+        match c.next_datagram().await.unwrap() {
+            Frame::Pong(b) => {
+                assert_eq!(&b[..], b"dg");
+                break;
+            }
+            Frame::Heartbeat { .. } => continue,
+            other => panic!("unexpected datagram {other:?}"),
+        }
+    }
+    c.send_control(&Frame::Ping(b"ctl".to_vec().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.next_control().await.unwrap(),
+        Frame::Pong(b"ctl".to_vec().into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_subscribe_unsubscribe_and_refusals_on_the_control_stream() {
+    let s = TestServer::start().await;
+    let tok = s.token(&["acme", "beta"]);
+    let mut c = s.wt_client(&["acme", "beta"], "orgs=acme").await;
+    subscribed(&mut c).await;
+    c.send_control(&Frame::Subscribe {
+        org: "beta".into(),
+        epoch: String::new(),
+        seq: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(subscribed(&mut c).await.0, "beta");
+    c.send_control(&Frame::Subscribe {
+        org: "gamma".into(),
+        epoch: String::new(),
+        seq: 0,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.next_control().await.unwrap(),
+        Frame::Error { code: 4003, .. }
+    ));
+    c.send_control(&Frame::Unsubscribe { org: "acme".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        c.next_item().await.unwrap(),
+        StreamItem::Frame {
+            org: "acme".into(),
+            frame: Frame::Unsubscribed { org: "acme".into() }
+        }
+    );
+    assert_eq!(
+        c.next_item().await.unwrap(),
+        StreamItem::Finished { org: "acme".into() }
+    );
+    s.api.publish(&tok, "acme", &json!({"x": 1})).await.unwrap();
+    s.api.publish(&tok, "beta", &json!({"x": 2})).await.unwrap();
+    let e = c.events(1).await.unwrap();
+    assert_eq!((e[0].org.as_str(), e[0].seq), ("beta", 1));
+    // A malformed control frame (a string longer than its frame) closes the session with 4400.
+    c.send_control_raw(&[0x10, 0x02, 0x05, b'a']).await.unwrap();
+    assert_eq!(c.closed().await.unwrap().0, 4400);
+    // A control frame declaring more than the limit closes with 4413.
+    let mut c = s.wt_client(&["acme"], "").await;
+    subscribed(&mut c).await;
+    c.send_control_raw(&[0x10, 0x80, 0x10, 0x00, 0x00])
+        .await
+        .unwrap();
+    assert_eq!(c.closed().await.unwrap().0, 4413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_session_close_codes() {
+    let s = TestServer::start().await;
+    let hash = s.cert_hash().await;
+    let mut bad = token::claims("alice", &["acme"], "subscribe");
+    bad["exp"] = json!(token::now() - 600);
+    let cases = [
+        (token::hs256(SECRET.as_bytes(), &bad), "", 4001, "expired"),
+        (
+            token::alg_none(&token::claims("alice", &["acme"], "subscribe")),
+            "",
+            4001,
+            "alg none",
+        ),
+        (
+            token::tampered(&s.token(&["acme"])),
+            "",
+            4001,
+            "bad signature",
+        ),
+        (String::new(), "", 4001, "missing"),
+        (s.token(&["acme"]), "&orgs=beta", 4003, "org not granted"),
+        (s.token(&["acme"]), "&format=xml", 4400, "bad query"),
+    ];
+    for (tok, extra, want, why) in cases {
+        let c = wt::connect(&s.wt_url(&format!("access_token={tok}{extra}")), &hash)
+            .await
+            .unwrap();
+        assert_eq!(c.closed().await.unwrap().0, want, "{why}");
+    }
+    // The server keeps serving.
+    let mut ok = s.wt_client(&["acme"], "").await;
+    subscribed(&mut ok).await;
+    // The wrong path is refused with 404 before any session.
+    let url = format!("https://127.0.0.1:{}/nope", s.quic_addr.port());
+    assert!(wt::connect(&url, &hash).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_isolation_over_webtransport() {
+    let s = TestServer::start().await;
+    let tok_b = s.token_for("bob", &["org-b"], "subscribe publish");
+    let tok_a = s.token_for("alice", &["org-a"], "subscribe publish");
+    let q = format!("access_token={tok_a}");
+    let mut a = wt::connect(&s.wt_url(&q), &s.cert_hash().await)
+        .await
+        .unwrap();
+    subscribed(&mut a).await;
+    a.send_control(&Frame::Subscribe {
+        org: "org-b".into(),
+        epoch: String::new(),
+        seq: 0,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        a.next_control().await.unwrap(),
+        Frame::Error { code: 4003, .. }
+    ));
+    s.publish_numbered(&tok_b, "org-b", 0..50).await;
+    s.api
+        .publish(&tok_a, "org-a", &json!({"mine": true}))
+        .await
+        .unwrap();
+    let e = a.events(1).await.unwrap();
+    assert_eq!((e[0].org.as_str(), e[0].seq), ("org-a", 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_4008_and_release_and_shutdown_4503() {
+    let mut s = TestServer::start_with(|a| a.session_queue = Some(32)).await;
+    let tok = s.token(&["acme"]);
+    let mut slow = s.wt_client(&["acme"], "").await;
+    let mut fast = s.wt_client(&["acme"], "").await;
+    subscribed(&mut slow).await;
+    subscribed(&mut fast).await;
+    slow.stall("acme", true);
+    let pad = "x".repeat(30_000);
+    let mut published = 0u64;
+    let mut delivered = Vec::new();
+    for _ in 0..400 {
+        let batch: Vec<Value> = (0..16).map(|i| json!({"i": i, "pad": pad})).collect();
+        s.api
+            .publish(&tok, "acme", &Value::Array(batch))
+            .await
+            .unwrap();
+        published += 16;
+        delivered.extend(seqs(&fast.events(16).await.unwrap()));
+        if s.metrics().await["sessions_closed"]["4008"] == 1 {
+            break;
+        }
+    }
+    assert_eq!(slow.closed().await.unwrap().0, 4008);
+    assert_eq!(
+        delivered,
+        (1..=published).collect::<Vec<_>>(),
+        "the fast consumer kept up"
+    );
+    let m = s
+        .wait_metrics("one WT session left", |m| {
+            m["sessions"]["webtransport"] == 1
+        })
+        .await;
+    assert_eq!(m["orgs_subscribed"], 1);
+    // A clean close from the client frees its session at once.
+    fast.close(0);
+    let m = s
+        .wait_metrics("no WT session", |m| m["sessions"]["webtransport"] == 0)
+        .await;
+    assert_eq!(m["orgs_subscribed"], 0);
+    let mut last = s.wt_client(&["acme"], "").await;
+    subscribed(&mut last).await;
+    s.begin_stop();
+    assert_eq!(last.closed().await.unwrap().0, 4503);
+    s.join().await.unwrap();
+}
