@@ -292,6 +292,19 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
         c.next_non_heartbeat().await.unwrap(),
         Msg::Frame(Frame::Subscribed { head: 1, .. })
     ));
+    // WebTransport too: /v1/info names the UDP port, /v1/cert-hash the certificate.
+    let wt_url = info["webtransport"].as_str().unwrap().to_string();
+    let (_, hash) = api.get("/v1/cert-hash", None).await.unwrap();
+    let mut wt = edgestream_testkit::wt::connect(
+        &format!("{wt_url}?access_token={tok}"),
+        hash["value"].as_str().unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        wt.next_frame().await.unwrap(),
+        Frame::Subscribed { head: 1, .. }
+    ));
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -299,6 +312,7 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
         .unwrap()
         .success());
     assert_eq!(c.expect_close().await.unwrap().0, 4503);
+    assert_eq!(wt.closed().await.unwrap().0, 4503);
     let status = tokio::time::timeout(HANG_GUARD, child.wait())
         .await
         .unwrap()

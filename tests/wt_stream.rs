@@ -343,3 +343,141 @@ async fn slow_consumer_4008_and_release_and_shutdown_4503() {
     assert_eq!(last.closed().await.unwrap().0, 4503);
     s.join().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_is_freed_at_the_idle_timeout() {
+    let s = TestServer::start_with(|a| a.quic_idle_timeout = Some("1s".parse().unwrap())).await;
+    let relay = support::relay::Relay::start(s.quic_addr).await;
+    let url = format!(
+        "https://127.0.0.1:{}/v1/stream?access_token={}",
+        relay.addr.port(),
+        s.token(&["acme"])
+    );
+    let mut c = wt::connect(&url, &s.cert_hash().await).await.unwrap();
+    subscribed(&mut c).await;
+    let m = s
+        .wait_metrics("one WT session", |m| m["sessions"]["webtransport"] == 1)
+        .await;
+    assert_eq!(m["orgs_subscribed"], 1);
+    relay.blackhole(true); // the client vanishes: no close, no packets
+    let m = s
+        .wait_metrics("the session freed", |m| m["sessions"]["webtransport"] == 0)
+        .await;
+    assert_eq!(m["orgs_subscribed"], 0, "the pool drops with it: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_cap_refuses_with_4029_on_both_transports() {
+    let s = TestServer::start_with(|a| a.max_sessions = Some(1)).await;
+    let mut first = s.wt_client(&["acme"], "").await;
+    subscribed(&mut first).await;
+    let second = wt::connect(
+        &s.wt_url(&format!("access_token={}", s.token(&["acme"]))),
+        &s.cert_hash().await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(second.closed().await.unwrap().0, 4029);
+    let mut ws = s.client(&["acme"], "").await;
+    assert_eq!(ws.expect_close().await.unwrap().0, 4029);
+    let m = s.metrics().await;
+    assert_eq!(m["sessions_closed"]["4029"], 2, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_always_still_connects() {
+    let s = TestServer::start_with(|a| {
+        a.quic_retry = Some(edgestream::webtransport::RetryPolicy::Always)
+    })
+    .await;
+    let mut c = s.wt_client(&["acme"], "").await;
+    subscribed(&mut c).await;
+    s.api
+        .publish(&s.token(&["acme"]), "acme", &json!({"after": "retry"}))
+        .await
+        .unwrap();
+    assert_eq!(c.events(1).await.unwrap()[0].seq, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_keeps_sessions_and_serves_the_new_one() {
+    let s = TestServer::start().await;
+    let old_hash = s.cert_hash().await;
+    let mut c = s.wt_client(&["acme"], "").await;
+    subscribed(&mut c).await;
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(9);
+    assert!(s.app.certs.rotate_if_due(later).unwrap());
+    let new_hash = s.cert_hash().await;
+    assert_ne!(new_hash, old_hash);
+    let (_, info) = s.api.get("/v1/info", None).await.unwrap();
+    assert_eq!(info["cert_hash"]["value"], new_hash.as_str());
+    // The open session goes on.
+    s.api
+        .publish(&s.token(&["acme"]), "acme", &json!({"after": "rotation"}))
+        .await
+        .unwrap();
+    assert_eq!(c.events(1).await.unwrap()[0].seq, 1);
+    // New handshakes get the new certificate: pinning the old hash fails, the new one works.
+    let url = s.wt_url(&format!("access_token={}", s.token(&["acme"])));
+    assert!(wt::connect(&url, &old_hash).await.is_err());
+    let mut fresh = wt::connect(&url, &new_hash).await.unwrap();
+    subscribed(&mut fresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "10",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let (c2, k2) = (cert.clone(), key.clone());
+    let s = TestServer::start_with(move |a| {
+        a.cert = Some(c2);
+        a.key = Some(k2);
+    })
+    .await;
+    assert_eq!(s.api.get("/v1/cert-hash", None).await.unwrap().0, 404);
+    let (_, info) = s.api.get("/v1/info", None).await.unwrap();
+    assert!(info["cert_hash"].is_null(), "{info}");
+    // A client pinned to that certificate's hash connects.
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let pem = std::fs::read_to_string(&cert).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&der));
+    let url = s.wt_url(&format!("access_token={}", s.token(&["acme"])));
+    let mut c = wt::connect(&url, &hash).await.unwrap();
+    subscribed(&mut c).await;
+    // A key without its certificate is a configuration error, not a panic.
+    let err = edgestream::config::Config::resolve(edgestream::config::ServeArgs {
+        key: Some(key),
+        ..Default::default()
+    });
+    assert!(err.is_err());
+}

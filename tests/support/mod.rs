@@ -3,13 +3,16 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod relay;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use edgestream::config::{Config, ServeArgs};
-use edgestream::server::Server;
+use edgestream::server::{App, Server};
 use edgestream_testkit::{http::Api, token, ws::WsClient};
 use serde_json::Value;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -18,6 +21,7 @@ pub use edgestream_testkit::HANG_GUARD;
 pub const SECRET: &str = "test-secret-0123456789abcdef-xyz";
 
 pub struct TestServer {
+    pub app: Arc<App>,
     pub addr: SocketAddr,
     pub quic_addr: SocketAddr,
     pub api: Api,
@@ -44,11 +48,13 @@ impl TestServer {
         let server = Server::bind(config).await.expect("bind");
         let addr = server.http_addr();
         let quic_addr = server.quic_addr();
+        let app = server.app().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
         TestServer {
+            app,
             addr,
             quic_addr,
             api: Api::new(format!("http://{addr}")),
