@@ -152,6 +152,10 @@ serve_options! {
     quic_idle_timeout: HumanDuration,
     /// QUIC address validation: auto (Retry under handshake load), always or never [default: auto]
     quic_retry: crate::webtransport::RetryPolicy,
+    /// WebTransport URL /v1/info reports, for a node behind a load balancer [default: this node's]
+    public_webtransport_url: String,
+    /// WebSocket URL /v1/info reports, for a node behind a load balancer [default: this node's]
+    public_websocket_url: String,
 }
 
 /// How tokens are verified.
@@ -182,6 +186,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub ws_idle_timeout: Duration,
     pub quic: crate::webtransport::QuicConfig,
+    pub public_webtransport_url: Option<String>,
+    pub public_websocket_url: Option<String>,
 }
 
 impl Default for Config {
@@ -288,6 +294,8 @@ impl Config {
                 },
                 ..Default::default()
             },
+            public_webtransport_url: a.public_webtransport_url,
+            public_websocket_url: a.public_websocket_url,
         })
     }
 

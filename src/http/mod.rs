@@ -27,6 +27,22 @@ use crate::server::App;
 use crate::session::{redact_query, ws::WsStreamSession};
 use crate::time::unix_secs;
 
+/// The browser client and the demo page, built into the binary (`client/` in the repository).
+const CLIENT_JS: &str = include_str!("../../client/edgestream.js");
+const CLIENT_DTS: &str = include_str!("../../client/edgestream.d.ts");
+const DEMO_PAGE: &str = include_str!("../../client/index.html");
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// An error answered as `{"error": "..."}` with a status.
 #[derive(Debug)]
 pub struct ApiError {
@@ -65,7 +81,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/v1/info", get(info))
-        .route("/v1/cert-hash", get(cert_hash));
+        .route("/v1/cert-hash", get(cert_hash))
+        .route(
+            "/",
+            get(|| async { static_file("text/html; charset=utf-8", DEMO_PAGE) }),
+        )
+        .route(
+            "/edgestream.js",
+            get(|| async { static_file("text/javascript; charset=utf-8", CLIENT_JS) }),
+        )
+        .route(
+            "/edgestream.d.ts",
+            get(|| async { static_file("application/typescript; charset=utf-8", CLIENT_DTS) }),
+        );
     if app.dev_secret.is_some() {
         r = r.route("/v1/dev/token", get(dev_token));
     }
@@ -241,8 +269,10 @@ async fn info(State(app): State<Arc<App>>, headers: HeaderMap) -> Json<serde_jso
         .dev_hash()
         .map(|h| json!({"algorithm": "sha-256", "value": h}));
     Json(json!({
-        "webtransport": format!("https://{host}:{}/v1/stream", app.quic_addr.port()),
-        "websocket": format!("ws://{host}:{}/v1/stream", app.http_addr.port()),
+        "webtransport": app.config.public_webtransport_url.clone()
+            .unwrap_or_else(|| format!("https://{host}:{}/v1/stream", app.quic_addr.port())),
+        "websocket": app.config.public_websocket_url.clone()
+            .unwrap_or_else(|| format!("ws://{host}:{}/v1/stream", app.http_addr.port())),
         "cert_hash": cert_hash,
         "heartbeat_ms": app.env.limits.heartbeat.as_millis() as u64,
     }))

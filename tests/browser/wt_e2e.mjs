@@ -117,8 +117,11 @@ try {
     }
     await published;
     const inOrder = seqs.every((s, i) => s === i + 1);
-    // Wait for at least one heartbeat datagram (the test server sends them every 200 ms).
-    for (let i = 0; i < 100 && heartbeats === 0; i++) await new Promise((r) => setTimeout(r, 50));
+    // Wait for a heartbeat datagram (the test server sends them every 200 ms)
+    // (bounded: 100 waits of 50 ms) naming the head after the last event.
+    for (let i = 0; i < 100 && !(lastHeartbeat && lastHeartbeat.heads.acme === count); i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
 
     // 3. Shutdown: the caller stops the server now; the page reads 4503.
     await window.report({ step: 'ready-for-shutdown' });

@@ -1,0 +1,46 @@
+// Type declarations of /edgestream.js (the edgestream browser client).
+
+export interface EventDetail { org: string; seq: number; ts: number; data: unknown }
+export interface ResetDetail { org: string; epoch: string; head: number }
+export interface StatusDetail {
+  state: 'connected' | 'reconnecting' | 'failed' | 'closed';
+  transport: 'webtransport' | 'websocket' | null;
+  reason: string;
+}
+export interface HeartbeatDetail { ts: number; heads: Record<string, number> }
+export interface ErrorDetail { code: number; message: string }
+
+export interface EdgeStreamOptions {
+  /** HTTP base URL of the server, e.g. 'http://127.0.0.1:8080'. */
+  server: string;
+  token: string;
+  orgs?: string[];
+  transport?: 'auto' | 'webtransport' | 'websocket';
+  /** Called after a 4009 close (token expired) for a fresh token. */
+  refreshToken?: () => Promise<string>;
+  /** How long a WebTransport session may take to open before falling back (ms, default 4000). */
+  webTransportTimeoutMs?: number;
+}
+
+export declare class EdgeStreamClient extends EventTarget {
+  constructor(options: EdgeStreamOptions);
+  /** The transport in use. */
+  readonly transport: 'webtransport' | 'websocket' | null;
+  /** The last position delivered per org. */
+  readonly positions: Record<string, { epoch: string; seq: number }>;
+  readonly stats: { connects: number; reconnects: number; events: number; heartbeats: number };
+  connect(): Promise<void>;
+  setToken(token: string): void;
+  subscribe(org: string): void;
+  unsubscribe(org: string): void;
+  /** Drops the current connection and resumes with `since`. */
+  reconnect(): void;
+  close(): void;
+  addEventListener(type: 'event', listener: (e: CustomEvent<EventDetail>) => void): void;
+  addEventListener(type: 'reset', listener: (e: CustomEvent<ResetDetail>) => void): void;
+  addEventListener(type: 'status', listener: (e: CustomEvent<StatusDetail>) => void): void;
+  addEventListener(type: 'heartbeat', listener: (e: CustomEvent<HeartbeatDetail>) => void): void;
+  addEventListener(type: 'error', listener: (e: CustomEvent<ErrorDetail>) => void): void;
+}
+
+export declare function brotliSupported(): boolean;

@@ -1,0 +1,401 @@
+// edgestream browser client: WebTransport first, WebSocket fallback, resume without gaps or
+// duplicates, gap and dead-link detection. An ES module with no dependencies and no build step.
+// Wire contract: PROTOCOL.md. Types: edgestream.d.ts.
+
+const T = { SUBSCRIBED: 1, EVENT: 2, RESET: 3, HEARTBEAT: 4, ERROR: 5, PONG: 6, UNSUBSCRIBED: 7,
+            SUBSCRIBE: 0x10, UNSUBSCRIBE: 0x11, REFRESH: 0x12, PING: 0x13 };
+const RESUME = ['new', 'recovered', 'reset'];
+const WT_FAILED_KEY = 'edgestream.webtransport-failed-until';
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+
+// ---- frames (PROTOCOL.md section 2) ----
+function readVarint(b, i) {
+  if (i >= b.length) return null;
+  const len = 1 << (b[i] >> 6);
+  if (i + len > b.length) return null;
+  let v = b[i] & 0x3f;
+  for (let k = 1; k < len; k++) v = v * 256 + b[i + k];
+  return [v, i + len];
+}
+function varintBytes(v) {
+  if (v < 64) return [v];
+  if (v < 16384) return [0x40 | (v >> 8), v & 0xff];
+  if (v < 2 ** 30) return [0x80 | (v >>> 24), (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff];
+  const hi = Math.floor(v / 2 ** 32), lo = v >>> 0;
+  return [0xc0 | (hi >>> 24), (hi >>> 16) & 0xff, (hi >>> 8) & 0xff, hi & 0xff,
+          lo >>> 24, (lo >>> 16) & 0xff, (lo >>> 8) & 0xff, lo & 0xff];
+}
+function strBytes(s) { const b = enc.encode(s); return [...varintBytes(b.length), ...b]; }
+export function encodeFrame(type, parts) {
+  const body = parts.flat();
+  return new Uint8Array([...varintBytes(type), ...varintBytes(body.length), ...body]);
+}
+function readStr(b, i) {
+  const r = readVarint(b, i);
+  if (!r || r[1] + r[0] > b.length) throw new Error('truncated string');
+  return [dec.decode(b.subarray(r[1], r[1] + r[0])), r[1] + r[0]];
+}
+function need(r) { if (!r) throw new Error('truncated frame'); return r; }
+export function decodeBody(type, b) {
+  switch (type) {
+    case T.SUBSCRIBED: {
+      const [org, a] = readStr(b, 0); const [epoch, c] = readStr(b, a);
+      const [head, d] = need(readVarint(b, c)); const [resume] = need(readVarint(b, d));
+      return { type: 'subscribed', org, epoch, head, resume: RESUME[resume] };
+    }
+    case T.EVENT: {
+      const [org, a] = readStr(b, 0); const [seq, c] = need(readVarint(b, a));
+      const [ts, d] = need(readVarint(b, c)); const [flags, e] = need(readVarint(b, d));
+      return { type: 'event', org, seq, ts, flags, payload: b.subarray(e) };
+    }
+    case T.RESET: {
+      const [org, a] = readStr(b, 0); const [epoch, c] = readStr(b, a); const [head] = need(readVarint(b, c));
+      return { type: 'reset', org, epoch, head };
+    }
+    case T.HEARTBEAT: {
+      const [ts, a] = need(readVarint(b, 0)); let [n, i] = need(readVarint(b, a)); const heads = {};
+      while (n-- > 0) { const [org, j] = readStr(b, i); const [h, k] = need(readVarint(b, j)); heads[org] = h; i = k; }
+      return { type: 'heartbeat', ts, heads };
+    }
+    case T.ERROR: { const [code, a] = need(readVarint(b, 0)); const [message] = readStr(b, a); return { type: 'error', code, message }; }
+    case T.PONG: return { type: 'pong', body: b };
+    case T.UNSUBSCRIBED: return { type: 'unsubscribed', org: readStr(b, 0)[0] };
+    default: return { type: 'unknown', kind: type };
+  }
+}
+/** Splits a byte stream into frames. */
+class FrameReader {
+  constructor() { this.buf = new Uint8Array(0); }
+  push(chunk) {
+    const next = new Uint8Array(this.buf.length + chunk.length);
+    next.set(this.buf); next.set(chunk, this.buf.length); this.buf = next;
+    const out = [];
+    for (;;) {
+      const t = readVarint(this.buf, 0); if (!t) break;
+      const l = readVarint(this.buf, t[1]); if (!l) break;
+      if (this.buf.length < l[1] + l[0]) break;
+      out.push(decodeBody(t[0], this.buf.subarray(l[1], l[1] + l[0])));
+      this.buf = this.buf.slice(l[1] + l[0]);
+    }
+    return out;
+  }
+}
+function decodeOne(bytes) { const f = new FrameReader().push(bytes); return f[0]; }
+
+/** Whether this browser can decode brotli (DecompressionStream('brotli')). */
+export function brotliSupported() {
+  try { new DecompressionStream('brotli'); return true; } catch { return false; }
+}
+async function unbrotli(bytes) {
+  const s = new Blob([bytes]).stream().pipeThrough(new DecompressionStream('brotli'));
+  return new Uint8Array(await new Response(s).arrayBuffer());
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const NO_RETRY = new Set([4001, 4003]);
+
+export class EdgeStreamClient extends EventTarget {
+  /**
+   * @param {object} o
+   * @param {string} o.server HTTP base URL of the server
+   * @param {string} o.token JWT
+   * @param {string[]} [o.orgs] orgs to subscribe
+   * @param {'auto'|'webtransport'|'websocket'} [o.transport]
+   * @param {() => Promise<string>} [o.refreshToken] called on 4009 for a new token
+   * @param {number} [o.webTransportTimeoutMs] how long a WebTransport session may take to open
+   */
+  constructor(o) {
+    super();
+    this.server = o.server.replace(/\/$/, '');
+    this.token = o.token;
+    this.wanted = new Set(o.orgs || []);
+    this.mode = o.transport || 'auto';
+    this.refreshToken = o.refreshToken;
+    this.wtTimeout = o.webTransportTimeoutMs || 4000;
+    this.transport = null;
+    this.positions = {};
+    this.stats = { connects: 0, reconnects: 0, events: 0, heartbeats: 0 };
+    this._closed = false; this._conn = null; this._attempt = 0; this._wake = null;
+  }
+
+  _status(state, reason) {
+    this.dispatchEvent(new CustomEvent('status', { detail: { state, transport: this.transport, reason } }));
+  }
+
+  /** Connects (and keeps reconnecting until close()). Resolves once the first session is up. */
+  async connect() {
+    this._closed = false;
+    return new Promise((resolve, reject) => { this._firstUp = resolve; this._firstFail = reject; this._loop(); });
+  }
+
+  async _loop() {
+    while (!this._closed) {
+      let outcome;
+      try {
+        outcome = await this._session();
+      } catch (e) {
+        outcome = { code: 0, reason: String(e && e.message || e) };
+      }
+      if (this._closed) break;
+      const { code, reason } = outcome;
+      if (NO_RETRY.has(code)) {
+        this._status('failed', `${code} ${reason}`);
+        if (this._firstFail) { this._firstFail(new Error(`${code} ${reason}`)); this._firstFail = null; }
+        this._closed = true;
+        return;
+      }
+      let delay;
+      if (code === 4503) delay = Math.random() * 500; // draining: at once, with jitter
+      else if (code === 4009 && this.refreshToken) {
+        try { this.token = await this.refreshToken(); } catch { /* retry with backoff */ }
+        delay = 0;
+      } else if (outcome.up) delay = Math.random() * 250; // a session that was up: retry quickly
+      else delay = Math.min(30000, 500 * 2 ** this._attempt) * (0.5 + Math.random() / 2);
+      if (!outcome.up) this._attempt++; else this._attempt = 0;
+      this._status('reconnecting', `${code || ''} ${reason}`.trim());
+      this.stats.reconnects++;
+      await new Promise((r) => { this._wake = r; setTimeout(r, delay); });
+    }
+    this._status('closed', 'closed by the application');
+  }
+
+  _query(format) {
+    const p = new URLSearchParams();
+    p.set('access_token', this.token);
+    p.set('orgs', [...this.wanted].join(','));
+    const since = [];
+    for (const org of this.wanted) {
+      const pos = this.positions[org];
+      if (pos) since.push(`${org}:${pos.epoch}:${pos.seq}`);
+    }
+    if (since.length) p.set('since', since.join(','));
+    if (brotliSupported()) p.set('enc', 'br');
+    if (format) p.set('format', format);
+    return p.toString();
+  }
+
+  _wtRemembered() {
+    try { return Number(localStorage.getItem(WT_FAILED_KEY) || 0) > Date.now(); } catch { return false; }
+  }
+  _rememberWtFailure() {
+    try { localStorage.setItem(WT_FAILED_KEY, String(Date.now() + 5 * 60 * 1000)); } catch { /* private mode */ }
+  }
+
+  /** One session; resolves with its close code and reason when it ends. */
+  async _session() {
+    const info = await (await fetch(`${this.server}/v1/info`)).json();
+    this.heartbeatMs = info.heartbeat_ms || 5000;
+    this.stats.connects++;
+    let why = '';
+    const wtWanted = this.mode !== 'websocket';
+    if (wtWanted && typeof WebTransport === 'undefined') why = 'WebTransport not available in this browser';
+    else if (this.mode === 'auto' && this._wtRemembered()) why = 'WebTransport failed recently';
+    if (wtWanted && !why) {
+      try {
+        return await this._webtransport(info);
+      } catch (e) {
+        if (e && e.sessionClose) return e.sessionClose;
+        why = `WebTransport failed: ${e && e.message || e}`;
+        this._rememberWtFailure();
+        if (this.mode === 'webtransport') throw e;
+      }
+    }
+    if (this.mode === 'webtransport') throw new Error(why);
+    return this._websocket(info, why);
+  }
+
+  _up(transport, reason) {
+    this.transport = transport;
+    this._attempt = 0;
+    this._status('connected', reason || `connected over ${transport}`);
+    if (this._firstUp) { this._firstUp(); this._firstUp = null; this._firstFail = null; }
+  }
+
+  async _webtransport(info) {
+    const opts = {};
+    if (info.cert_hash) {
+      const value = Uint8Array.from(atob(info.cert_hash.value), (c) => c.charCodeAt(0));
+      opts.serverCertificateHashes = [{ algorithm: 'sha-256', value }];
+    }
+    const wt = new WebTransport(`${info.webtransport}?${this._query()}`, opts);
+    let timer;
+    const timeout = new Promise((_, rej) => { timer = setTimeout(() => rej(new Error('timed out')), this.wtTimeout); });
+    try {
+      await Promise.race([wt.ready, timeout]);
+    } catch (e) {
+      clearTimeout(timer);
+      // Refused after the handshake (a close code): not a transport failure.
+      const c = await Promise.race([wt.closed.then((x) => x, () => null), sleep(50).then(() => null)]);
+      try { wt.close(); } catch { /* already closed */ }
+      if (c && c.closeCode) throw { sessionClose: { code: c.closeCode, reason: c.reason, up: false } };
+      throw e;
+    }
+    clearTimeout(timer);
+    let control = null;
+    const conn = {
+      kind: 'webtransport',
+      send: async (bytes) => {
+        if (!control) control = (await wt.createBidirectionalStream()).writable.getWriter();
+        await control.write(bytes);
+      },
+      drop: () => { try { wt.close({ closeCode: 0, reason: 'client reconnect' }); } catch { /* closed */ } },
+    };
+    this._conn = conn;
+    conn.onFirstFrame = () => this._up('webtransport');
+    const done = this._watch(conn);
+    (async () => {
+      const r = wt.incomingUnidirectionalStreams.getReader();
+      for (;;) {
+        const { value, done: end } = await r.read(); if (end) return;
+        (async () => {
+          const fr = new FrameReader(); const sr = value.getReader();
+          for (;;) {
+            const { value: chunk, done: fin } = await sr.read(); if (fin) return;
+            for (const f of fr.push(chunk)) await this._frame(f, conn);
+          }
+        })().catch(() => {});
+      }
+    })().catch(() => {});
+    (async () => {
+      const r = wt.datagrams.readable.getReader();
+      for (;;) {
+        const { value, done: end } = await r.read(); if (end) return;
+        const f = decodeOne(value); if (f) await this._frame(f, conn);
+      }
+    })().catch(() => {});
+    const closed = await Promise.race([wt.closed.then((c) => c, (e) => ({ closeCode: 0, reason: String(e) })), done]);
+    conn.dead = true;
+    try { wt.close(); } catch { /* closed */ }
+    return { code: closed.closeCode || 0, reason: closed.reason || 'connection lost', up: !!conn.up };
+  }
+
+  async _websocket(info, why) {
+    const ws = new WebSocket(`${info.websocket}?${this._query('bin')}`);
+    ws.binaryType = 'arraybuffer';
+    const conn = {
+      kind: 'websocket',
+      send: async (bytes) => ws.send(bytes),
+      drop: () => { try { ws.close(1000, 'client reconnect'); } catch { /* closed */ } },
+    };
+    let queue = Promise.resolve();
+    const closed = new Promise((resolve) => {
+      ws.onopen = () => { this._conn = conn; };
+      conn.onFirstFrame = () => this._up('websocket', why || 'connected over websocket');
+      ws.onmessage = (m) => {
+        const f = decodeOne(new Uint8Array(m.data));
+        if (f) queue = queue.then(() => this._frame(f, conn)); // keep order across async decoding
+      };
+      ws.onclose = (c) => resolve({ code: c.code, reason: c.reason || 'connection lost' });
+      ws.onerror = () => {};
+    });
+    const done = this._watch(conn);
+    const r = await Promise.race([closed, done]);
+    conn.dead = true;
+    try { ws.close(); } catch { /* closed */ }
+    await queue;
+    return { ...r, up: !!conn.up };
+  }
+
+  /** Dead-link and gap detection; resolves when the connection must be dropped. */
+  _watch(conn) {
+    conn.lastHeartbeat = Date.now();
+    conn.gapSince = {};
+    return new Promise((resolve) => {
+      const every = Math.max(50, this.heartbeatMs / 4);
+      const t = setInterval(() => {
+        if (conn.dead) { clearInterval(t); return; }
+        const now = Date.now();
+        let reason = null;
+        if (now - conn.lastHeartbeat > 3 * this.heartbeatMs) reason = 'no heartbeat for three intervals';
+        for (const [org, since] of Object.entries(conn.gapSince)) {
+          if (now - since > this.heartbeatMs) reason = `gap in ${org}`;
+        }
+        if (conn.forced) reason = conn.forced;
+        if (reason) { clearInterval(t); conn.drop(); resolve({ code: 0, reason, up: !!conn.up }); }
+      }, every);
+    });
+  }
+
+  async _frame(f, conn) {
+    // The session counts as up once the server speaks: authentication happens after the
+    // transport opens, so an open that ends in 4001 never reports "connected".
+    if (conn.onFirstFrame) { const up = conn.onFirstFrame; conn.onFirstFrame = null; conn.up = true; up(); }
+    switch (f.type) {
+      case 'subscribed': {
+        const pos = this.positions[f.org];
+        if (f.resume !== 'recovered' || !pos || pos.epoch !== f.epoch) {
+          if (f.resume === 'reset' || (pos && pos.epoch !== f.epoch)) {
+            this.dispatchEvent(new CustomEvent('reset', { detail: { org: f.org, epoch: f.epoch, head: f.head } }));
+          }
+          this.positions[f.org] = { epoch: f.epoch, seq: f.head };
+        }
+        break;
+      }
+      case 'event': {
+        const pos = this.positions[f.org];
+        if (!pos || f.seq <= pos.seq) return; // at most once
+        if (f.seq !== pos.seq + 1) { conn.forced = `gap in ${f.org}`; return; }
+        const bytes = f.flags & 1 ? await unbrotli(f.payload) : f.payload;
+        if (conn.dead && this._conn !== conn) return;
+        if (f.seq !== this.positions[f.org].seq + 1) return;
+        this.positions[f.org] = { epoch: pos.epoch, seq: f.seq };
+        delete conn.gapSince[f.org];
+        this.stats.events++;
+        this.dispatchEvent(new CustomEvent('event', { detail: { org: f.org, seq: f.seq, ts: f.ts, data: JSON.parse(dec.decode(bytes)) } }));
+        break;
+      }
+      case 'reset':
+        this.positions[f.org] = { epoch: f.epoch, seq: f.head };
+        this.dispatchEvent(new CustomEvent('reset', { detail: { org: f.org, epoch: f.epoch, head: f.head } }));
+        break;
+      case 'heartbeat': {
+        conn.lastHeartbeat = Date.now();
+        this.stats.heartbeats++;
+        for (const [org, head] of Object.entries(f.heads)) {
+          const pos = this.positions[org];
+          if (pos && head > pos.seq) conn.gapSince[org] ??= Date.now();
+          else delete conn.gapSince[org];
+        }
+        this.dispatchEvent(new CustomEvent('heartbeat', { detail: { ts: f.ts, heads: f.heads } }));
+        break;
+      }
+      case 'error':
+        this.dispatchEvent(new CustomEvent('error', { detail: { code: f.code, message: f.message } }));
+        break;
+      default:
+    }
+  }
+
+  /** Replaces the token: sent as REFRESH now, used for every later connection. */
+  setToken(token) {
+    this.token = token;
+    if (this._conn && !this._conn.dead) this._conn.send(encodeFrame(T.REFRESH, [strBytes(token)])).catch(() => {});
+  }
+
+  /** Subscribes to one more org (resuming from its last position, if any). */
+  subscribe(org) {
+    this.wanted.add(org);
+    const pos = this.positions[org];
+    const f = encodeFrame(T.SUBSCRIBE, [strBytes(org), strBytes(pos ? pos.epoch : ''), varintBytes(pos ? pos.seq : 0)]);
+    if (this._conn && !this._conn.dead) this._conn.send(f).catch(() => {});
+  }
+
+  /** Stops receiving an org. */
+  unsubscribe(org) {
+    this.wanted.delete(org);
+    if (this._conn && !this._conn.dead) this._conn.send(encodeFrame(T.UNSUBSCRIBE, [strBytes(org)])).catch(() => {});
+  }
+
+  /** Drops the current connection and reconnects with `since` (the demo's resume button). */
+  reconnect() {
+    if (this._conn && !this._conn.dead) this._conn.forced = 'reconnect requested';
+  }
+
+  /** Closes for good: no more reconnects. */
+  close() {
+    this._closed = true;
+    if (this._conn) this._conn.drop();
+    if (this._wake) this._wake();
+  }
+}

@@ -1,0 +1,131 @@
+// Real headless Chromium running /edgestream.js (the browser client) against a running server.
+// Usage: node client_e2e.mjs SCENARIO HTTP_BASE [TOKEN]
+// Scenarios: auto, no-webtransport, disable-quic, unreachable-quic, drop, bad-token, restart,
+// demo.
+// Prints JSON lines {"step": ...}; "kill" asks the caller to kill and restart the server; the
+// last line is {"step":"result", ...}.
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+
+const [scenario, base, tokenArg] = process.argv.slice(2);
+const say = (o) => console.log(JSON.stringify(o));
+const args = ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+              '--disable-component-update', '--disable-sync'];
+if (scenario === 'disable-quic') args.push('--disable-quic'); // forces the fallback on purpose
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/lib/chromium/chromium', headless: true, args,
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1000, height: 800 } });
+  page.on('console', (m) => say({ step: 'console', text: m.text() }));
+  await page.exposeFunction('report', (o) => say(o));
+  if (scenario === 'demo') {
+    await page.goto(`${base}/`);
+    await page.click('#connect');
+    await page.waitForFunction(() => document.getElementById('transport').textContent === 'webtransport');
+    for (let i = 0; i < 5; i++) {
+      await page.fill('#pbody', JSON.stringify({ hello: 'world', n: i }));
+      await page.click('#publish');
+      await page.waitForFunction((n) => Number(document.getElementById('count').textContent) >= n, i + 1);
+    }
+    await page.waitForFunction(() => Number(document.getElementById('hb').textContent) >= 1);
+    mkdirSync(process.env.ARTIFACTS || 'test-artifacts', { recursive: true });
+    const path = `${process.env.ARTIFACTS || 'test-artifacts'}/demo.png`;
+    await page.screenshot({ path, fullPage: true });
+    const shown = await page.evaluate(() => ({
+      transport: document.getElementById('transport').textContent,
+      count: Number(document.getElementById('count').textContent),
+      rows: document.querySelectorAll('#events tr').length,
+    }));
+    say({ step: 'result', screenshot: path, ...shown });
+  } else {
+    await page.goto(`${base}/healthz`);
+    const result = await page.evaluate(async ({ scenario, base, tokenArg }) => {
+      const { EdgeStreamClient, brotliSupported } = await import('/edgestream.js');
+      const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+      const until = async (cond, ms = 30000) => {
+        const end = Date.now() + ms;
+        while (!cond()) { if (Date.now() > end) throw new Error('timed out waiting'); await sleep(20); }
+      };
+      const token = tokenArg || (await (await fetch(`${base}/v1/dev/token?sub=alice&orgs=acme&scope=subscribe%20publish`)).json()).token;
+      const publish = async (from, n) => {
+        for (let b = from; b < from + n; b += 100) {
+          const batch = Array.from({ length: Math.min(100, from + n - b) }, (_, i) => ({ n: b + i }));
+          const r = await fetch(`${base}/v1/orgs/acme/events`, {
+            method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+            body: JSON.stringify(batch),
+          });
+          if (r.status !== 201) throw new Error(`publish ${r.status}`);
+        }
+      };
+      if (scenario === 'no-webtransport') delete window.WebTransport;
+      const c = new EdgeStreamClient({ server: base, token: scenario === 'bad-token' ? token + 'x' : token, orgs: ['acme'] });
+      const events = []; const resets = []; const statuses = [];
+      c.addEventListener('event', (e) => events.push(e.detail));
+      c.addEventListener('reset', (e) => resets.push(e.detail));
+      c.addEventListener('status', (e) => statuses.push(e.detail));
+      const seqs = () => events.map((e) => e.seq);
+      const inOrder = () => seqs().every((s, i) => i === 0 || s === seqs()[i - 1] + 1);
+      const dataOk = () => events.every((e) => e.data.n === e.seq - 1);
+      if (scenario === 'bad-token') {
+        const failed = await c.connect().then(() => null, (e) => String(e));
+        await sleep(3000); // a retry loop would show up as more connects here
+        return { failed, connects: c.stats.connects, statuses };
+      }
+      await c.connect();
+      const transport = c.transport;
+      if (scenario === 'restart') {
+        await publish(0, 10);
+        await until(() => events.length === 10);
+        const before = { ...c.positions.acme };
+        await window.report({ step: 'kill' });
+        await until(() => resets.length > 0, 60000); // the restarted node has a new epoch
+        await publish(0, 5);
+        await until(() => events.length === 15, 30000);
+        c.close();
+        return { transport, before, after: c.positions.acme, resets, seqs: seqs(), reconnects: c.stats.reconnects };
+      }
+      if (scenario === 'drop') {
+        await publish(0, 200);
+        await until(() => events.length >= 100);
+        c.reconnect();
+        const more = publish(200, 300);
+        await until(() => c.stats.reconnects >= 1);
+        await more;
+        await until(() => events.length >= 500);
+        await sleep(300);
+        c.close();
+        return { transport, count: events.length, inOrder: inOrder(), dataOk: dataOk(), first: seqs()[0], reconnects: c.stats.reconnects, resets: resets.length };
+      }
+      await publish(0, 1000);
+      await until(() => events.length >= 1000);
+      // A payload over the brotli threshold: compressed for this client when it can decode it.
+      const big = { n: 1000, text: 'compressible '.repeat(400) };
+      await fetch(`${base}/v1/orgs/acme/events`, {
+        method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+        body: JSON.stringify(big),
+      });
+      await until(() => events.length >= 1001);
+      const bigOk = JSON.stringify(events[1000].data) === JSON.stringify(big);
+      events.pop();
+      await sleep(300);
+      c.close();
+      let second = null;
+      if (scenario === 'unreachable-quic') {
+        // The failure is remembered: the next client goes straight to WebSocket.
+        const d = new EdgeStreamClient({ server: base, token, orgs: ['acme'] });
+        const st = [];
+        d.addEventListener('status', (e) => st.push(e.detail));
+        const t0 = Date.now();
+        await d.connect();
+        second = { transport: d.transport, statuses: st, ms: Date.now() - t0 };
+        d.close();
+      }
+      return { transport, count: events.length, inOrder: inOrder(), dataOk: dataOk(), first: seqs()[0], statuses, second, bigOk, brotli: brotliSupported() };
+    }, { scenario, base, tokenArg });
+    say({ step: 'result', ...result });
+  }
+} finally {
+  await browser.close();
+}
