@@ -227,6 +227,32 @@ async fn client_does_not_retry_a_4001() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refreshes_its_token_on_4009_and_resumes() {
+    let s = TestServer::start_with(|a| {
+        a.jwt_secret = None;
+        a.jwt_leeway = Some("0s".parse().unwrap());
+        a.heartbeat = Some("1s".parse().unwrap());
+    })
+    .await;
+    let r = run_node("client_e2e.mjs", &["refresh".into(), base(&s)], |_| {}).await;
+    assert!(r["hookCalls"].as_u64().unwrap() >= 1, "{r}");
+    let seqs: Vec<u64> = r["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=100).collect::<Vec<_>>(),
+        "no gap, no duplicate across the 4009: {r}"
+    );
+    assert_eq!(r["resets"], 0, "{r}");
+    assert!(r["reasons"].to_string().contains("4009"), "{r}");
+    assert_eq!(s.metrics().await["sessions_closed"]["4009"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_page_shows_live_events_and_is_screenshotted() {
     let s = dev_server().await;
     let r = run_node("client_e2e.mjs", &["demo".into(), base(&s)], |_| {}).await;

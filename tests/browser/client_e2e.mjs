@@ -1,7 +1,7 @@
 // Real headless Chromium running /edgestream.js (the browser client) against a running server.
 // Usage: node client_e2e.mjs SCENARIO HTTP_BASE [TOKEN]
-// Scenarios: auto, no-webtransport, disable-quic, unreachable-quic, drop, bad-token, restart,
-// demo.
+// Scenarios: auto, no-webtransport, disable-quic, unreachable-quic, drop, bad-token, refresh,
+// restart, demo.
 // Prints JSON lines {"step": ...}; "kill" asks the caller to kill and restart the server; the
 // last line is {"step":"result", ...}.
 import { chromium } from 'playwright-core';
@@ -60,6 +60,25 @@ try {
         }
       };
       if (scenario === 'no-webtransport') delete window.WebTransport;
+      if (scenario === 'refresh') {
+        // A token that expires in 2 s; on 4009 the hook fetches a new one and the client resumes.
+        const mint = async (ttl) => (await (await fetch(`${base}/v1/dev/token?sub=alice&orgs=acme&scope=subscribe%20publish&ttl=${ttl}`)).json()).token;
+        let hookCalls = 0;
+        const c = new EdgeStreamClient({ server: base, token: await mint('2s'), orgs: ['acme'],
+                                         refreshToken: async () => { hookCalls++; return mint('1h'); } });
+        const got = []; const resets = []; const codes = [];
+        c.addEventListener('event', (e) => got.push(e.detail.seq));
+        c.addEventListener('reset', (e) => resets.push(e.detail));
+        c.addEventListener('status', (e) => codes.push(e.detail.reason));
+        await c.connect();
+        await publish(0, 50);
+        await until(() => got.length >= 50);
+        await until(() => hookCalls >= 1, 20000);
+        await publish(50, 50);
+        await until(() => got.length >= 100);
+        c.close();
+        return { hookCalls, seqs: got, resets: resets.length, reasons: codes };
+      }
       const c = new EdgeStreamClient({ server: base, token: scenario === 'bad-token' ? token + 'x' : token, orgs: ['acme'] });
       const events = []; const resets = []; const statuses = [];
       c.addEventListener('event', (e) => events.push(e.detail));
