@@ -42,37 +42,58 @@ pub struct WtClient {
 /// Connects to `url` (`https://127.0.0.1:PORT/v1/stream?...`), trusting the certificate with
 /// this base64 SHA-256 (from `/v1/cert-hash`).
 pub async fn connect(url: &str, cert_sha256_b64: &str) -> anyhow::Result<WtClient> {
-    use base64::Engine as _;
-    let hash = base64::engine::general_purpose::STANDARD.decode(cert_sha256_b64)?;
-    let client = web_transport_quinn::ClientBuilder::new()
-        .with_server_certificate_hashes(vec![hash])
-        .context("client")?;
-    let url = url::Url::parse(url)?;
-    let session = tokio::time::timeout(HANG_GUARD, client.connect(url))
-        .await
-        .context("connect timed out")??;
-    let (items_tx, items) = mpsc::unbounded_channel();
-    let (stalled, _) = watch::channel(HashSet::new());
-    let (control_tx, control_frames) = mpsc::unbounded_channel();
-    // Accept org streams as they come.
-    {
-        let session = session.clone();
-        let stalled = stalled.clone();
-        tokio::spawn(async move {
-            while let Ok(recv) = session.accept_uni().await {
-                tokio::spawn(read_org_stream(recv, items_tx.clone(), stalled.subscribe()));
-            }
-        });
+    Connector::new(cert_sha256_b64)?.connect(url).await
+}
+
+/// One client endpoint (one UDP socket) for many sessions, as a load generator wants.
+pub struct Connector {
+    client: web_transport_quinn::Client,
+}
+
+impl Connector {
+    pub fn new(cert_sha256_b64: &str) -> anyhow::Result<Self> {
+        use base64::Engine as _;
+        let hash = base64::engine::general_purpose::STANDARD.decode(cert_sha256_b64)?;
+        let client = web_transport_quinn::ClientBuilder::new()
+            .with_server_certificate_hashes(vec![hash])
+            .context("client")?;
+        Ok(Connector { client })
     }
-    Ok(WtClient {
-        session,
-        control: None,
-        control_frames,
-        control_tx,
-        items,
-        stalled,
-        datagrams: Arc::new(Mutex::new(())),
-    })
+
+    pub async fn connect(&self, url: &str) -> anyhow::Result<WtClient> {
+        let url = url::Url::parse(url)?;
+        let session = tokio::time::timeout(HANG_GUARD, self.client.connect(url))
+            .await
+            .context("connect timed out")??;
+        Ok(WtClient::from_session(session))
+    }
+}
+
+impl WtClient {
+    fn from_session(session: Session) -> WtClient {
+        let (items_tx, items) = mpsc::unbounded_channel();
+        let (stalled, _) = watch::channel(HashSet::new());
+        let (control_tx, control_frames) = mpsc::unbounded_channel();
+        // Accept org streams as they come.
+        {
+            let session = session.clone();
+            let stalled = stalled.clone();
+            tokio::spawn(async move {
+                while let Ok(recv) = session.accept_uni().await {
+                    tokio::spawn(read_org_stream(recv, items_tx.clone(), stalled.subscribe()));
+                }
+            });
+        }
+        WtClient {
+            session,
+            control: None,
+            control_frames,
+            control_tx,
+            items,
+            stalled,
+            datagrams: Arc::new(Mutex::new(())),
+        }
+    }
 }
 
 async fn read_org_stream(

@@ -1,0 +1,720 @@
+//! `edgestream-bench`: measures edgestream against bare-library baselines in one invocation,
+//! on one machine, and checks order and gap-freedom on every subscriber while it does.
+//!
+//! Each server (edgestream, the WebSocket baseline, the WebTransport baseline) runs as its own
+//! process, so its CPU time is read from /proc alone; the load (subscribers and publishers)
+//! runs in this process. Ratios against the baselines are what count: these machines are
+//! shared and noisy, absolute numbers are context.
+
+mod baseline;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use edgestream_codec::Frame;
+use edgestream_testkit::{http::Api, token, ws::Msg, ws::WsClient, wt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const SECRET: &str = "bench-secret-0123456789abcdefgh";
+
+#[derive(Parser)]
+#[command(about = "edgestream load tool: figures against bare-library baselines")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// A short run (under a minute) for CI: small counts, same code paths.
+    #[arg(long)]
+    quick: bool,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Write a Markdown summary here.
+    #[arg(long)]
+    markdown: Option<std::path::PathBuf>,
+    /// The edgestream binary [default: next to this one].
+    #[arg(long)]
+    server_bin: Option<std::path::PathBuf>,
+    /// Subscribers per fan-out run [default: 1000, quick: 50].
+    #[arg(long)]
+    subscribers: Option<usize>,
+    /// Events per fan-out run [default: 20000, quick: 1000].
+    #[arg(long)]
+    events: Option<u64>,
+    /// Pin servers to this CPU list (taskset -c), e.g. 0.
+    #[arg(long)]
+    server_cpus: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the bare tokio-tungstenite broadcaster (used by the bench itself).
+    BaselineWs {
+        subscribers: usize,
+        events: u64,
+        payload_bytes: usize,
+    },
+    /// Runs the bare web-transport-quinn broadcaster (used by the bench itself).
+    BaselineWt {
+        subscribers: usize,
+        events: u64,
+        payload_bytes: usize,
+    },
+}
+
+const PAYLOAD_BYTES: usize = 128;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Some(Cmd::BaselineWs {
+                subscribers,
+                events,
+                payload_bytes,
+            }) => baseline::websocket(subscribers, events, payload_bytes).await,
+            Some(Cmd::BaselineWt {
+                subscribers,
+                events,
+                payload_bytes,
+            }) => baseline::webtransport(subscribers, events, payload_bytes).await,
+            None => run(cli).await,
+        }
+    })
+}
+
+/// A server process with its CPU time readable from /proc.
+struct Proc {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Proc {
+    fn spawn(
+        cpus: &Option<String>,
+        program: &std::path::Path,
+        args: &[String],
+    ) -> anyhow::Result<Proc> {
+        let mut cmd = match cpus {
+            Some(c) => {
+                let mut t = Command::new("taskset");
+                t.args(["-c", c]).arg(program);
+                t
+            }
+            None => Command::new(program),
+        };
+        let mut child = cmd
+            .args(args)
+            .env("EDGESTREAM_JWT_SECRET", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", program.display()))?;
+        let lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        Ok(Proc { child, lines })
+    }
+
+    /// CPU seconds (user + system) the process has used.
+    fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.child.id() else {
+            return 0.0;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0.0;
+        };
+        // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        ticks / clock_ticks()
+    }
+
+    async fn ready_line(&mut self) -> anyhow::Result<Vec<String>> {
+        let line = tokio::time::timeout(Duration::from_secs(20), self.lines.next_line())
+            .await
+            .context("baseline did not start")??
+            .context("baseline exited")?;
+        Ok(line.split_whitespace().map(String::from).collect())
+    }
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// The edgestream server under test.
+struct Edgestream {
+    proc: Proc,
+    api: Api,
+    http: u16,
+    wt_url: String,
+    cert: String,
+}
+
+async fn start_edgestream(cli: &Cli, events: u64) -> anyhow::Result<Edgestream> {
+    let bin = match &cli.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("edgestream"),
+    };
+    let http = free_port();
+    let args: Vec<String> = [
+        "serve",
+        "--http-listen",
+        &format!("127.0.0.1:{http}"),
+        "--quic-listen",
+        "127.0.0.1:0",
+        "--session-queue",
+        "65536",
+        "--replay-max-events",
+        &(events.max(100_000) * 2).to_string(),
+        "--replay-max-bytes",
+        "1073741824",
+        "--max-request-bytes",
+        "16777216",
+        "--max-sessions",
+        "1000000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = Proc::spawn(&cli.server_cpus, &bin, &args)?;
+    let api = Api::new(format!("http://127.0.0.1:{http}"));
+    let start = Instant::now();
+    while api.get("/healthz", None).await.is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("edgestream did not start ({})", bin.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, info) = api.get("/v1/info", None).await?;
+    let (_, hash) = api.get("/v1/cert-hash", None).await?;
+    Ok(Edgestream {
+        proc,
+        api,
+        http,
+        wt_url: info["webtransport"].as_str().context("wt url")?.to_string(),
+        cert: hash["value"].as_str().context("hash")?.to_string(),
+    })
+}
+
+fn tok(orgs: &[&str]) -> String {
+    token::hs256(
+        SECRET.as_bytes(),
+        &token::claims("bench", orgs, "subscribe publish"),
+    )
+}
+
+/// What the subscribers saw in one fan-out run.
+#[derive(Default)]
+struct Seen {
+    first_rx: AtomicU64,
+    last_rx: AtomicU64,
+    delivered: AtomicU64,
+    errors: Errors,
+    latencies_us: std::sync::Mutex<Vec<u64>>,
+}
+
+/// Order and delivery errors seen by subscribers; any one fails the run.
+#[derive(Default)]
+struct Errors(std::sync::Mutex<Vec<String>>);
+
+impl Errors {
+    fn push(&self, e: String) {
+        self.0.lock().expect("not poisoned").push(e);
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().expect("not poisoned"))
+    }
+}
+
+/// Micros since the bench started (one monotonic clock for publish and receive times).
+fn now_us(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+/// Checks one subscriber's event: in order, no gap; records times.
+fn on_event(
+    seen: &Seen,
+    epoch: Instant,
+    expected: &mut u64,
+    seq: u64,
+    payload: &[u8],
+    sample: bool,
+) {
+    let t = now_us(epoch);
+    if seq != *expected {
+        seen.errors
+            .push(format!("expected seq {expected}, got {seq}"));
+    }
+    *expected = seq + 1;
+    seen.first_rx.fetch_min(t, Ordering::Relaxed);
+    seen.last_rx.fetch_max(t, Ordering::Relaxed);
+    seen.delivered.fetch_add(1, Ordering::Relaxed);
+    if sample {
+        if let Some(sent) = serde_json::from_slice::<Value>(payload)
+            .ok()
+            .and_then(|v| v["t"].as_u64())
+        {
+            if sent > 0 {
+                seen.latencies_us
+                    .lock()
+                    .expect("not poisoned")
+                    .push(t.saturating_sub(sent));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Ws,
+    Wt,
+}
+
+/// Where and how the subscribers of one run connect.
+struct Target<'a> {
+    transport: Transport,
+    n: usize,
+    ws_url: &'a str,
+    wt_url: &'a str,
+    cert: &'a str,
+    events: u64,
+}
+
+/// Connects `n` subscribers and spawns their readers (each checks order and counts events).
+async fn subscribers(
+    target: Target<'_>,
+    seen: Arc<Seen>,
+    epoch: Instant,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let Target {
+        transport,
+        n,
+        ws_url,
+        wt_url,
+        cert,
+        events,
+    } = target;
+    let mut handles = Vec::new();
+    let connectors: Vec<wt::Connector> = match transport {
+        Transport::Wt => (0..8)
+            .map(|_| wt::Connector::new(cert))
+            .collect::<Result<_, _>>()?,
+        Transport::Ws => Vec::new(),
+    };
+    for i in 0..n {
+        let seen = seen.clone();
+        let sample = i < 10;
+        match transport {
+            Transport::Ws => {
+                let mut c = WsClient::connect(ws_url).await?;
+                handles.push(tokio::spawn(async move {
+                    let mut expected = 1;
+                    let mut got = 0;
+                    while got < events {
+                        match c.next().await {
+                            Ok(Msg::Frame(Frame::Event { seq, payload, .. })) => {
+                                on_event(&seen, epoch, &mut expected, seq, &payload, sample);
+                                got += 1;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                seen.errors.push(format!("ws subscriber: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                }));
+                if i % 100 == 99 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Transport::Wt => {
+                let mut c = connectors[i % connectors.len()].connect(wt_url).await?;
+                handles.push(tokio::spawn(async move {
+                    let mut expected = 1;
+                    let mut got = 0;
+                    while got < events {
+                        match c.next_frame().await {
+                            Ok(Frame::Event { seq, payload, .. }) => {
+                                on_event(&seen, epoch, &mut expected, seq, &payload, sample);
+                                got += 1;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                seen.errors.push(format!("wt subscriber: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    c.close(0);
+                }));
+            }
+        }
+    }
+    Ok(handles)
+}
+
+fn payload(epoch: Instant) -> Value {
+    json!({"t": now_us(epoch), "p": "x".repeat(PAYLOAD_BYTES - 30)})
+}
+
+/// One fan-out figure for edgestream: publish `events` to `n` subscribers.
+async fn fanout_edgestream(
+    cli: &Cli,
+    transport: Transport,
+    n: usize,
+    events: u64,
+) -> anyhow::Result<Value> {
+    let mut es = start_edgestream(cli, events).await?;
+    let epoch = Instant::now();
+    let seen = Arc::new(Seen {
+        first_rx: AtomicU64::new(u64::MAX),
+        ..Default::default()
+    });
+    let t = tok(&["bench"]);
+    let ws_url = format!("ws://127.0.0.1:{}/v1/stream?access_token={t}", es.http);
+    let wt_url = format!("{}?access_token={t}", es.wt_url);
+    let target = Target {
+        transport,
+        n,
+        ws_url: &ws_url,
+        wt_url: &wt_url,
+        cert: &es.cert,
+        events,
+    };
+    let handles = subscribers(target, seen.clone(), epoch).await?;
+    // Every subscriber is connected; wait until the server counts them all.
+    let key = if transport == Transport::Ws {
+        "websocket"
+    } else {
+        "webtransport"
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, m) = es.api.get("/v1/metrics", None).await?;
+        if m["sessions"][key].as_u64() == Some(n as u64) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {n} sessions opened", m["sessions"][key]);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu0 = es.proc.cpu_seconds();
+    let start = now_us(epoch);
+    let mut published = 0;
+    while published < events {
+        let batch = (events - published).min(100);
+        let body: Vec<Value> = (0..batch).map(|_| payload(epoch)).collect();
+        es.api.publish(&t, "bench", &Value::Array(body)).await?;
+        published += batch;
+    }
+    wait_all(handles, &seen, n as u64 * events).await?;
+    let cpu = es.proc.cpu_seconds() - cpu0;
+    let _ = es.proc.child.start_kill();
+    let secs = (seen.last_rx.load(Ordering::Relaxed) - start) as f64 / 1e6;
+    let delivered = seen.delivered.load(Ordering::Relaxed);
+    let mut lat = std::mem::take(&mut *seen.latencies_us.lock().expect("not poisoned"));
+    lat.sort_unstable();
+    Ok(json!({
+        "subscribers": n, "events": events, "delivered": delivered, "seconds": secs,
+        "delivered_per_sec": delivered as f64 / secs,
+        "server_cpu_seconds": cpu, "server_cpu_us_per_delivered": cpu * 1e6 / delivered as f64,
+        "latency_us_at_full_rate": percentiles(&lat),
+    }))
+}
+
+/// The same fan-out through a bare-library baseline process.
+async fn fanout_baseline(
+    cli: &Cli,
+    transport: Transport,
+    n: usize,
+    events: u64,
+) -> anyhow::Result<Value> {
+    let sub = if transport == Transport::Ws {
+        "baseline-ws"
+    } else {
+        "baseline-wt"
+    };
+    let args = vec![
+        sub.to_string(),
+        n.to_string(),
+        events.to_string(),
+        PAYLOAD_BYTES.to_string(),
+    ];
+    let mut p = Proc::spawn(&cli.server_cpus, &std::env::current_exe()?, &args)?;
+    let ready = p.ready_line().await?;
+    let port = ready.get(1).context("port")?;
+    let epoch = Instant::now();
+    let seen = Arc::new(Seen {
+        first_rx: AtomicU64::new(u64::MAX),
+        ..Default::default()
+    });
+    let url_ws = format!("ws://127.0.0.1:{port}/");
+    let url_wt = format!("https://127.0.0.1:{port}/");
+    let cert = ready.get(2).cloned().unwrap_or_default();
+    let cpu0 = p.cpu_seconds();
+    let target = Target {
+        transport,
+        n,
+        ws_url: &url_ws,
+        wt_url: &url_wt,
+        cert: &cert,
+        events,
+    };
+    let handles = subscribers(target, seen.clone(), epoch).await?;
+    wait_all(handles, &seen, n as u64 * events).await?;
+    let cpu = p.cpu_seconds() - cpu0;
+    let _ = p.child.start_kill();
+    let secs =
+        (seen.last_rx.load(Ordering::Relaxed) - seen.first_rx.load(Ordering::Relaxed)) as f64 / 1e6;
+    let delivered = seen.delivered.load(Ordering::Relaxed);
+    Ok(json!({
+        "subscribers": n, "events": events, "delivered": delivered, "seconds": secs,
+        "delivered_per_sec": delivered as f64 / secs,
+        "server_cpu_seconds": cpu, "server_cpu_us_per_delivered": cpu * 1e6 / delivered as f64,
+    }))
+}
+
+async fn wait_all(
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    seen: &Seen,
+    want: u64,
+) -> anyhow::Result<()> {
+    for h in handles {
+        tokio::time::timeout(Duration::from_secs(300), h)
+            .await
+            .context("subscriber hung")??;
+    }
+    let errors = seen.errors.take();
+    if !errors.is_empty() {
+        bail!(
+            "order or delivery broken: {} errors, first: {}",
+            errors.len(),
+            errors[0]
+        );
+    }
+    let got = seen.delivered.load(Ordering::Relaxed);
+    if got != want {
+        bail!("delivered {got} of {want}");
+    }
+    Ok(())
+}
+
+fn percentiles(sorted: &[u64]) -> Value {
+    let p = |q: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    json!({"samples": sorted.len(), "p50": p(0.5), "p99": p(0.99), "p999": p(0.999)})
+}
+
+/// Catch-up rate of one client reconnecting `behind` events behind.
+async fn replay(cli: &Cli, behind: u64) -> anyhow::Result<Value> {
+    let es = start_edgestream(cli, behind).await?;
+    let t = tok(&["replay"]);
+    let mut epoch_name = String::new();
+    let mut left = behind;
+    while left > 0 {
+        let batch = left.min(1000);
+        let body: Vec<Value> = (0..batch)
+            .map(|i| json!({"i": i, "p": "x".repeat(90)}))
+            .collect();
+        let r = es.api.publish(&t, "replay", &Value::Array(body)).await?;
+        epoch_name = r["epoch"].as_str().unwrap_or_default().to_string();
+        left -= batch;
+    }
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/stream?access_token={t}&since=replay:{epoch_name}:0",
+        es.http
+    );
+    let start = Instant::now();
+    let mut c = WsClient::connect(&url).await?;
+    let mut expected = 1;
+    while expected <= behind {
+        match c.next().await? {
+            Msg::Frame(Frame::Event { seq, .. }) => {
+                if seq != expected {
+                    bail!("replay out of order: expected {expected}, got {seq}");
+                }
+                expected += 1;
+            }
+            Msg::Frame(Frame::Subscribed { resume, .. })
+                if resume != edgestream_codec::Resume::Recovered =>
+            {
+                bail!("replay did not recover: {resume:?}");
+            }
+            _ => {}
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({"events": behind, "seconds": secs, "events_per_sec": behind as f64 / secs}))
+}
+
+/// Publish rate over HTTP with `batch` events per request, from 4 concurrent publishers.
+async fn ingest(cli: &Cli, events: u64, batch: u64) -> anyhow::Result<Value> {
+    let es = start_edgestream(cli, events).await?;
+    let t = tok(&["ingest"]);
+    let start = Instant::now();
+    let per = events / 4;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (api, t) = (es.api.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < per {
+                let n = batch.min(per - sent);
+                let body: Vec<Value> = (0..n)
+                    .map(|i| json!({"i": i, "p": "x".repeat(100)}))
+                    .collect();
+                api.publish(&t, "ingest", &Value::Array(body)).await?;
+                sent += n;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (_, h) = es
+        .api
+        .get("/v1/orgs/ingest/events?limit=1", Some(&t))
+        .await?;
+    if h["head"].as_u64() != Some(per * 4) {
+        bail!("ingest head {} != {}", h["head"], per * 4);
+    }
+    Ok(
+        json!({"batch": batch, "events": per * 4, "seconds": secs, "events_per_sec": (per * 4) as f64 / secs}),
+    )
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let started = Instant::now();
+    let n = cli.subscribers.unwrap_or(if cli.quick { 50 } else { 1000 });
+    let events = cli.events.unwrap_or(if cli.quick { 1000 } else { 20_000 });
+    let mut report = serde_json::Map::new();
+    for (name, transport) in [("ws_fanout", Transport::Ws), ("wt_fanout", Transport::Wt)] {
+        eprintln!("{name}: edgestream, {n} subscribers x {events} events ...");
+        let ours = fanout_edgestream(&cli, transport, n, events)
+            .await
+            .with_context(|| format!("{name} edgestream"))?;
+        eprintln!("{name}: baseline ...");
+        let base = fanout_baseline(&cli, transport, n, events)
+            .await
+            .with_context(|| format!("{name} baseline"))?;
+        let ratio = ours["delivered_per_sec"].as_f64().unwrap_or(0.0)
+            / base["delivered_per_sec"].as_f64().unwrap_or(1.0);
+        eprintln!(
+            "{name}: {:.0}/s vs baseline {:.0}/s: {ratio:.2}x",
+            ours["delivered_per_sec"].as_f64().unwrap_or(0.0),
+            base["delivered_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        report.insert(
+            name.into(),
+            json!({"edgestream": ours, "baseline": base, "ratio": ratio}),
+        );
+    }
+    let behind = if cli.quick { 10_000 } else { 100_000 };
+    eprintln!("replay: {behind} events behind ...");
+    report.insert(
+        "replay".into(),
+        replay(&cli, behind).await.context("replay")?,
+    );
+    let ingest_events = if cli.quick { 2_000 } else { 200_000 };
+    let mut ing = serde_json::Map::new();
+    for batch in [1, 100] {
+        let count = if batch == 1 {
+            ingest_events / 10
+        } else {
+            ingest_events
+        };
+        eprintln!("ingest: batches of {batch} ...");
+        ing.insert(
+            format!("batch_{batch}"),
+            ingest(&cli, count, batch).await.context("ingest")?,
+        );
+    }
+    report.insert("ingest".into(), Value::Object(ing));
+    report.insert(
+        "meta".into(),
+        json!({
+            "quick": cli.quick, "duration_seconds": started.elapsed().as_secs_f64(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "server_cpus": cli.server_cpus, "payload_bytes": PAYLOAD_BYTES,
+        }),
+    );
+    let report = Value::Object(report);
+    if let Some(p) = &cli.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    let md = markdown(&report);
+    if let Some(p) = &cli.markdown {
+        std::fs::write(p, &md)?;
+    }
+    println!("{md}");
+    Ok(())
+}
+
+fn markdown(r: &Value) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut s = String::from("| figure | edgestream | baseline | ratio |\n|---|---|---|---|\n");
+    for name in ["ws_fanout", "wt_fanout"] {
+        let x = &r[name];
+        s += &format!(
+            "| {name} delivered/s | {:.0} | {:.0} | {:.2}x |\n| {name} server CPU us/delivered | {:.2} | {:.2} | |\n",
+            f(&x["edgestream"]["delivered_per_sec"]), f(&x["baseline"]["delivered_per_sec"]), f(&x["ratio"]),
+            f(&x["edgestream"]["server_cpu_us_per_delivered"]), f(&x["baseline"]["server_cpu_us_per_delivered"]),
+        );
+        let l = &x["edgestream"]["latency_us_at_full_rate"];
+        s += &format!(
+            "| {name} latency at full rate p50/p99/p999 (us) | {}/{}/{} | | |\n",
+            l["p50"], l["p99"], l["p999"]
+        );
+    }
+    s += &format!(
+        "| replay events/s | {:.0} | | |\n",
+        f(&r["replay"]["events_per_sec"])
+    );
+    s += &format!(
+        "| ingest events/s, batch 1 | {:.0} | | |\n",
+        f(&r["ingest"]["batch_1"]["events_per_sec"])
+    );
+    s += &format!(
+        "| ingest events/s, batch 100 | {:.0} | | |\n",
+        f(&r["ingest"]["batch_100"]["events_per_sec"])
+    );
+    s += &format!(
+        "\nRun took {:.1} s (quick: {}).\n",
+        f(&r["meta"]["duration_seconds"]),
+        r["meta"]["quick"]
+    );
+    s
+}
