@@ -433,7 +433,10 @@ async fn fanout_edgestream(
         es.api.publish(&t, "bench", &Value::Array(body)).await?;
         published += batch;
     }
-    wait_all(handles, &seen, n as u64 * events).await?;
+    if let Err(e) = wait_all(handles, &seen, n as u64 * events).await {
+        let (_, m) = es.api.get("/v1/metrics", None).await.unwrap_or_default();
+        bail!("{e:#}; server closes by code: {}", m["sessions_closed"]);
+    }
     let cpu = es.proc.cpu_seconds() - cpu0;
     let _ = es.proc.child.start_kill();
     let secs = (seen.last_rx.load(Ordering::Relaxed) - start) as f64 / 1e6;
