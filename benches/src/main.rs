@@ -628,6 +628,153 @@ async fn ingest(cli: &Cli, events: u64, batch: u64) -> anyhow::Result<Value> {
     )
 }
 
+/// Resident set size of a process, in bytes.
+fn rss_bytes(proc: &Proc) -> u64 {
+    let Some(pid) = proc.child.id() else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Server RSS growth per idle session between `low` and `high` open sessions.
+async fn idle_memory(
+    cli: &Cli,
+    transport: Transport,
+    low: usize,
+    high: usize,
+) -> anyhow::Result<Value> {
+    let es = start_edgestream(cli, 1000).await?;
+    let t = tok(&["idle"]);
+    let ws_url = format!("ws://127.0.0.1:{}/v1/stream?access_token={t}", es.http);
+    let wt_url = format!("{}?access_token={t}", es.wt_url);
+    let connectors: Vec<wt::Connector> = match transport {
+        Transport::Wt => (0..16)
+            .map(|_| wt::Connector::new(&es.cert))
+            .collect::<Result<_, _>>()?,
+        Transport::Ws => Vec::new(),
+    };
+    let key = if transport == Transport::Ws {
+        "websocket"
+    } else {
+        "webtransport"
+    };
+    let mut ws_clients = Vec::new();
+    let mut wt_clients = Vec::new();
+    let mut rss = Vec::new();
+    for target in [low, high] {
+        while ws_clients.len() + wt_clients.len() < target {
+            match transport {
+                Transport::Ws => ws_clients.push(WsClient::connect(&ws_url).await?),
+                Transport::Wt => {
+                    let i = wt_clients.len();
+                    wt_clients.push(connectors[i % connectors.len()].connect(&wt_url).await?);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, m) = es.api.get("/v1/metrics", None).await?;
+            if m["sessions"][key].as_u64() == Some(target as u64) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{key}: {} of {target} sessions open", m["sessions"][key]);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Let allocations settle (handshake buffers freed) before reading RSS.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss.push(rss_bytes(&es.proc));
+    }
+    let per = (rss[1] as f64 - rss[0] as f64) / (high - low) as f64;
+    Ok(
+        json!({"low": low, "high": high, "rss_low": rss[0], "rss_high": rss[1], "bytes_per_session": per}),
+    )
+}
+
+/// Bytes on the WebSocket per delivered event (WebSocket frame headers included, TCP/IP
+/// headers not), for each format and payload size.
+async fn wire_bytes(cli: &Cli) -> anyhow::Result<Value> {
+    let es = start_edgestream(cli, 1000).await?;
+    let t = tok(&["wire"]);
+    let small = json!({"t": 1, "p": "x".repeat(PAYLOAD_BYTES - 20)});
+    // A realistic 4 KiB JSON object: repeated keys, varied values.
+    let rows: Vec<Value> = (0..62).map(|i| json!({"id": i, "name": format!("item-{i}"), "price": i * 7 % 100, "tags": ["a", "b"], "ok": i % 2 == 0})).collect();
+    let large = json!({"rows": rows});
+    let mut out = serde_json::Map::new();
+    for (label, body) in [("128B", &small), ("4KiB", &large)] {
+        let size = serde_json::to_vec(body)?.len();
+        let variants = [
+            ("binary", "format=bin"),
+            ("binary_brotli", "format=bin&enc=br"),
+            ("json", "format=json"),
+        ];
+        let mut clients = Vec::new();
+        for (_, q) in variants {
+            let url = format!("ws://127.0.0.1:{}/v1/stream?access_token={t}&{q}", es.http);
+            clients.push(tokio_tungstenite::connect_async(url).await?.0);
+        }
+        // Drain the SUBSCRIBED message of each.
+        for c in clients.iter_mut() {
+            use futures_util::StreamExt;
+            c.next().await;
+        }
+        let n = 50u64;
+        es.api
+            .publish(&t, "wire", &Value::Array(vec![body.clone(); n as usize]))
+            .await?;
+        let mut per = serde_json::Map::new();
+        for ((name, _), c) in variants.iter().zip(clients.iter_mut()) {
+            use futures_util::StreamExt;
+            let mut bytes = 0u64;
+            let mut events = 0;
+            while events < n {
+                let m = tokio::time::timeout(Duration::from_secs(20), c.next())
+                    .await?
+                    .context("closed")??;
+                let len = m.len() as u64;
+                let is_event = match &m {
+                    tokio_tungstenite::tungstenite::Message::Binary(b) => b.first() == Some(&2),
+                    tokio_tungstenite::tungstenite::Message::Text(t) => {
+                        t.as_str().starts_with("{\"t\":\"event\"")
+                    }
+                    _ => false,
+                };
+                if is_event {
+                    bytes += len
+                        + if len < 126 {
+                            2
+                        } else if len < 65536 {
+                            4
+                        } else {
+                            10
+                        };
+                    events += 1;
+                }
+            }
+            per.insert(name.to_string(), json!(bytes as f64 / n as f64));
+        }
+        let j = per["json"].as_f64().unwrap_or(1.0);
+        per.insert("payload_bytes".into(), json!(size));
+        per.insert(
+            "binary_vs_json".into(),
+            json!(per["binary"].as_f64().unwrap_or(0.0) / j),
+        );
+        per.insert(
+            "binary_brotli_vs_json".into(),
+            json!(per["binary_brotli"].as_f64().unwrap_or(0.0) / j),
+        );
+        out.insert(label.to_string(), Value::Object(per));
+    }
+    Ok(Value::Object(out))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let started = Instant::now();
@@ -688,6 +835,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     report.insert("ingest".into(), Value::Object(ing));
+    eprintln!("wire_bytes ...");
+    report.insert(
+        "wire_bytes".into(),
+        wire_bytes(&cli).await.context("wire_bytes")?,
+    );
+    let (low, high) = if cli.quick {
+        (100, 500)
+    } else {
+        (2_000, 10_000)
+    };
+    let mut idle = serde_json::Map::new();
+    for (name, transport) in [
+        ("websocket", Transport::Ws),
+        ("webtransport", Transport::Wt),
+    ] {
+        eprintln!("idle_memory: {name}, {low} -> {high} sessions ...");
+        idle.insert(
+            name.into(),
+            idle_memory(&cli, transport, low, high)
+                .await
+                .context("idle_memory")?,
+        );
+    }
+    report.insert("idle_memory".into(), Value::Object(idle));
     report.insert(
         "meta".into(),
         json!({
@@ -739,6 +910,22 @@ fn markdown(r: &Value) -> String {
         "| ingest events/s, batch 100 | {:.0} | | |\n",
         f(&r["ingest"]["batch_100"]["events_per_sec"])
     );
+    for size in ["128B", "4KiB"] {
+        let w = &r["wire_bytes"][size];
+        s += &format!(
+            "| wire bytes/event, {size} JSON payload: binary / binary+brotli / json | {:.0} / {:.0} / {:.0} | | bin {:.2}x, br {:.2}x of json |\n",
+            f(&w["binary"]), f(&w["binary_brotli"]), f(&w["json"]), f(&w["binary_vs_json"]), f(&w["binary_brotli_vs_json"])
+        );
+    }
+    for t in ["websocket", "webtransport"] {
+        let m = &r["idle_memory"][t];
+        s += &format!(
+            "| idle memory per {t} session ({} -> {} sessions) | {:.0} bytes | | |\n",
+            m["low"],
+            m["high"],
+            f(&m["bytes_per_session"])
+        );
+    }
     s += &format!(
         "\nRun took {:.1} s (quick: {}).\n",
         f(&r["meta"]["duration_seconds"]),
