@@ -37,6 +37,9 @@ struct Cli {
     /// Write a Markdown summary here.
     #[arg(long)]
     markdown: Option<std::path::PathBuf>,
+    /// Write the latency CDF per transport as SVG here.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
     /// The edgestream binary [default: next to this one].
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
@@ -458,6 +461,7 @@ async fn fanout_edgestream(
         "delivered_per_sec": delivered as f64 / secs,
         "server_cpu_seconds": cpu, "server_cpu_us_per_delivered": cpu * 1e6 / delivered as f64,
         "latency_us": percentiles(&lat),
+        "latency_cdf_us": (0..=100).map(|i| lat.get(((lat.len().max(1) - 1) * i) / 100).copied().unwrap_or(0)).collect::<Vec<u64>>(),
     }))
 }
 
@@ -807,8 +811,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let paced = fanout_edgestream(&cli, transport, n, paced_events, Some(peak / 2.0))
             .await
             .with_context(|| format!("{name} paced"))?;
-        let latency =
-            json!({"events_per_sec": peak / 2.0, "subscribers": n, "us": paced["latency_us"]});
+        let latency = json!({"events_per_sec": peak / 2.0, "subscribers": n, "us": paced["latency_us"], "cdf_us": paced["latency_cdf_us"]});
         report.insert(
             name.into(),
             json!({"edgestream": ours, "baseline": base, "ratio": ratio, "latency_at_half_peak": latency}),
@@ -871,12 +874,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(p) = &cli.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
+    if let Some(p) = &cli.svg {
+        std::fs::write(p, latency_svg(&report))?;
+    }
     let md = markdown(&report);
     if let Some(p) = &cli.markdown {
         std::fs::write(p, &md)?;
     }
     println!("{md}");
     Ok(())
+}
+
+/// The publish-to-receive latency CDF of each transport (at half the peak rate) as SVG.
+fn latency_svg(r: &Value) -> String {
+    let (w, h, pad) = (640.0, 360.0, 48.0);
+    let series: Vec<(&str, &str, Vec<f64>)> = [
+        ("ws_fanout", "#1f6feb", "WebSocket"),
+        ("wt_fanout", "#2da44e", "WebTransport"),
+    ]
+    .iter()
+    .map(|(k, color, label)| {
+        let pts = r[*k]["latency_at_half_peak"]["cdf_us"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_f64)
+                    .map(|us| us / 1000.0)
+                    .collect()
+            })
+            .unwrap_or_default();
+        (*label, *color, pts)
+    })
+    .collect();
+    let max_ms = series
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().copied())
+        .fold(1.0_f64, f64::max);
+    let x = |ms: f64| pad + (w - 2.0 * pad) * ms / max_ms;
+    let y = |q: f64| h - pad - (h - 2.0 * pad) * q;
+    let (y0, x1, yl) = (y(0.0), x(max_ms), y(0.0) + 16.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad}\" y=\"20\">publish-to-receive latency CDF at half the peak rate</text>\n\
+         <line x1=\"{pad}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{y0}\" x2=\"{pad}\" y2=\"{pad}\" stroke=\"black\"/>\n\
+         <text x=\"{x1}\" y=\"{yl}\" text-anchor=\"end\">{max_ms:.1} ms</text>\n\
+         <text x=\"{pad}\" y=\"{yl}\">0 ms</text><text x=\"8\" y=\"{pad}\">1.0</text><text x=\"8\" y=\"{y0}\">0</text>\n"
+    );
+    for (i, (label, color, pts)) in series.iter().enumerate() {
+        let n = pts.len().max(2) - 1;
+        let line: Vec<String> = pts
+            .iter()
+            .enumerate()
+            .map(|(j, ms)| format!("{:.1},{:.1}", x(*ms), y(j as f64 / n as f64)))
+            .collect();
+        let (lx, ly) = (w - pad - 100.0, y(0.3) - 16.0 * i as f64);
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n\
+             <text x=\"{lx}\" y=\"{ly}\" fill=\"{color}\">{label}</text>\n",
+            line.join(" ")
+        );
+    }
+    s + "</svg>\n"
 }
 
 fn markdown(r: &Value) -> String {
