@@ -333,7 +333,33 @@ async fn client_reconnects_after_a_server_restart_and_gets_reset() {
             if v["step"] == "kill" {
                 // SIGKILL: no drain, no close code. The in-memory log is gone with the process.
                 let _ = server.start_kill();
-                *restarted.lock().unwrap() = Some(spawn_node_binary(http, quic, secret));
+                // Wait (bounded) until the old process is gone and its ports are free.
+                for _ in 0..500 {
+                    if matches!(server.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let mut next = spawn_node_binary(http, quic, secret);
+                // Bounded wait until it listens; a start that lost the port race is retried once.
+                for attempt in 0..2 {
+                    let mut up = false;
+                    for _ in 0..500 {
+                        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+                            up = true;
+                            break;
+                        }
+                        if matches!(next.try_wait(), Ok(Some(_))) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if up || attempt == 1 {
+                        break;
+                    }
+                    next = spawn_node_binary(http, quic, secret);
+                }
+                *restarted.lock().unwrap() = Some(next);
             }
         })
         .await

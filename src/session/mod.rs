@@ -67,6 +67,46 @@ impl SessionEnv {
     }
 }
 
+/// A session's token: what it grants and when it runs out (`exp` plus the leeway).
+#[derive(Debug, Clone)]
+pub struct SessionToken {
+    pub grant: Grant,
+    pub expires_at: tokio::time::Instant,
+}
+
+impl SessionToken {
+    /// The token of a new session; refused if it is already past its expiry.
+    pub fn new(auth: &Authenticator, grant: Grant) -> Result<Self, Refusal> {
+        let at_ms = auth.expires_at_ms(&grant);
+        let now = crate::time::unix_ms();
+        if at_ms <= now {
+            return Err(Refusal::new(CloseCode::Unauthorized, "token expired"));
+        }
+        let expires_at = tokio::time::Instant::now() + Duration::from_millis(at_ms - now);
+        Ok(SessionToken { grant, expires_at })
+    }
+
+    /// REFRESH: a valid token for the same subject replaces this one (on error this one
+    /// stays). Returns the orgs among `subscribed` that the new token no longer grants.
+    pub fn refresh<'a>(
+        &mut self,
+        auth: &Authenticator,
+        token: &str,
+        subscribed: impl Iterator<Item = &'a OrgId>,
+    ) -> Result<Vec<OrgId>, Refusal> {
+        let grant = auth.verify(token)?;
+        if grant.sub != self.grant.sub {
+            return Err(crate::auth::AuthError::SubjectChanged.into());
+        }
+        let revoked = subscribed
+            .filter(|o| grant.check_subscribe(o).is_err())
+            .cloned()
+            .collect();
+        *self = SessionToken::new(auth, grant)?;
+        Ok(revoked)
+    }
+}
+
 /// The WebSocket message format (`format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

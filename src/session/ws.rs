@@ -15,8 +15,7 @@ use edgestream_ws::{tungstenite::Utf8Bytes, Close, Incoming, Outgoing, WsSession
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{ConnectParams, Format, SessionEnv};
-use crate::auth::Grant;
+use super::{ConnectParams, Format, SessionEnv, SessionToken};
 use crate::close::{CloseCode, Refusal};
 use crate::event::Event;
 use crate::hub::{Delivery, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
@@ -43,8 +42,7 @@ pub struct WsStreamSession {
     params: Result<ConnectParams, Refusal>,
     started: bool,
     counted: bool,
-    grant: Option<Grant>,
-    expires_at: Instant,
+    token: Option<SessionToken>,
     cursors: HashMap<OrgId, OrgCursor>,
     sink: Sink,
     queue: mpsc::Receiver<Arc<Event>>,
@@ -62,8 +60,7 @@ impl WsStreamSession {
             env,
             started: false,
             counted: false,
-            grant: None,
-            expires_at: Instant::now(),
+            token: None,
             cursors: HashMap::new(),
             sink,
             queue,
@@ -71,6 +68,14 @@ impl WsStreamSession {
             next_heartbeat: Instant::now(),
             deliveries: Vec::new(),
         }
+    }
+
+    /// When the session's token runs out (never before the session has started).
+    fn expires_at(&self) -> Instant {
+        self.token.as_ref().map_or_else(
+            || Instant::now() + std::time::Duration::from_secs(86_400 * 365),
+            |t| t.expires_at,
+        )
     }
 
     fn metrics(&self) -> &TransportMetrics {
@@ -98,7 +103,7 @@ impl WsStreamSession {
         }
         let grant = self.env.auth.verify(&params.token)?;
         let plan = params.plan(&grant, self.env.limits.max_orgs)?;
-        self.set_grant(grant)?;
+        self.token = Some(SessionToken::new(&self.env.auth, grant)?);
         self.metrics().sessions.inc();
         self.metrics().sessions_opened.inc();
         self.counted = true;
@@ -106,17 +111,6 @@ impl WsStreamSession {
             self.subscribe(org, since, out).await?;
         }
         self.next_heartbeat = Instant::now() + self.env.limits.heartbeat;
-        Ok(())
-    }
-
-    fn set_grant(&mut self, grant: Grant) -> Result<(), Refusal> {
-        let at_ms = self.env.auth.expires_at_ms(&grant);
-        let now = unix_ms();
-        if at_ms <= now {
-            return Err(Refusal::new(CloseCode::Unauthorized, "token expired"));
-        }
-        self.expires_at = Instant::now() + std::time::Duration::from_millis(at_ms - now);
-        self.grant = Some(grant);
         Ok(())
     }
 
@@ -149,7 +143,11 @@ impl WsStreamSession {
             Ok(o) => o,
             Err(e) => return Err(e.into()),
         };
-        let grant = self.grant.as_ref().expect("started sessions have a grant");
+        let grant = &self
+            .token
+            .as_ref()
+            .expect("started sessions have a token")
+            .grant;
         if let Err(f) = grant.check_subscribe(&org) {
             out.push(self.encode_error(CloseCode::Forbidden, &f.to_string()));
             return Ok(());
@@ -180,29 +178,14 @@ impl WsStreamSession {
     /// REFRESH: a new token for the same subject moves the expiry; orgs it no longer grants
     /// are unsubscribed. A bad token is answered with ERROR 4001 and the old one stays.
     fn on_refresh(&mut self, token: &str, out: &mut Vec<Outgoing>) {
-        let grant = match self.env.auth.verify(token) {
-            Ok(g) => g,
+        let session_token = self.token.as_mut().expect("started sessions have a token");
+        let revoked = match session_token.refresh(&self.env.auth, token, self.cursors.keys()) {
+            Ok(revoked) => revoked,
             Err(e) => {
-                out.push(self.encode_error(CloseCode::Unauthorized, &e.to_string()));
+                out.push(self.encode_error(e.code, &e.reason));
                 return;
             }
         };
-        let old = self.grant.as_ref().expect("started sessions have a grant");
-        if grant.sub != old.sub {
-            let e = crate::auth::AuthError::SubjectChanged;
-            out.push(self.encode_error(CloseCode::Unauthorized, &e.to_string()));
-            return;
-        }
-        let revoked: Vec<OrgId> = self
-            .cursors
-            .keys()
-            .filter(|o| grant.check_subscribe(o).is_err())
-            .cloned()
-            .collect();
-        if let Err(e) = self.set_grant(grant) {
-            out.push(self.encode_error(e.code, &e.reason));
-            return;
-        }
         for org in revoked {
             self.cursors.remove(&org);
             out.push(self.encode_error(
@@ -432,7 +415,7 @@ impl WsSession for WsStreamSession {
         // Timers first, so that a busy queue or a long replay never starves heartbeats (clients
         // treat three missing heartbeats as a dead link) or the token expiry.
         let now = Instant::now();
-        if now >= self.expires_at {
+        if now >= self.expires_at() {
             return Wake::Expired;
         }
         if now >= self.next_heartbeat {
@@ -446,6 +429,7 @@ impl WsSession for WsStreamSession {
                 Err(_) => Wake::CatchUp,
             };
         }
+        let expires_at = self.expires_at();
         tokio::select! {
             biased;
             e = self.queue.recv() => match e {
@@ -456,7 +440,7 @@ impl WsSession for WsStreamSession {
                 self.next_heartbeat = Instant::now() + self.env.limits.heartbeat;
                 Wake::Heartbeat
             }
-            _ = tokio::time::sleep_until(self.expires_at) => Wake::Expired,
+            _ = tokio::time::sleep_until(expires_at) => Wake::Expired,
         }
     }
 

@@ -18,13 +18,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use web_transport_quinn::{RecvStream, SendStream, Session};
 
-use crate::auth::{AuthError, Grant};
 use crate::close::{CloseCode, Refusal};
 use crate::event::Event;
 use crate::hub::{Delivery, HeadWatch, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
 use crate::metrics::{Transport, TransportMetrics};
 use crate::model::{Epoch, OrgId, Position};
-use crate::session::{ConnectParams, SessionEnv};
+use crate::session::{ConnectParams, SessionEnv, SessionToken};
 use crate::time::unix_ms;
 
 /// Live events written per batch on an org stream.
@@ -65,8 +64,7 @@ struct WtSession {
     env: Arc<SessionEnv>,
     wt: Session,
     params: ConnectParams,
-    grant: Grant,
-    expires_at: Instant,
+    token: SessionToken,
     orgs: HashMap<OrgId, OrgStream>,
     overflow: Arc<Overflow>,
     control: Option<SendStream>,
@@ -87,9 +85,9 @@ impl WtSession {
         }
         let grant = env.auth.verify(&params.token)?;
         let plan = params.plan(&grant, env.limits.max_orgs)?;
+        let token = SessionToken::new(&env.auth, grant)?;
         let (control_tx, control_rx) = mpsc::channel(16);
         let mut s = WtSession {
-            expires_at: Instant::now(),
             overflow: Arc::new(Overflow::default()),
             orgs: HashMap::new(),
             control: None,
@@ -97,11 +95,10 @@ impl WtSession {
             env,
             wt,
             params,
-            grant: grant.clone(),
+            token,
             control_rx,
             control_tx,
         };
-        s.set_grant(grant)?;
         s.readers
             .push(tokio::spawn(datagrams(s.wt.clone(), s.env.clone())));
         for (org, since) in plan {
@@ -112,17 +109,6 @@ impl WtSession {
 
     fn metrics(&self) -> &TransportMetrics {
         self.env.metrics.transport(Transport::WebTransport)
-    }
-
-    fn set_grant(&mut self, grant: Grant) -> Result<(), Refusal> {
-        let at_ms = self.env.auth.expires_at_ms(&grant);
-        let now = unix_ms();
-        if at_ms <= now {
-            return Err(Refusal::new(CloseCode::Unauthorized, "token expired"));
-        }
-        self.expires_at = Instant::now() + Duration::from_millis(at_ms - now);
-        self.grant = grant;
-        Ok(())
     }
 
     /// Opens the org's stream and starts its writer; an existing subscription is replaced.
@@ -195,7 +181,7 @@ impl WtSession {
                     tracing::debug!(error = %e, "webtransport session ended");
                     return None;
                 }
-                _ = tokio::time::sleep_until(self.expires_at) => {
+                _ = tokio::time::sleep_until(self.token.expires_at) => {
                     return Some(Refusal::new(CloseCode::TokenExpired, "token expired"));
                 }
                 _ = tokio::time::sleep_until(next_heartbeat) => {
@@ -253,7 +239,7 @@ impl WtSession {
                         seq,
                     })
                 };
-                if let Err(f) = self.grant.check_subscribe(&org) {
+                if let Err(f) = self.token.grant.check_subscribe(&org) {
                     return self.error(CloseCode::Forbidden, &f.to_string()).await;
                 }
                 if !self.orgs.contains_key(&org) && self.orgs.len() >= self.env.limits.max_orgs {
@@ -289,27 +275,10 @@ impl WtSession {
     }
 
     async fn on_refresh(&mut self, token: &str) -> Result<(), Refusal> {
-        let grant = match self.env.auth.verify(token) {
-            Ok(g) if g.sub == self.grant.sub => g,
-            Ok(_) => {
-                return self
-                    .error(
-                        CloseCode::Unauthorized,
-                        &AuthError::SubjectChanged.to_string(),
-                    )
-                    .await
-            }
-            Err(e) => return self.error(CloseCode::Unauthorized, &e.to_string()).await,
+        let revoked = match self.token.refresh(&self.env.auth, token, self.orgs.keys()) {
+            Ok(revoked) => revoked,
+            Err(e) => return self.error(e.code, &e.reason).await,
         };
-        let revoked: Vec<OrgId> = self
-            .orgs
-            .keys()
-            .filter(|o| grant.check_subscribe(o).is_err())
-            .cloned()
-            .collect();
-        if let Err(e) = self.set_grant(grant) {
-            return self.error(e.code, &e.reason).await;
-        }
         for org in revoked {
             self.error(
                 CloseCode::Forbidden,
