@@ -112,6 +112,19 @@ impl Position {
     }
 }
 
+impl Position {
+    /// The position of a SUBSCRIBE frame: none when `epoch` is empty (PROTOCOL.md section 2).
+    pub fn from_subscribe(epoch: &str, seq: u64) -> Result<Option<Self>, ModelError> {
+        if epoch.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Position {
+            epoch: Epoch::parse(epoch)?,
+            seq,
+        }))
+    }
+}
+
 fn parse_seq(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -20,7 +20,7 @@ use crate::close::{CloseCode, Refusal};
 use crate::event::Event;
 use crate::hub::{Delivery, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
 use crate::metrics::{Transport, TransportMetrics};
-use crate::model::{Epoch, OrgId, Position};
+use crate::model::{OrgId, Position};
 use crate::time::unix_ms;
 
 /// Live events handled per wake-up before the socket is flushed.
@@ -210,14 +210,7 @@ impl WsStreamSession {
         }
         match Frame::decode_exact(msg, self.env.limits.max_control_frame)? {
             Frame::Subscribe { org, epoch, seq } => {
-                let since = if epoch.is_empty() {
-                    None
-                } else {
-                    Some(Position {
-                        epoch: Epoch::parse(&epoch)?,
-                        seq,
-                    })
-                };
+                let since = Position::from_subscribe(&epoch, seq)?;
                 self.on_subscribe(&org, since, out).await
             }
             Frame::Unsubscribe { org } => self.on_unsubscribe(&org, out),

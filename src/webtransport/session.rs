@@ -22,7 +22,7 @@ use crate::close::{CloseCode, Refusal};
 use crate::event::Event;
 use crate::hub::{Delivery, HeadWatch, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
 use crate::metrics::{Transport, TransportMetrics};
-use crate::model::{Epoch, OrgId, Position};
+use crate::model::{OrgId, Position};
 use crate::session::{ConnectParams, SessionEnv, SessionToken};
 use crate::time::unix_ms;
 
@@ -231,14 +231,7 @@ impl WtSession {
         match frame {
             Frame::Subscribe { org, epoch, seq } => {
                 let org = OrgId::parse(&org)?;
-                let since = if epoch.is_empty() {
-                    None
-                } else {
-                    Some(Position {
-                        epoch: Epoch::parse(&epoch)?,
-                        seq,
-                    })
-                };
+                let since = Position::from_subscribe(&epoch, seq)?;
                 if let Err(f) = self.token.grant.check_subscribe(&org) {
                     return self.error(CloseCode::Forbidden, &f.to_string()).await;
                 }
