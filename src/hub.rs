@@ -367,7 +367,7 @@ impl OrgCursor {
     }
 
     /// Handles a live event of this org from the session's queue.
-    pub fn on_live(&mut self, event: &Arc<Event>, out: &mut Vec<Delivery>) {
+    pub fn on_live(&mut self, event: Arc<Event>, out: &mut Vec<Delivery>) {
         if self.catching_up {
             return; // the log read will return it
         }
@@ -375,7 +375,7 @@ impl OrgCursor {
             self.catching_up = true; // a gap or a new epoch: the log decides
         } else if event.seq == self.next {
             self.next += 1;
-            out.push(Delivery::Event(event.clone()));
+            out.push(Delivery::Event(event));
         }
         // event.seq < next: already delivered.
     }
@@ -474,7 +474,7 @@ mod tests {
                 .await
                 .expect("the event published after subscribing is delivered")
                 .unwrap();
-            cursor.on_live(&e, &mut out);
+            cursor.on_live(e, &mut out);
         }
         out
     }
@@ -543,7 +543,7 @@ mod tests {
             panic!()
         };
         out.clear();
-        cursor.on_live(&events[0], &mut out);
+        cursor.on_live(events[0].clone(), &mut out);
         assert!(out.is_empty());
         log.append(&org, payloads(2), None).await.unwrap(); // 4, 5
         let ReadOutcome::Events { events, .. } = log
@@ -560,7 +560,7 @@ mod tests {
         else {
             panic!()
         };
-        cursor.on_live(&events[0], &mut out); // seq 5: 4 is missing
+        cursor.on_live(events[0].clone(), &mut out); // seq 5: 4 is missing
         assert!(out.is_empty() && cursor.needs_catch_up());
         cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
         assert_eq!(seqs(&out), [4, 5]);
@@ -590,7 +590,7 @@ mod tests {
             later.ts,
             later.payload.clone(),
         );
-        cursor.on_live(&later, &mut out);
+        cursor.on_live(later, &mut out);
         cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
         assert!(
             matches!(&out[..], [Delivery::Reset { head: 16, .. }]),

@@ -18,8 +18,23 @@ pub enum ModelError {
 }
 
 /// An org (tenant) id: 1 to 64 bytes of `[A-Za-z0-9_.-]`. Cheap to clone.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct OrgId(Arc<str>);
+
+// Equality checks the pointer first: ids cloned from one parse (the common case on the
+// delivery path) compare without reading the bytes. Equal pointers mean equal bytes, so this
+// agrees with Hash and Ord, which look at the bytes only.
+impl PartialEq for OrgId {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl std::hash::Hash for OrgId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl OrgId {
     pub fn parse(s: &str) -> Result<Self, ModelError> {
@@ -52,8 +67,20 @@ impl fmt::Debug for OrgId {
 }
 
 /// An epoch: 1 to 32 chars of `[A-Za-z0-9_-]`, opaque to clients. Cheap to clone.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, Eq)]
 pub struct Epoch(Arc<str>);
+
+impl PartialEq for Epoch {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl std::hash::Hash for Epoch {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl Epoch {
     pub fn parse(s: &str) -> Result<Self, ModelError> {

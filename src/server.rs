@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use edgestream_ws::{OriginPolicy, WsConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -188,7 +189,14 @@ impl Server {
         let router = crate::http::router(app.clone());
         let mut http = tokio::spawn(
             axum::serve(
-                self.http,
+                // Events are small writes that must leave at once: no Nagle delay (with it, a
+                // frame written while an earlier one awaits its ACK waited for delayed ACKs,
+                // tens of milliseconds on loopback).
+                self.http.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set");
+                    }
+                }),
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(stop_http.clone().cancelled_owned())

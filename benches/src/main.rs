@@ -52,6 +52,23 @@ struct Cli {
     /// Pin servers to this CPU list (taskset -c), e.g. 0.
     #[arg(long)]
     server_cpus: Option<String>,
+    /// Pin this process (the load: subscribers and publishers) to this CPU list, e.g. 1.
+    #[arg(long)]
+    load_cpus: Option<String>,
+    /// Run each fan-out pair (edgestream, baseline) this many times and report the median
+    /// ratio [default: 3, quick: 1].
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest, wire_bytes,
+    /// idle_memory [default: all].
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+impl Cli {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
 }
 
 #[derive(Subcommand)]
@@ -74,6 +91,27 @@ const PAYLOAD_BYTES: usize = 128;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Library warnings (e.g. a WebTransport client's session teardown) go to stderr;
+    // EDGESTREAM_BENCH_LOG takes a tracing filter.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGESTREAM_BENCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let (None, Some(cpus)) = (&cli.cmd, &cli.load_cpus) {
+        // Before the runtime starts its threads: they inherit the main thread's affinity.
+        let ok = std::process::Command::new("taskset")
+            .args(["-p", "-c", cpus, &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            bail!("taskset -c {cpus} failed for the load process");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -452,7 +490,11 @@ async fn fanout_edgestream(
     }
     let cpu = es.proc.cpu_seconds() - cpu0;
     let _ = es.proc.child.start_kill();
-    let secs = (seen.last_rx.load(Ordering::Relaxed) - start) as f64 / 1e6;
+    let _ = start;
+    // The delivery window, from the first event received to the last: measured the same way
+    // as the baselines.
+    let secs =
+        (seen.last_rx.load(Ordering::Relaxed) - seen.first_rx.load(Ordering::Relaxed)) as f64 / 1e6;
     let delivered = seen.delivered.load(Ordering::Relaxed);
     let mut lat = std::mem::take(&mut *seen.latencies_us.lock().expect("not poisoned"));
     lat.sort_unstable();
@@ -785,22 +827,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let n = cli.subscribers.unwrap_or(if cli.quick { 50 } else { 1000 });
     let events = cli.events.unwrap_or(if cli.quick { 1000 } else { 20_000 });
     let mut report = serde_json::Map::new();
+    let repeat = cli.repeat.unwrap_or(if cli.quick { 1 } else { 3 }).max(1);
     for (name, transport) in [("ws_fanout", Transport::Ws), ("wt_fanout", Transport::Wt)] {
-        eprintln!("{name}: edgestream, {n} subscribers x {events} events ...");
-        let ours = fanout_edgestream(&cli, transport, n, events, None)
-            .await
-            .with_context(|| format!("{name} edgestream"))?;
-        eprintln!("{name}: baseline ...");
-        let base = fanout_baseline(&cli, transport, n, events)
-            .await
-            .with_context(|| format!("{name} baseline"))?;
-        let ratio = ours["delivered_per_sec"].as_f64().unwrap_or(0.0)
-            / base["delivered_per_sec"].as_f64().unwrap_or(1.0);
-        eprintln!(
-            "{name}: {:.0}/s vs baseline {:.0}/s: {ratio:.2}x",
-            ours["delivered_per_sec"].as_f64().unwrap_or(0.0),
-            base["delivered_per_sec"].as_f64().unwrap_or(0.0)
-        );
+        if !cli.wants(name) {
+            continue;
+        }
+        // Each repetition runs edgestream then its baseline, back to back, so both see the
+        // same machine; the report keeps every run and the median ratio.
+        let mut runs = Vec::new();
+        for i in 0..repeat {
+            eprintln!(
+                "{name} [{}/{repeat}]: edgestream, {n} subscribers x {events} events ...",
+                i + 1
+            );
+            let ours = fanout_edgestream(&cli, transport, n, events, None)
+                .await
+                .with_context(|| format!("{name} edgestream"))?;
+            eprintln!("{name} [{}/{repeat}]: baseline ...", i + 1);
+            let base = fanout_baseline(&cli, transport, n, events)
+                .await
+                .with_context(|| format!("{name} baseline"))?;
+            let ratio = ours["delivered_per_sec"].as_f64().unwrap_or(0.0)
+                / base["delivered_per_sec"].as_f64().unwrap_or(1.0);
+            eprintln!(
+                "{name}: {:.0}/s vs baseline {:.0}/s: {ratio:.2}x",
+                ours["delivered_per_sec"].as_f64().unwrap_or(0.0),
+                base["delivered_per_sec"].as_f64().unwrap_or(0.0)
+            );
+            runs.push((ratio, ours, base));
+        }
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let ratios: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let (ratio, ours, base) = runs.swap_remove(runs.len() / 2);
         // Latency at half the peak rate measured above, with the same fan-out.
         let peak = ours["delivered_per_sec"].as_f64().unwrap_or(1000.0) / n as f64;
         let paced_events = if cli.quick { 200 } else { 3000 };
@@ -814,18 +872,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let latency = json!({"events_per_sec": peak / 2.0, "subscribers": n, "us": paced["latency_us"], "cdf_us": paced["latency_cdf_us"]});
         report.insert(
             name.into(),
-            json!({"edgestream": ours, "baseline": base, "ratio": ratio, "latency_at_half_peak": latency}),
+            json!({"edgestream": ours, "baseline": base, "ratio": ratio, "ratios": ratios, "latency_at_half_peak": latency}),
         );
     }
     let behind = if cli.quick { 10_000 } else { 100_000 };
-    eprintln!("replay: {behind} events behind ...");
-    report.insert(
-        "replay".into(),
-        replay(&cli, behind).await.context("replay")?,
-    );
+    if cli.wants("replay") {
+        eprintln!("replay: {behind} events behind ...");
+        report.insert(
+            "replay".into(),
+            replay(&cli, behind).await.context("replay")?,
+        );
+    }
     let ingest_events = if cli.quick { 2_000 } else { 200_000 };
     let mut ing = serde_json::Map::new();
     for batch in [1, 100] {
+        if !cli.wants("ingest") {
+            break;
+        }
         let count = if batch == 1 {
             ingest_events / 10
         } else {
@@ -837,12 +900,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ingest(&cli, count, batch).await.context("ingest")?,
         );
     }
-    report.insert("ingest".into(), Value::Object(ing));
-    eprintln!("wire_bytes ...");
-    report.insert(
-        "wire_bytes".into(),
-        wire_bytes(&cli).await.context("wire_bytes")?,
-    );
+    if !ing.is_empty() {
+        report.insert("ingest".into(), Value::Object(ing));
+    }
+    if cli.wants("wire_bytes") {
+        eprintln!("wire_bytes ...");
+        report.insert(
+            "wire_bytes".into(),
+            wire_bytes(&cli).await.context("wire_bytes")?,
+        );
+    }
     let (low, high) = if cli.quick {
         (100, 500)
     } else {
@@ -853,6 +920,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ("websocket", Transport::Ws),
         ("webtransport", Transport::Wt),
     ] {
+        if !cli.wants("idle_memory") {
+            break;
+        }
         eprintln!("idle_memory: {name}, {low} -> {high} sessions ...");
         idle.insert(
             name.into(),
@@ -861,13 +931,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("idle_memory")?,
         );
     }
-    report.insert("idle_memory".into(), Value::Object(idle));
+    if !idle.is_empty() {
+        report.insert("idle_memory".into(), Value::Object(idle));
+    }
     report.insert(
         "meta".into(),
         json!({
             "quick": cli.quick, "duration_seconds": started.elapsed().as_secs_f64(),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "server_cpus": cli.server_cpus, "payload_bytes": PAYLOAD_BYTES,
+            "server_cpus": cli.server_cpus, "load_cpus": cli.load_cpus, "repeat": repeat,
+            "payload_bytes": PAYLOAD_BYTES,
         }),
     );
     let report = Value::Object(report);
@@ -944,8 +1017,16 @@ fn markdown(r: &Value) -> String {
     let mut s = String::from("| figure | edgestream | baseline | ratio |\n|---|---|---|---|\n");
     for name in ["ws_fanout", "wt_fanout"] {
         let x = &r[name];
+        if x.is_null() {
+            continue;
+        }
+        let all: Vec<String> = x["ratios"]
+            .as_array()
+            .map(|a| a.iter().map(|v| format!("{:.2}", f(v))).collect())
+            .unwrap_or_default();
         s += &format!(
-            "| {name} delivered/s | {:.0} | {:.0} | {:.2}x |\n| {name} server CPU us/delivered | {:.2} | {:.2} | |\n",
+            "| {name} delivered/s (median of {} runs; ratios {}) | {:.0} | {:.0} | {:.2}x |\n| {name} server CPU us/delivered | {:.2} | {:.2} | |\n",
+            all.len(), all.join(", "),
             f(&x["edgestream"]["delivered_per_sec"]), f(&x["baseline"]["delivered_per_sec"]), f(&x["ratio"]),
             f(&x["edgestream"]["server_cpu_us_per_delivered"]), f(&x["baseline"]["server_cpu_us_per_delivered"]),
         );
@@ -958,20 +1039,27 @@ fn markdown(r: &Value) -> String {
             l["p999"]
         );
     }
-    s += &format!(
-        "| replay events/s | {:.0} | | |\n",
-        f(&r["replay"]["events_per_sec"])
-    );
-    s += &format!(
-        "| ingest events/s, batch 1 | {:.0} | | |\n",
-        f(&r["ingest"]["batch_1"]["events_per_sec"])
-    );
-    s += &format!(
-        "| ingest events/s, batch 100 | {:.0} | | |\n",
-        f(&r["ingest"]["batch_100"]["events_per_sec"])
-    );
+    if !r["replay"].is_null() {
+        s += &format!(
+            "| replay events/s | {:.0} | | |\n",
+            f(&r["replay"]["events_per_sec"])
+        );
+    }
+    if !r["ingest"].is_null() {
+        s += &format!(
+            "| ingest events/s, batch 1 | {:.0} | | |\n",
+            f(&r["ingest"]["batch_1"]["events_per_sec"])
+        );
+        s += &format!(
+            "| ingest events/s, batch 100 | {:.0} | | |\n",
+            f(&r["ingest"]["batch_100"]["events_per_sec"])
+        );
+    }
     for size in ["128B", "4KiB"] {
         let w = &r["wire_bytes"][size];
+        if w.is_null() {
+            continue;
+        }
         s += &format!(
             "| wire bytes/event, {size} JSON payload: binary / binary+brotli / json | {:.0} / {:.0} / {:.0} | | bin {:.2}x, br {:.2}x of json |\n",
             f(&w["binary"]), f(&w["binary_brotli"]), f(&w["json"]), f(&w["binary_vs_json"]), f(&w["binary_brotli_vs_json"])
@@ -979,6 +1067,9 @@ fn markdown(r: &Value) -> String {
     }
     for t in ["websocket", "webtransport"] {
         let m = &r["idle_memory"][t];
+        if m.is_null() {
+            continue;
+        }
         s += &format!(
             "| idle memory per {t} session ({} -> {} sessions) | {:.0} bytes | | |\n",
             m["low"],

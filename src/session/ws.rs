@@ -6,7 +6,6 @@
 //! initial subscriptions happen in the first wake-up, after the upgrade, so that a refusal is a
 //! close code the client can read.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,7 +42,7 @@ pub struct WsStreamSession {
     started: bool,
     counted: bool,
     token: Option<SessionToken>,
-    cursors: HashMap<OrgId, OrgCursor>,
+    cursors: Cursors,
     sink: Sink,
     queue: mpsc::Receiver<Arc<Event>>,
     overflow: Arc<Overflow>,
@@ -61,7 +60,7 @@ impl WsStreamSession {
             started: false,
             counted: false,
             token: None,
-            cursors: HashMap::new(),
+            cursors: Cursors::default(),
             sink,
             queue,
             overflow,
@@ -128,7 +127,7 @@ impl WsStreamSession {
             .subscribe(&org, since.as_ref(), &self.sink)
             .await?;
         out.push(self.encode_subscribed(&subscribed));
-        self.cursors.insert(org, cursor);
+        self.cursors.insert(cursor);
         Ok(())
     }
 
@@ -352,19 +351,21 @@ impl WsStreamSession {
     }
 
     fn on_live(&mut self, event: Arc<Event>, out: &mut Vec<Outgoing>) {
+        let org = event.org.clone();
         let mut next = Some(event);
         let mut handled = 0;
         while let Some(e) = next.take() {
             if let Some(cursor) = self.cursors.get_mut(&e.org) {
-                cursor.on_live(&e, &mut self.deliveries);
-                let org = e.org.clone();
-                self.flush_deliveries(&org, false, out);
+                cursor.on_live(e, &mut self.deliveries);
             }
             handled += 1;
             if handled < LIVE_BATCH {
                 next = self.queue.try_recv().ok();
             }
         }
+        // Live deliveries are events only (a RESET comes from a log read), so the org passed
+        // here names no frame.
+        self.flush_deliveries(&org, false, out);
     }
 
     async fn catch_up(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
@@ -382,6 +383,44 @@ impl WsStreamSession {
             .await?;
         self.flush_deliveries(&org, true, out);
         Ok(())
+    }
+}
+
+/// A session's cursors, one per org: a short list (at most `max_orgs`, 64 by default), where a
+/// linear scan with pointer-first id comparison beats hashing the org id on every event.
+#[derive(Default)]
+struct Cursors(Vec<OrgCursor>);
+
+impl Cursors {
+    fn get_mut(&mut self, org: &OrgId) -> Option<&mut OrgCursor> {
+        self.0.iter_mut().find(|c| c.org() == org)
+    }
+
+    fn contains_key(&self, org: &OrgId) -> bool {
+        self.0.iter().any(|c| c.org() == org)
+    }
+
+    fn remove(&mut self, org: &OrgId) -> Option<OrgCursor> {
+        let i = self.0.iter().position(|c| c.org() == org)?;
+        Some(self.0.swap_remove(i))
+    }
+
+    /// Adds a cursor; the caller removed any earlier one of the same org.
+    fn insert(&mut self, cursor: OrgCursor) {
+        debug_assert!(!self.contains_key(cursor.org()));
+        self.0.push(cursor);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &OrgId> {
+        self.0.iter().map(OrgCursor::org)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &OrgCursor> {
+        self.0.iter()
     }
 }
 

@@ -27,6 +27,11 @@ pub enum StreamItem {
     Finished {
         org: String,
     },
+    /// Reading the stream failed (reset, or the session or connection closed).
+    Failed {
+        org: String,
+        error: String,
+    },
 }
 
 pub struct WtClient {
@@ -80,7 +85,12 @@ impl WtClient {
             let stalled = stalled.clone();
             tokio::spawn(async move {
                 while let Ok(recv) = session.accept_uni().await {
-                    tokio::spawn(read_org_stream(recv, items_tx.clone(), stalled.subscribe()));
+                    tokio::spawn(read_org_stream(
+                        recv,
+                        session.clone(),
+                        items_tx.clone(),
+                        stalled.subscribe(),
+                    ));
                 }
             });
         }
@@ -98,6 +108,7 @@ impl WtClient {
 
 async fn read_org_stream(
     mut recv: web_transport_quinn::RecvStream,
+    session: Session,
     tx: mpsc::UnboundedSender<StreamItem>,
     mut stalled: watch::Receiver<HashSet<String>>,
 ) {
@@ -125,7 +136,18 @@ async fn read_org_stream(
                 });
                 return;
             }
-            Err(_) => return,
+            Err(e) => {
+                // The session error can hide the QUIC one (a CONNECT stream that ended without
+                // a capsule reads as "closed"); name both.
+                let quic = (*session)
+                    .close_reason()
+                    .map_or_else(String::new, |r| format!(" (QUIC: {r})"));
+                let _ = tx.send(StreamItem::Failed {
+                    org: org.unwrap_or_default(),
+                    error: format!("{e}{quic}"),
+                });
+                return;
+            }
         }
     }
 }
@@ -144,6 +166,7 @@ impl WtClient {
         match self.next_item().await? {
             StreamItem::Frame { frame, .. } => Ok(frame),
             StreamItem::Finished { org } => bail!("stream of {org} finished"),
+            StreamItem::Failed { org, error } => bail!("stream of {org} failed: {error}"),
         }
     }
 
