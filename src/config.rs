@@ -152,6 +152,8 @@ serve_options! {
     quic_idle_timeout: HumanDuration,
     /// QUIC address validation: auto (Retry under handshake load), always or never [default: auto]
     quic_retry: crate::webtransport::RetryPolicy,
+    /// Kernel buffer (SO_RCVBUF, SO_SNDBUF) for the QUIC socket, in bytes [default: 4194304]
+    quic_socket_buffer: usize,
     /// WebTransport URL /v1/info reports, for a node behind a load balancer [default: this node's]
     public_webtransport_url: String,
     /// WebSocket URL /v1/info reports, for a node behind a load balancer [default: this node's]
@@ -287,6 +289,7 @@ impl Config {
                     .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
                 idle_timeout: dur(a.quic_idle_timeout, 15),
                 retry: a.quic_retry.unwrap_or_default(),
+                socket_buffer: positive(a.quic_socket_buffer, 4 << 20, "quic-socket-buffer")?,
                 cert_files: match (a.cert, a.key) {
                     (Some(c), Some(k)) => Some((c, k)),
                     (None, None) => None,

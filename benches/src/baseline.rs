@@ -93,6 +93,12 @@ pub async fn webtransport(
     let mut server = web_transport_quinn::ServerBuilder::new()
         .with_addr("127.0.0.1:0".parse()?)
         .with_certificate(chain, key)?;
+    // The same kernel socket buffers as edgestream's listener (with the defaults, a fan-out
+    // burst drops datagrams at the socket and sessions stall).
+    server.rebind(edgestream::webtransport::udp_socket(
+        "127.0.0.1:0".parse()?,
+        edgestream::webtransport::QuicConfig::default().socket_buffer,
+    )?)?;
     println!(
         "ready {} {}",
         server.local_addr()?.port(),

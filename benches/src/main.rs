@@ -46,7 +46,7 @@ struct Cli {
     /// Subscribers per fan-out run [default: 1000, quick: 50].
     #[arg(long)]
     subscribers: Option<usize>,
-    /// Events per fan-out run [default: 20000, quick: 1000].
+    /// Events per fan-out run [default: 5000, quick: 1000].
     #[arg(long)]
     events: Option<u64>,
     /// Pin servers to this CPU list (taskset -c), e.g. 0.
@@ -688,55 +688,118 @@ fn rss_bytes(proc: &Proc) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Server RSS growth per idle session between `low` and `high` open sessions.
+/// Server RSS growth per idle session between `low` and `high` open sessions, for edgestream
+/// and for the bare-library baseline of the same transport (its floor).
 async fn idle_memory(
     cli: &Cli,
     transport: Transport,
     low: usize,
     high: usize,
 ) -> anyhow::Result<Value> {
-    let es = start_edgestream(cli, 1000).await?;
-    let t = tok(&["idle"]);
-    let ws_url = format!("ws://127.0.0.1:{}/v1/stream?access_token={t}", es.http);
-    let wt_url = format!("{}?access_token={t}", es.wt_url);
-    let connectors: Vec<wt::Connector> = match transport {
-        Transport::Wt => (0..16)
-            .map(|_| wt::Connector::new(&es.cert))
-            .collect::<Result<_, _>>()?,
-        Transport::Ws => Vec::new(),
-    };
     let key = if transport == Transport::Ws {
         "websocket"
     } else {
         "webtransport"
     };
+    let es = start_edgestream(cli, 1000).await?;
+    let t = tok(&["idle"]);
+    let target = IdleTarget {
+        proc: &es.proc,
+        ws_url: format!("ws://127.0.0.1:{}/v1/stream?access_token={t}", es.http),
+        wt_url: format!("{}?access_token={t}", es.wt_url),
+        cert: es.cert.clone(),
+        api: Some(&es.api),
+    };
+    let ours = idle_rss(&target, transport, key, low, high).await?;
+    // The baseline accepts `high` sessions, sends nothing (0 events) and keeps them open.
+    let sub = if transport == Transport::Ws {
+        "baseline-ws"
+    } else {
+        "baseline-wt"
+    };
+    let args = vec![
+        sub.to_string(),
+        high.to_string(),
+        "0".into(),
+        PAYLOAD_BYTES.to_string(),
+    ];
+    let mut p = Proc::spawn(&cli.server_cpus, &std::env::current_exe()?, &args)?;
+    let ready = p.ready_line().await?;
+    let port = ready.get(1).context("port")?;
+    let target = IdleTarget {
+        proc: &p,
+        ws_url: format!("ws://127.0.0.1:{port}/"),
+        wt_url: format!("https://127.0.0.1:{port}/"),
+        cert: ready.get(2).cloned().unwrap_or_default(),
+        api: None,
+    };
+    let base = idle_rss(&target, transport, key, low, high).await?;
+    let per = |v: &Value| v["bytes_per_session"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "low": low, "high": high,
+        "rss_low": ours["rss_low"], "rss_high": ours["rss_high"],
+        "bytes_per_session": per(&ours),
+        "baseline_bytes_per_session": per(&base),
+        "ratio": per(&ours) / per(&base).max(1.0),
+    }))
+}
+
+/// A server whose RSS is read while idle sessions are opened.
+struct IdleTarget<'a> {
+    proc: &'a Proc,
+    ws_url: String,
+    wt_url: String,
+    cert: String,
+    /// Where to read the open-session count (edgestream); `None`: trust the connects.
+    api: Option<&'a Api>,
+}
+
+async fn idle_rss(
+    target: &IdleTarget<'_>,
+    transport: Transport,
+    key: &str,
+    low: usize,
+    high: usize,
+) -> anyhow::Result<Value> {
+    let connectors: Vec<wt::Connector> = match transport {
+        Transport::Wt => (0..16)
+            .map(|_| wt::Connector::new(&target.cert))
+            .collect::<Result<_, _>>()?,
+        Transport::Ws => Vec::new(),
+    };
     let mut ws_clients = Vec::new();
     let mut wt_clients = Vec::new();
     let mut rss = Vec::new();
-    for target in [low, high] {
-        while ws_clients.len() + wt_clients.len() < target {
+    for n in [low, high] {
+        while ws_clients.len() + wt_clients.len() < n {
             match transport {
-                Transport::Ws => ws_clients.push(WsClient::connect(&ws_url).await?),
+                Transport::Ws => ws_clients.push(WsClient::connect(&target.ws_url).await?),
                 Transport::Wt => {
                     let i = wt_clients.len();
-                    wt_clients.push(connectors[i % connectors.len()].connect(&wt_url).await?);
+                    wt_clients.push(
+                        connectors[i % connectors.len()]
+                            .connect(&target.wt_url)
+                            .await?,
+                    );
                 }
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, m) = es.api.get("/v1/metrics", None).await?;
-            if m["sessions"][key].as_u64() == Some(target as u64) {
-                break;
+        if let Some(api) = target.api {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let (_, m) = api.get("/v1/metrics", None).await?;
+                if m["sessions"][key].as_u64() == Some(n as u64) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{key}: {} of {n} sessions open", m["sessions"][key]);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if Instant::now() > deadline {
-                bail!("{key}: {} of {target} sessions open", m["sessions"][key]);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Let allocations settle (handshake buffers freed) before reading RSS.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        rss.push(rss_bytes(&es.proc));
+        rss.push(rss_bytes(target.proc));
     }
     let per = (rss[1] as f64 - rss[0] as f64) / (high - low) as f64;
     Ok(
@@ -825,7 +888,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let started = Instant::now();
     let n = cli.subscribers.unwrap_or(if cli.quick { 50 } else { 1000 });
-    let events = cli.events.unwrap_or(if cli.quick { 1000 } else { 20_000 });
+    let events = cli.events.unwrap_or(if cli.quick { 1000 } else { 5_000 });
     let mut report = serde_json::Map::new();
     let repeat = cli.repeat.unwrap_or(if cli.quick { 1 } else { 3 }).max(1);
     for (name, transport) in [("ws_fanout", Transport::Ws), ("wt_fanout", Transport::Wt)] {
@@ -1071,10 +1134,12 @@ fn markdown(r: &Value) -> String {
             continue;
         }
         s += &format!(
-            "| idle memory per {t} session ({} -> {} sessions) | {:.0} bytes | | |\n",
+            "| idle memory per {t} session ({} -> {} sessions) | {:.0} bytes | {:.0} bytes | {:.2}x |\n",
             m["low"],
             m["high"],
-            f(&m["bytes_per_session"])
+            f(&m["bytes_per_session"]),
+            f(&m["baseline_bytes_per_session"]),
+            f(&m["ratio"])
         );
     }
     s += &format!(

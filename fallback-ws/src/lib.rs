@@ -44,7 +44,7 @@ impl Default for WsConfig {
         WsConfig {
             max_message_size: 128 * 1024,
             max_frame_size: 128 * 1024,
-            read_buffer_size: 4 * 1024,
+            read_buffer_size: 2 * 1024,
             write_buffer_size: 64 * 1024,
             ping_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),

@@ -221,6 +221,8 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
             return;
         };
         let session = WsStreamSession::new(env, &query, bearer.as_deref());
+        // The query holds the token: free it for the session's life.
+        drop((query, bearer));
         let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
         tracing::debug!(?end, "websocket session ended");
     });

@@ -93,7 +93,18 @@ impl WsStreamSession {
     }
 
     async fn start(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
-        let params = self.params.clone()?;
+        // Move the one-time parts (the raw token, the initial orgs) out: an idle session keeps
+        // only what it uses.
+        let params = match &mut self.params {
+            Ok(p) => ConnectParams {
+                token: std::mem::take(&mut p.token),
+                orgs: p.orgs.take(),
+                since: std::mem::take(&mut p.since),
+                brotli: p.brotli,
+                format: p.format,
+            },
+            Err(r) => return Err(r.clone()),
+        };
         if self.env.open_sessions() >= self.env.limits.max_sessions as u64 {
             return Err(Refusal::new(
                 CloseCode::TooMany,

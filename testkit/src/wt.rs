@@ -55,14 +55,43 @@ pub struct Connector {
     client: web_transport_quinn::Client,
 }
 
+/// Kernel buffers asked for each client socket: many sessions share one socket, and the
+/// default (about 208 KiB) drops datagrams under a fan-out burst.
+const SOCKET_BUFFER: usize = 4 << 20;
+
 impl Connector {
     pub fn new(cert_sha256_b64: &str) -> anyhow::Result<Self> {
         use base64::Engine as _;
         let hash = base64::engine::general_purpose::STANDARD.decode(cert_sha256_b64)?;
-        let client = web_transport_quinn::ClientBuilder::new()
-            .with_server_certificate_hashes(vec![hash])
-            .context("client")?;
-        Ok(Connector { client })
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(CertHash { hash, provider }))
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+        let config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
+        ));
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        socket.set_nonblocking(true)?;
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket.into(),
+            runtime,
+        )?;
+        Ok(Connector {
+            client: web_transport_quinn::Client::new(endpoint, config),
+        })
     }
 
     pub async fn connect(&self, url: &str) -> anyhow::Result<WtClient> {
@@ -71,6 +100,68 @@ impl Connector {
             .await
             .context("connect timed out")??;
         Ok(WtClient::from_session(session))
+    }
+}
+
+/// Trusts exactly the certificate with this SHA-256 (what a browser does with
+/// `serverCertificateHashes`); signatures are still checked.
+#[derive(Debug)]
+struct CertHash {
+    hash: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for CertHash {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest as _;
+        if sha2::Sha256::digest(end_entity.as_ref())[..] == self.hash[..] {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
