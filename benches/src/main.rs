@@ -95,8 +95,12 @@ fn main() -> anyhow::Result<()> {
     // EDGESTREAM_BENCH_LOG takes a tracing filter.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGESTREAM_BENCH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("EDGESTREAM_BENCH_LOG").unwrap_or_else(
+                |_| {
+                    // web-transport-quinn warns on every normal session close.
+                    tracing_subscriber::EnvFilter::new("warn,web_transport_quinn=error")
+                },
+            ),
         )
         .with_writer(std::io::stderr)
         .init();
