@@ -116,6 +116,8 @@ serve_options! {
     jwt_audience: String,
     /// Clock skew tolerated on exp/nbf [default: 30s]
     jwt_leeway: HumanDuration,
+    /// Share the sequencer and replay log with other nodes through Redis Streams at this URL (redis://host:port/db) [default: the embedded in-memory log]
+    redis: String,
     /// Replay log keeps at least this much history per org [default: 5m]
     replay_window: HumanDuration,
     /// Replay log cap in events per org [default: 100000]
@@ -176,6 +178,8 @@ pub struct Config {
     pub auth: AuthMode,
     pub leeway: Duration,
     pub retention: crate::log::Retention,
+    /// Redis URL of the shared log; `None`: the embedded in-memory log.
+    pub redis: Option<String>,
     pub heartbeat: Duration,
     pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -267,6 +271,7 @@ impl Config {
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
             auth,
             leeway,
+            redis: a.redis,
             retention: crate::log::Retention {
                 window_ms: dur(a.replay_window, 300).as_millis() as u64,
                 max_events: positive(a.replay_max_events, 100_000, "replay-max-events")?,

@@ -21,7 +21,7 @@ use crate::auth::{AuthConfig, Authenticator, JwtAlg};
 use crate::config::{AuthMode, Config};
 use crate::event::Encoding;
 use crate::hub::Hub;
-use crate::log::{memory::MemoryLog, EventLog};
+use crate::log::{memory::MemoryLog, redis::RedisLog, EventLog};
 use crate::metrics::Metrics;
 use crate::session::{SessionEnv, SessionLimits};
 use crate::time::unix_ms;
@@ -51,10 +51,33 @@ pub struct Server {
     quic: quinn::Endpoint,
 }
 
+/// A Redis URL without its password, for logs and errors.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl Server {
-    /// Binds the listeners and builds the node (in-memory log).
+    /// Binds the listeners and builds the node over the configured log (in memory, or
+    /// Redis Streams with `--redis`).
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let log: Arc<dyn EventLog> = Arc::new(MemoryLog::new(config.retention));
+        let log: Arc<dyn EventLog> = match &config.redis {
+            Some(url) => {
+                let log = Arc::new(
+                    RedisLog::connect(url, config.retention)
+                        .await
+                        .with_context(|| format!("cannot use redis at {}", redact_url(url)))?,
+                );
+                log.start_sweeper();
+                log
+            }
+            None => Arc::new(MemoryLog::new(config.retention)),
+        };
         Server::bind_with_log(config, log).await
     }
 

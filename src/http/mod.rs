@@ -253,6 +253,16 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             Json(json!({"status": "draining"})),
         )
             .into_response()
+    } else if let Err(e) =
+        tokio::time::timeout(std::time::Duration::from_secs(3), app.env.hub.log().ready())
+            .await
+            .unwrap_or_else(|_| Err(crate::log::LogError::Unavailable("no answer in 3 s".into())))
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "log unavailable", "reason": e.to_string()})),
+        )
+            .into_response()
     } else {
         Json(json!({"status": "ready"})).into_response()
     }

@@ -1,11 +1,13 @@
 //! The replay log and sequencer behind one trait, [`EventLog`], that the hub and the HTTP API
-//! use. Backbones: [`memory::MemoryLog`] (embedded, the default); Redis Streams later.
+//! use. Backbones: [`memory::MemoryLog`] (embedded, the default) and [`redis::RedisLog`]
+//! (Redis Streams, shared by several nodes).
 //!
 //! A log assigns each org's gap-free seqs, keeps its epoch, retains recent events (by time,
 //! count and bytes) and serves range reads by position. It never knows about sessions,
 //! transports or tokens.
 
 pub mod memory;
+pub mod redis;
 pub mod window;
 
 use std::sync::Arc;
@@ -125,4 +127,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Applies time-based retention everywhere (called periodically, so idle orgs are trimmed).
     fn sweep(&self, _now_ms: u64) {}
+
+    /// Whether the log can serve now (readyz): the embedded log always can; Redis when it
+    /// answers.
+    async fn ready(&self) -> Result<(), LogError> {
+        Ok(())
+    }
 }

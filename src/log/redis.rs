@@ -1,0 +1,524 @@
+//! The shared log on Redis Streams (`--redis URL`): several nodes share each org's sequencer
+//! and replay window, so a client may resume on any node.
+//!
+//! ## Layout (every key of an org carries the hash tag `{org}`, so Redis Cluster keeps them
+//! in one slot and the scripts below touch one slot only)
+//! - `es:{org}:m`: a hash with the org's `epoch` and `head` (the last seq assigned);
+//! - `es:{org}:s`: the stream; entry ids are `<seq>-0`, fields `e` (epoch), `t` (ms), `p`
+//!   (payload), so a range read by seq is an `XRANGE` by id;
+//! - `es:{org}:i:<key>`: an Idempotency-Key's first result, expiring with the replay window;
+//! - `es:orgs`: the set of orgs, for the time-retention sweep.
+//!
+//! Seqs are assigned by a Lua script (increment and `XADD` in one atomic step), so they stay
+//! gap-free whichever node publishes. Retention: by count on every append (`XTRIM MAXLEN`), by
+//! time in a sweep each node runs once a second (`XTRIM MINID`). The byte cap of the embedded
+//! log does not apply here.
+//!
+//! Failures: every command has a response deadline; an error is [`LogError::Unavailable`], so
+//! a publish answers 503 and is never acknowledged without being stored. Followers use a
+//! connection of their own for blocking reads and are restarted by the hub from their last
+//! position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Script, Value};
+
+use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
+use crate::event::Event;
+use crate::model::{Epoch, OrgId, Position};
+use crate::time::unix_ms;
+
+/// How long one command may take before the log counts as unavailable.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a follower's blocking read waits before it checks the epoch again.
+const BLOCK: Duration = Duration::from_secs(2);
+/// Events per follower read.
+const TAIL_BATCH: usize = 1024;
+
+/// Appends a batch: KEYS = meta, stream, idempotency key; ARGV = epoch candidate, ts, max
+/// events, idempotency ttl ms, has key (1/0), payloads...
+/// Returns {duplicate(0/1), epoch, first, last}.
+const APPEND: &str = r#"
+if ARGV[5] == '1' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local e, f, l = string.match(prev, '^(%S+) (%d+) (%d+)$')
+    return {1, e, tonumber(f), tonumber(l)}
+  end
+end
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local n = #ARGV - 5
+local last = redis.call('HINCRBY', KEYS[1], 'head', n)
+local first = last - n + 1
+for i = 1, n do
+  redis.call('XADD', KEYS[2], (first + i - 1) .. '-0', 'e', epoch, 't', ARGV[2], 'p', ARGV[5 + i])
+end
+redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[3])
+if ARGV[5] == '1' then
+  redis.call('SET', KEYS[3], epoch .. ' ' .. first .. ' ' .. last, 'PX', ARGV[4])
+end
+return {0, epoch, first, last}
+"#;
+
+/// An org's state (created with the candidate epoch when new), and with ARGV[2] > 0, up to
+/// ARGV[3] entries after seq ARGV[2]... KEYS = meta, stream; ARGV = epoch candidate,
+/// read (1/0), after seq, count. Returns {epoch, head, first, entries}.
+const STATE_READ: &str = r#"
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local first = head + 1
+if #oldest > 0 then
+  first = tonumber(string.match(oldest[1][1], '^(%d+)'))
+end
+local entries = {}
+if ARGV[2] == '1' then
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
+end
+return {epoch, head, first, entries}
+"#;
+
+/// The Redis Streams [`EventLog`].
+pub struct RedisLog {
+    client: redis::Client,
+    conn: ConnectionManager,
+    append: Script,
+    state_read: Script,
+    retention: Retention,
+    /// Orgs this node has touched (for metrics).
+    orgs: Mutex<std::collections::HashSet<OrgId>>,
+    sweeping: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn unavailable(e: redis::RedisError) -> LogError {
+    LogError::Unavailable(format!("redis: {e}"))
+}
+
+fn meta_key(org: &OrgId) -> String {
+    format!("es:{{{org}}}:m")
+}
+
+fn stream_key(org: &OrgId) -> String {
+    format!("es:{{{org}}}:s")
+}
+
+fn idem_key(org: &OrgId, key: &str) -> String {
+    format!("es:{{{org}}}:i:{key}")
+}
+
+const ORGS_KEY: &str = "es:orgs";
+
+/// A stream entry as `XRANGE` returns it: id and field/value pairs.
+type RawEntry = (String, Vec<(String, Vec<u8>)>);
+
+impl RedisLog {
+    /// Connects to `url` (`redis://host:port/db`). Fails when Redis cannot be reached now;
+    /// later outages are reconnected with backoff.
+    pub async fn connect(url: &str, retention: Retention) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = tokio::time::timeout(
+            RESPONSE_TIMEOUT * 3,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("redis at {url}: connect timed out"))??;
+        Ok(RedisLog {
+            client,
+            conn,
+            append: Script::new(APPEND),
+            state_read: Script::new(STATE_READ),
+            retention,
+            orgs: Mutex::new(Default::default()),
+            sweeping: Mutex::new(None),
+        })
+    }
+
+    /// Starts the once-a-second time-retention sweep (on the current runtime).
+    pub fn start_sweeper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(log) = weak.upgrade() else { return };
+                if let Err(e) = log.sweep_time(unix_ms()).await {
+                    tracing::debug!(error = %e, "redis retention sweep failed");
+                }
+            }
+        });
+        *self.sweeping.lock() = Some(task);
+    }
+
+    /// Trims every org's events older than the retention window.
+    async fn sweep_time(&self, now_ms: u64) -> Result<(), LogError> {
+        let cutoff = now_ms.saturating_sub(self.retention.window_ms);
+        let mut conn = self.conn.clone();
+        let orgs: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(ORGS_KEY)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        for org in orgs {
+            let Ok(org) = OrgId::parse(&org) else {
+                continue;
+            };
+            let key = stream_key(&org);
+            // Walk from the oldest entry to the first one inside the window.
+            let mut after = "-".to_string();
+            let keep_from = loop {
+                let entries: Vec<RawEntry> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&after)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(256)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                let Some((last_id, _)) = entries.last() else {
+                    break None; // everything is old: trim it all below the last seen
+                };
+                let young = entries.iter().find(|(_, fields)| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| k == "t")
+                        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                        .is_some_and(|t| t >= cutoff)
+                });
+                if let Some((id, _)) = young {
+                    break Some(id.clone());
+                }
+                after = format!("({last_id}");
+            };
+            let min_id = match keep_from {
+                Some(id) => id,
+                // Nothing young: trim up to and including the newest entry read.
+                None if after != "-" => {
+                    let seq = seq_of(after.trim_start_matches('(')).unwrap_or(0);
+                    format!("{}-0", seq + 1)
+                }
+                None => continue,
+            };
+            let _: i64 = redis::cmd("XTRIM")
+                .arg(&key)
+                .arg("MINID")
+                .arg(&min_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn state_and_read(
+        &self,
+        org: &OrgId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(OrgState, Vec<Arc<Event>>), LogError> {
+        let mut conn = self.conn.clone();
+        let v: Value = self
+            .state_read
+            .key(meta_key(org))
+            .key(stream_key(org))
+            .arg(Epoch::random().as_str())
+            .arg(if after.is_some() { "1" } else { "0" })
+            .arg(after.unwrap_or(0))
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(parts) = v else {
+            return Err(LogError::Internal("redis: unexpected state reply".into()));
+        };
+        let [epoch, head, first, entries] = <[Value; 4]>::try_from(parts)
+            .map_err(|_| LogError::Internal("redis: state reply of the wrong length".into()))?;
+        let epoch = Epoch::parse(&as_string(&epoch)?)
+            .map_err(|e| LogError::Internal(format!("redis: {e}")))?;
+        let state = OrgState {
+            epoch,
+            head: as_u64(&head)?,
+            first: as_u64(&first)?,
+        };
+        let events = parse_entries(org, entries)?;
+        Ok((state, events))
+    }
+
+    fn touch(&self, org: &OrgId) {
+        let mut orgs = self.orgs.lock();
+        if !orgs.contains(org) {
+            orgs.insert(org.clone());
+        }
+    }
+}
+
+impl Drop for RedisLog {
+    fn drop(&mut self) {
+        if let Some(t) = self.sweeping.lock().take() {
+            t.abort();
+        }
+    }
+}
+
+fn as_string(v: &Value) -> Result<String, LogError> {
+    match v {
+        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(LogError::Internal(format!(
+            "redis: expected a string, got {other:?}"
+        ))),
+    }
+}
+
+fn as_u64(v: &Value) -> Result<u64, LogError> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).map_err(|_| LogError::Internal("negative".into())),
+        other => as_string(other)?
+            .parse()
+            .map_err(|_| LogError::Internal(format!("redis: expected a number, got {other:?}"))),
+    }
+}
+
+fn seq_of(id: &str) -> Option<u64> {
+    id.split_once('-').map_or(id, |(s, _)| s).parse().ok()
+}
+
+/// Stream entries (`[[id, [field, value, ...]], ...]`) as events.
+fn parse_entries(org: &OrgId, entries: Value) -> Result<Vec<Arc<Event>>, LogError> {
+    let Value::Array(entries) = entries else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut pair) = entry else {
+            return Err(LogError::Internal("redis: malformed stream entry".into()));
+        };
+        if pair.len() != 2 {
+            return Err(LogError::Internal("redis: malformed stream entry".into()));
+        }
+        let fields = pair.pop().expect("two");
+        let id = as_string(&pair[0])?;
+        let seq = seq_of(&id).ok_or_else(|| LogError::Internal(format!("redis: id {id}")))?;
+        let Value::Array(fields) = fields else {
+            return Err(LogError::Internal("redis: malformed stream fields".into()));
+        };
+        let (mut epoch, mut ts, mut payload) = (None, 0, None);
+        for kv in fields.chunks(2) {
+            let [k, v] = kv else { break };
+            match as_string(k)?.as_str() {
+                "e" => epoch = Some(as_string(v)?),
+                "t" => ts = as_u64(v)?,
+                "p" => {
+                    payload = Some(match v {
+                        Value::BulkString(b) => Bytes::copy_from_slice(b),
+                        other => Bytes::from(as_string(other)?),
+                    })
+                }
+                _ => {}
+            }
+        }
+        let epoch = Epoch::parse(&epoch.unwrap_or_default())
+            .map_err(|e| LogError::Internal(format!("redis: {e}")))?;
+        out.push(Event::new(
+            org.clone(),
+            epoch,
+            seq,
+            ts,
+            payload.unwrap_or_default(),
+        ));
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl EventLog for RedisLog {
+    async fn append(
+        &self,
+        org: &OrgId,
+        payloads: Vec<Bytes>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, LogError> {
+        self.touch(org);
+        let mut conn = self.conn.clone();
+        let mut call = self.append.prepare_invoke();
+        call.key(meta_key(org))
+            .key(stream_key(org))
+            .key(idem_key(org, idempotency_key.unwrap_or("")))
+            .arg(Epoch::random().as_str())
+            .arg(unix_ms())
+            .arg(self.retention.max_events.max(1))
+            .arg(self.retention.window_ms.max(1))
+            .arg(if idempotency_key.is_some() { "1" } else { "0" });
+        for p in &payloads {
+            call.arg(p.as_ref());
+        }
+        let (dup, epoch, first, last): (u8, String, u64, u64) =
+            call.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let _: Result<i64, _> = redis::cmd("SADD")
+            .arg(ORGS_KEY)
+            .arg(org.as_str())
+            .query_async(&mut conn)
+            .await;
+        Ok(Appended {
+            epoch: Epoch::parse(&epoch).map_err(|e| LogError::Internal(format!("redis: {e}")))?,
+            first_seq: first,
+            last_seq: last,
+            duplicate: dup == 1,
+        })
+    }
+
+    async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
+        self.touch(org);
+        Ok(self.state_and_read(org, None, 0).await?.0)
+    }
+
+    async fn read(
+        &self,
+        org: &OrgId,
+        after: &Position,
+        limit: usize,
+    ) -> Result<ReadOutcome, LogError> {
+        let (state, events) = self.state_and_read(org, Some(after.seq), limit).await?;
+        let usable =
+            after.epoch == state.epoch && after.seq <= state.head && after.seq + 1 >= state.first;
+        if !usable {
+            return Ok(ReadOutcome::Unusable { state });
+        }
+        Ok(ReadOutcome::Events { state, events })
+    }
+
+    async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
+        let state = self.state(org).await?;
+        let cursor = match after {
+            Some(p) if p.epoch == state.epoch && p.seq <= state.head => p,
+            // A new epoch, or a position this epoch never had: follow from the head.
+            _ => Position {
+                epoch: state.epoch,
+                seq: state.head,
+            },
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::new(RedisTail {
+            org: org.clone(),
+            conn,
+            meta: self.conn.clone(),
+            state_read: self.state_read.clone(),
+            cursor,
+        }))
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn usage(&self) -> LogUsage {
+        LogUsage {
+            orgs: self.orgs.lock().len() as u64,
+            ..Default::default()
+        }
+    }
+
+    async fn ready(&self) -> Result<(), LogError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// One org's follower: blocking `XREAD` on a connection of its own.
+struct RedisTail {
+    org: OrgId,
+    conn: MultiplexedConnection,
+    meta: ConnectionManager,
+    state_read: Script,
+    cursor: Position,
+}
+
+#[async_trait]
+impl Tail for RedisTail {
+    async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError> {
+        loop {
+            let reply: Value = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(TAIL_BATCH)
+                .arg("BLOCK")
+                .arg(BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(stream_key(&self.org))
+                .arg(format!("{}-0", self.cursor.seq))
+                .query_async(&mut self.conn)
+                .await
+                .map_err(unavailable)?;
+            // [[key, entries]] or nil on timeout.
+            let entries = match reply {
+                Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
+                    Value::Array(mut kv) if kv.len() == 2 => kv.pop().expect("two"),
+                    _ => Value::Nil,
+                },
+                Value::Map(mut m) if !m.is_empty() => m.swap_remove(0).1,
+                _ => Value::Nil,
+            };
+            let events = parse_entries(&self.org, entries)?;
+            if let Some(last) = events.last() {
+                self.cursor = Position {
+                    epoch: last.epoch.clone(),
+                    seq: last.seq,
+                };
+                return Ok(events);
+            }
+            // Quiet for a while: a new epoch (the org's keys were lost and recreated) restarts
+            // seqs below the cursor, where XREAD would never look.
+            let mut meta = self.meta.clone();
+            let v: Value = self
+                .state_read
+                .key(meta_key(&self.org))
+                .key(stream_key(&self.org))
+                .arg(Epoch::random().as_str())
+                .arg("0")
+                .arg(0)
+                .arg(0)
+                .invoke_async(&mut meta)
+                .await
+                .map_err(unavailable)?;
+            if let Value::Array(parts) = v {
+                if let Some(e) = parts.first() {
+                    let epoch = as_string(e)?;
+                    if epoch != self.cursor.epoch.as_str() {
+                        let epoch = Epoch::parse(&epoch)
+                            .map_err(|e| LogError::Internal(format!("redis: {e}")))?;
+                        tracing::warn!(org = %self.org, %epoch, "org has a new epoch in redis");
+                        self.cursor = Position { epoch, seq: 0 };
+                    }
+                }
+            }
+        }
+    }
+
+    fn position(&self) -> Position {
+        self.cursor.clone()
+    }
+}

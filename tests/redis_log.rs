@@ -1,0 +1,319 @@
+//! Several nodes on one real `redis-server` (started by each test on a free port): a shared
+//! sequencer and replay log, resume across nodes, shared idempotency, retention, the pool per
+//! node, and a Redis outage in the middle of a stream.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use edgestream_codec::{Frame, Resume};
+use edgestream_testkit::ws::{Msg, WsClient};
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::TestServer;
+
+async fn node(redis: &RedisServer) -> TestServer {
+    let url = redis.url();
+    TestServer::start_with(move |a| a.redis = Some(url)).await
+}
+
+async fn subscribed(c: &mut WsClient) -> (String, u64, Resume) {
+    match c.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Subscribed {
+            epoch,
+            head,
+            resume,
+            ..
+        }) => (epoch, head, resume),
+        other => panic!("expected SUBSCRIBED, got {other:?}"),
+    }
+}
+
+fn seqs(evs: &[edgestream_testkit::ws::Ev]) -> Vec<u64> {
+    evs.iter().map(|e| e.seq).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_on_one_node_delivered_in_order_on_the_other() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let tok = a.token(&["acme"]);
+    let mut on_b = b.client(&["acme"], "orgs=acme").await;
+    let (epoch_b, head, resume) = subscribed(&mut on_b).await;
+    assert_eq!((head, resume), (0, Resume::New));
+    let mut on_a = a.wt_client(&["acme"], "orgs=acme").await;
+    match on_a.next_frame().await.unwrap() {
+        Frame::Subscribed { epoch, .. } => assert_eq!(epoch, epoch_b, "one epoch for both"),
+        other => panic!("expected SUBSCRIBED, got {other:?}"),
+    }
+    for batch in 0..20u64 {
+        a.publish_numbered(&tok, "acme", batch * 10..batch * 10 + 10)
+            .await;
+    }
+    let got = on_b.events(200).await.unwrap();
+    assert_eq!(seqs(&got), (1..=200).collect::<Vec<_>>());
+    for (i, e) in got.iter().enumerate() {
+        assert_eq!(e.payload, format!(r#"{{"i":{i}}}"#).as_bytes());
+    }
+    let got_a = on_a.events(200).await.unwrap();
+    assert_eq!(
+        got_a.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>()
+    );
+    // The pool: one upstream read on each node for its subscribers, reported as such.
+    let m = b.metrics().await;
+    assert_eq!(m["log_backend"], "redis");
+    assert_eq!(m["orgs_subscribed"], 1, "{m}");
+    drop(on_b);
+    b.wait_metrics("org released on b", |m| m["orgs_subscribed"] == 0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_on_two_nodes_get_gap_free_seqs() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let tok = a.token(&["acme"]);
+    let mut on_a = a.client(&["acme"], "orgs=acme").await;
+    subscribed(&mut on_a).await;
+    let mut tasks = Vec::new();
+    for (p, api) in [a.api.clone(), b.api.clone(), a.api.clone(), b.api.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        let tok = tok.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for n in 0..25 {
+                let batch: Vec<Value> = (0..4).map(|i| json!({"p": p, "n": n, "i": i})).collect();
+                let r = api
+                    .publish(&tok, "acme", &Value::Array(batch))
+                    .await
+                    .unwrap();
+                ranges.push((
+                    r["first_seq"].as_u64().unwrap(),
+                    r["last_seq"].as_u64().unwrap(),
+                ));
+            }
+            ranges
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for (first, last) in t.await.unwrap() {
+            assert_eq!(last - first, 3, "a batch gets consecutive seqs");
+            for s in first..=last {
+                assert!(all.insert(s), "seq {s} given twice");
+            }
+        }
+    }
+    assert_eq!(
+        all.into_iter().collect::<Vec<_>>(),
+        (1..=400).collect::<Vec<_>>()
+    );
+    let got = on_a.events(400).await.unwrap();
+    assert_eq!(seqs(&got), (1..=400).collect::<Vec<_>>());
+    // Each batch's four events are adjacent in the stream.
+    for chunk in got.chunks(4) {
+        let v: Vec<Value> = chunk
+            .iter()
+            .map(|e| serde_json::from_slice(&e.payload).unwrap())
+            .collect();
+        assert!(
+            v.iter().all(|x| x["p"] == v[0]["p"] && x["n"] == v[0]["n"]),
+            "{v:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_exactly() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let tok = a.token(&["acme"]);
+    let mut c = a.client(&["acme"], "orgs=acme").await;
+    let (epoch, _, _) = subscribed(&mut c).await;
+    a.publish_numbered(&tok, "acme", 0..50).await;
+    let first = c.events(50).await.unwrap();
+    assert_eq!(first.last().unwrap().seq, 50);
+    c.close().await;
+    // Published while the client is away, on the other node.
+    b.publish_numbered(&tok, "acme", 50..100).await;
+    let mut c = b
+        .client(&["acme"], &format!("orgs=acme&since=acme:{epoch}:50"))
+        .await;
+    let (_, head, resume) = subscribed(&mut c).await;
+    assert_eq!((head, resume), (100, Resume::Recovered));
+    b.publish_numbered(&tok, "acme", 100..110).await;
+    let rest = c.events(60).await.unwrap();
+    assert_eq!(seqs(&rest), (51..=110).collect::<Vec<_>>());
+    assert_eq!(rest[0].payload, br#"{"i":50}"#.as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_shared_by_the_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let tok = a.token(&["acme"]);
+    let body = serde_json::to_vec(&json!([{"x": 1}, {"x": 2}])).unwrap();
+    let (s1, r1) = a
+        .api
+        .publish_raw(&tok, "acme", body.clone(), Some("order-7"))
+        .await
+        .unwrap();
+    let (s2, r2) = b
+        .api
+        .publish_raw(&tok, "acme", body, Some("order-7"))
+        .await
+        .unwrap();
+    assert_eq!(s1, 201, "{r1}");
+    assert_eq!(
+        (r2["first_seq"].clone(), r2["last_seq"].clone()),
+        (json!(1), json!(2))
+    );
+    assert_eq!(
+        s2, 200,
+        "a repeat is answered 200 with the first result: {r2}"
+    );
+    let (_, h) = b
+        .api
+        .get("/v1/orgs/acme/events?limit=10", Some(&tok))
+        .await
+        .unwrap();
+    assert_eq!(h["head"], 2, "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_count_evicts_and_an_evicted_position_resets() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::start_with(move |x| {
+        x.redis = Some(url);
+        x.replay_max_events = Some(10);
+    })
+    .await;
+    let tok = a.token(&["acme"]);
+    let r = a.publish_numbered(&tok, "acme", 0..30).await;
+    let epoch = r["epoch"].as_str().unwrap().to_string();
+    let (_, h) = a
+        .api
+        .get("/v1/orgs/acme/events?limit=100", Some(&tok))
+        .await
+        .unwrap();
+    let kept: Vec<u64> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, (21..=30).collect::<Vec<_>>(), "{h}");
+    let mut c = a
+        .client(&["acme"], &format!("orgs=acme&since=acme:{epoch}:5"))
+        .await;
+    let (_, head, resume) = subscribed(&mut c).await;
+    assert_eq!((head, resume), (30, Resume::Reset));
+    let mut c = a
+        .client(&["acme"], &format!("orgs=acme&since=acme:{epoch}:20"))
+        .await;
+    let (_, _, resume) = subscribed(&mut c).await;
+    assert_eq!(resume, Resume::Recovered);
+    assert_eq!(
+        seqs(&c.events(10).await.unwrap()),
+        (21..=30).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_mid_stream_loses_no_acknowledged_event() {
+    let mut redis = RedisServer::start_with(true);
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let tok = a.token(&["acme"]);
+    let mut on_b = b.client(&["acme"], "orgs=acme").await;
+    subscribed(&mut on_b).await;
+
+    let mut acked: Vec<(u64, u64)> = Vec::new(); // (i, seq)
+    let mut refused = 0;
+    let mut publish = |i: u64| {
+        let api = a.api.clone();
+        let tok = tok.clone();
+        async move {
+            let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
+            api.publish_raw(&tok, "acme", body, None).await.unwrap()
+        }
+    };
+    for i in 0..100 {
+        let (status, r) = publish(i).await;
+        assert_eq!(status, 201, "{r}");
+        acked.push((i, r["first_seq"].as_u64().unwrap()));
+    }
+    redis.kill();
+    // While Redis is down: publishes are refused with 503 (never acknowledged), readyz says so.
+    for i in 100..110 {
+        let (status, r) = publish(i).await;
+        assert_eq!(status, 503, "{r}");
+        assert!(r["error"].as_str().is_some(), "a JSON reason: {r}");
+        refused += 1;
+    }
+    let (status, r) = a.api.get("/readyz", None).await.unwrap();
+    assert_eq!(status, 503, "{r}");
+    redis.restart();
+    // Acknowledged again once Redis is back (the connection manager reconnects with backoff).
+    let mut i = 110;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acked.len() < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis never came back"
+        );
+        let (status, r) = publish(i).await;
+        match status {
+            201 => acked.push((i, r["first_seq"].as_u64().unwrap())),
+            503 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("unexpected {other}: {r}"),
+        }
+        i += 1;
+    }
+    assert_eq!(refused, 10);
+    let (status, _) = a.api.get("/readyz", None).await.unwrap();
+    assert_eq!(status, 200);
+    // The session on b stayed up and got every acknowledged event, in order, with no gap.
+    let last = acked.last().unwrap().1;
+    let got = on_b.events(last as usize).await.unwrap();
+    assert_eq!(seqs(&got), (1..=last).collect::<Vec<_>>());
+    for (i, seq) in &acked {
+        let v: Value = serde_json::from_slice(&got[(*seq - 1) as usize].payload).unwrap();
+        assert_eq!(v["i"], *i, "seq {seq}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_time_trims_the_stream() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::start_with(move |x| {
+        x.redis = Some(url);
+        x.replay_window = Some("1s".parse().unwrap());
+    })
+    .await;
+    let tok = a.token(&["acme"]);
+    a.publish_numbered(&tok, "acme", 0..5).await;
+    // The sweep runs once a second; bounded wait for it to trim the old events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, h) = a
+            .api
+            .get("/v1/orgs/acme/events?limit=100", Some(&tok))
+            .await
+            .unwrap();
+        if h["events"].as_array().is_some_and(|e| e.is_empty()) {
+            assert_eq!(h["head"], 5, "the head stays: {h}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never trimmed: {h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Later events keep their seqs.
+    let r = a.publish_numbered(&tok, "acme", 5..6).await;
+    assert_eq!(r["first_seq"], 6);
+}
