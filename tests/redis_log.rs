@@ -234,7 +234,7 @@ async fn redis_outage_mid_stream_loses_no_acknowledged_event() {
 
     let mut acked: Vec<(u64, u64)> = Vec::new(); // (i, seq)
     let mut refused = 0;
-    let mut publish = |i: u64| {
+    let publish = |i: u64| {
         let api = a.api.clone();
         let tok = tok.clone();
         async move {
