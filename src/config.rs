@@ -156,6 +156,10 @@ serve_options! {
     quic_retry: crate::webtransport::RetryPolicy,
     /// Kernel buffer (SO_RCVBUF, SO_SNDBUF) for the QUIC socket, in bytes [default: 4194304]
     quic_socket_buffer: usize,
+    /// This node's server id in its QUIC connection IDs (QUIC-LB plaintext), 1 to 11 bytes in hex, e.g. 0a01 [default: random CIDs]
+    server_id: String,
+    /// Stateless-reset key shared by the nodes behind one balancer, at least 32 bytes. Prefer the environment variable [default: random per process]
+    reset_key: String,
     /// WebTransport URL /v1/info reports, for a node behind a load balancer [default: this node's]
     public_webtransport_url: String,
     /// WebSocket URL /v1/info reports, for a node behind a load balancer [default: this node's]
@@ -295,6 +299,17 @@ impl Config {
                 idle_timeout: dur(a.quic_idle_timeout, 15),
                 retry: a.quic_retry.unwrap_or_default(),
                 socket_buffer: positive(a.quic_socket_buffer, 4 << 20, "quic-socket-buffer")?,
+                server_id: a
+                    .server_id
+                    .as_deref()
+                    .map(crate::webtransport::lb::parse_server_id)
+                    .transpose()?,
+                reset_key: match a.reset_key {
+                    Some(k) if k.len() < 32 => {
+                        return Err("--reset-key must be at least 32 bytes".into())
+                    }
+                    k => k.map(String::into_bytes),
+                },
                 cert_files: match (a.cert, a.key) {
                     (Some(c), Some(k)) => Some((c, k)),
                     (None, None) => None,

@@ -7,6 +7,7 @@
 //! (with a deadline), then path and `Origin` checks (refused with an HTTP status, as the
 //! WebTransport draft asks), then the session, which authenticates before subscribing.
 
+pub mod lb;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -56,6 +57,10 @@ pub struct QuicConfig {
     /// SO_RCVBUF and SO_SNDBUF asked for the UDP socket (the kernel caps them at
     /// net.core.rmem_max / wmem_max).
     pub socket_buffer: usize,
+    /// This node's id in its connection IDs (QUIC-LB plaintext), for CID-aware balancers.
+    pub server_id: Option<Vec<u8>>,
+    /// The stateless-reset key shared by the nodes behind one balancer (at least 32 bytes).
+    pub reset_key: Option<Vec<u8>>,
 }
 
 impl Default for QuicConfig {
@@ -69,6 +74,8 @@ impl Default for QuicConfig {
             cert_files: None,
             dev_cert_validity: Duration::from_secs(10 * 24 * 3600),
             socket_buffer: 4 << 20,
+            server_id: None,
+            reset_key: None,
         }
     }
 }
@@ -210,7 +217,7 @@ pub fn endpoint(cfg: &QuicConfig, certs: Arc<Certificates>) -> anyhow::Result<qu
     let socket = udp_socket(cfg.listen, cfg.socket_buffer)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;
     Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        lb::endpoint_config(cfg.server_id.as_deref(), cfg.reset_key.as_deref())?,
         Some(server),
         socket,
         runtime,

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod node;
 pub mod redis;
 pub mod relay;
 
@@ -20,6 +21,14 @@ use tokio::task::JoinHandle;
 pub use edgestream_testkit::HANG_GUARD;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef-xyz";
+
+/// A subscribe+publish token for `orgs` (user `alice`) signed with [`SECRET`].
+pub fn token(orgs: &[&str]) -> String {
+    token::hs256(
+        SECRET.as_bytes(),
+        &token::claims("alice", orgs, "subscribe publish"),
+    )
+}
 
 pub struct TestServer {
     pub app: Arc<App>,
@@ -96,10 +105,7 @@ impl TestServer {
 
     /// A subscribe+publish token for `orgs` (user `alice`).
     pub fn token(&self, orgs: &[&str]) -> String {
-        token::hs256(
-            SECRET.as_bytes(),
-            &token::claims("alice", orgs, "subscribe publish"),
-        )
+        token(orgs)
     }
 
     pub fn token_for(&self, sub: &str, orgs: &[&str], scope: &str) -> String {

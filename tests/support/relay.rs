@@ -1,15 +1,19 @@
 //! A UDP relay for one client on loopback, with a switch that drops every packet (a
-//! vanished client, a blackholed link). Bounded: it stops when dropped.
+//! vanished client, a blackholed link), a switch of the server it forwards to (a balancer
+//! sending a dead node's packets to another node), and the first bytes of the latest
+//! client-to-server packet (to read connection IDs). Bounded: it stops when dropped.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::UdpSocket;
 
 pub struct Relay {
     pub addr: SocketAddr,
     blackhole: Arc<AtomicBool>,
+    server: Arc<Mutex<SocketAddr>>,
+    last_from_client: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -18,10 +22,11 @@ impl Relay {
     pub async fn start(server: SocketAddr) -> Relay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        back.connect(server).await.unwrap();
         let addr = front.local_addr().unwrap();
         let blackhole = Arc::new(AtomicBool::new(false));
-        let bh = blackhole.clone();
+        let server = Arc::new(Mutex::new(server));
+        let last_from_client = Arc::new(Mutex::new(Vec::new()));
+        let (bh, to, last) = (blackhole.clone(), server.clone(), last_from_client.clone());
         let task = tokio::spawn(async move {
             let mut client: Option<SocketAddr> = None;
             let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
@@ -30,12 +35,15 @@ impl Relay {
                     r = front.recv_from(&mut a) => {
                         let Ok((n, from)) = r else { return };
                         client = Some(from);
+                        *last.lock().unwrap() = a[..n.min(64)].to_vec();
                         if !bh.load(Ordering::Relaxed) {
-                            let _ = back.send(&a[..n]).await;
+                            let dest = *to.lock().unwrap();
+                            let _ = back.send_to(&a[..n], dest).await;
                         }
                     }
-                    r = back.recv(&mut b) => {
-                        let Ok(n) = r else { return };
+                    r = back.recv_from(&mut b) => {
+                        // Refused sends (a dead server's port) surface here as errors: ignore.
+                        let Ok((n, _)) = r else { continue };
                         if let (Some(c), false) = (client, bh.load(Ordering::Relaxed)) {
                             let _ = front.send_to(&b[..n], c).await;
                         }
@@ -46,6 +54,8 @@ impl Relay {
         Relay {
             addr,
             blackhole,
+            server,
+            last_from_client,
             task,
         }
     }
@@ -53,6 +63,16 @@ impl Relay {
     /// Drops every packet from now on (true) or relays again (false).
     pub fn blackhole(&self, on: bool) {
         self.blackhole.store(on, Ordering::Relaxed);
+    }
+
+    /// Forwards the client's packets to another server from now on.
+    pub fn retarget(&self, server: SocketAddr) {
+        *self.server.lock().unwrap() = server;
+    }
+
+    /// The first bytes of the latest packet from the client.
+    pub fn last_from_client(&self) -> Vec<u8> {
+        self.last_from_client.lock().unwrap().clone()
     }
 }
 

@@ -1,0 +1,154 @@
+//! Edge deployment behind UDP load balancers: connection IDs that carry this node's server id
+//! (the plaintext algorithm of the IETF QUIC-LB draft), and a stateless-reset key shared by
+//! the nodes.
+//!
+//! A CID is `first octet | server id | nonce`. The first octet holds the config rotation
+//! codepoint (top 3 bits, 0 here) and the CID length minus one (low 5 bits, "length
+//! self-encoding"); the server id is copied as configured; the nonce (8 bytes) is random. A
+//! CID-aware balancer reads the server id at a fixed offset and routes every packet of a
+//! connection to its node, even after the client's address changes.
+//!
+//! With a shared `--reset-key`, every node derives the same stateless-reset token for a CID,
+//! so a node that receives a packet for a connection it does not know (its owner died and the
+//! balancer sent the packet elsewhere) resets it at once, and the client reconnects instead of
+//! waiting for its idle timeout. Which CIDs a node answers that way is [`LbCidGenerator`]'s
+//! `validate`: CIDs of this format (any server id); see docs/DEPLOYMENT.md for why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn_proto::{ConnectionId, ConnectionIdGenerator, InvalidCid};
+use rand::RngCore as _;
+use web_transport_quinn::quinn;
+
+/// Random bytes after the server id.
+pub const NONCE_LEN: usize = 8;
+/// The config rotation codepoint written in the first octet.
+const CONFIG_ROTATION: u8 = 0;
+
+/// Generates QUIC-LB plaintext CIDs for one server id.
+#[derive(Debug, Clone)]
+pub struct LbCidGenerator {
+    server_id: Vec<u8>,
+}
+
+impl LbCidGenerator {
+    /// `server_id`: 1 to 11 bytes (the CID stays within QUIC's 20 bytes).
+    pub fn new(server_id: Vec<u8>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (1..=11).contains(&server_id.len()),
+            "server id must be 1 to 11 bytes, got {}",
+            server_id.len()
+        );
+        Ok(LbCidGenerator { server_id })
+    }
+
+    fn len(&self) -> usize {
+        1 + self.server_id.len() + NONCE_LEN
+    }
+
+    /// The server id a CID of this format carries, if it is one.
+    pub fn server_id_of(cid: &[u8], server_id_len: usize) -> Option<&[u8]> {
+        let first = *cid.first()?;
+        let len = usize::from(first & 0x1f) + 1;
+        (first >> 5 == CONFIG_ROTATION && len == cid.len() && len > server_id_len + NONCE_LEN)
+            .then(|| &cid[1..1 + server_id_len])
+    }
+}
+
+impl ConnectionIdGenerator for LbCidGenerator {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let len = self.len();
+        let mut b = [0u8; 20];
+        b[0] = (CONFIG_ROTATION << 5) | ((len - 1) as u8 & 0x1f);
+        b[1..1 + self.server_id.len()].copy_from_slice(&self.server_id);
+        rand::rng().fill_bytes(&mut b[1 + self.server_id.len()..len]);
+        ConnectionId::new(&b[..len])
+    }
+
+    fn validate(&self, cid: &ConnectionId) -> Result<(), InvalidCid> {
+        match Self::server_id_of(cid, self.server_id.len()) {
+            Some(_) => Ok(()),
+            None => Err(InvalidCid),
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        self.len()
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The endpoint config: QUIC-LB CIDs when a server id is set, and the reset key (shared when
+/// given, random per process otherwise).
+pub fn endpoint_config(
+    server_id: Option<&[u8]>,
+    reset_key: Option<&[u8]>,
+) -> anyhow::Result<quinn::EndpointConfig> {
+    let mut config = match reset_key {
+        Some(k) => {
+            anyhow::ensure!(k.len() >= 32, "the reset key must be at least 32 bytes");
+            quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k)))
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    if let Some(id) = server_id {
+        let generator = LbCidGenerator::new(id.to_vec())?;
+        config.cid_generator(move || Box::new(generator.clone()));
+    }
+    Ok(config)
+}
+
+/// Parses a server id given in hex (`0a01`).
+pub fn parse_server_id(hex: &str) -> Result<Vec<u8>, String> {
+    let hex = hex.trim();
+    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 22 {
+        return Err(format!(
+            "server id {hex:?}: 1 to 11 bytes as an even number of hex digits"
+        ));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| format!("server id: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cids_carry_the_length_and_the_server_id_and_random_nonces() {
+        let mut g = LbCidGenerator::new(vec![0x0a, 0x01]).unwrap();
+        let (a, b) = (g.generate_cid(), g.generate_cid());
+        assert_eq!(a.len(), 1 + 2 + NONCE_LEN);
+        assert_eq!(
+            usize::from(a[0] & 0x1f) + 1,
+            a.len(),
+            "length self-encoding"
+        );
+        assert_eq!(a[0] >> 5, 0, "config rotation 0");
+        assert_eq!(&a[1..3], &[0x0a, 0x01]);
+        assert_eq!(LbCidGenerator::server_id_of(&b, 2), Some(&[0x0a, 0x01][..]));
+        assert_ne!(a[3..], b[3..], "nonces differ");
+        assert!(g.validate(&a).is_ok());
+        // Another format (a random 8-byte CID) is not ours to reset.
+        let mut random = [0u8; 8];
+        rand::rng().fill_bytes(&mut random);
+        random[0] = 0xff;
+        assert!(g.validate(&ConnectionId::new(&random)).is_err());
+    }
+
+    #[test]
+    fn server_ids_parse_from_hex() {
+        assert_eq!(parse_server_id("0a01"), Ok(vec![0x0a, 0x01]));
+        assert!(parse_server_id("").is_err());
+        assert!(parse_server_id("abc").is_err());
+        assert!(parse_server_id("zz").is_err());
+        assert!(parse_server_id(&"00".repeat(12)).is_err());
+        assert!(LbCidGenerator::new(vec![0; 12]).is_err());
+    }
+}
