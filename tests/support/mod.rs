@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod nginx;
 pub mod node;
 pub mod redis;
 pub mod relay;

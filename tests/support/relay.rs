@@ -14,6 +14,7 @@ pub struct Relay {
     blackhole: Arc<AtomicBool>,
     server: Arc<Mutex<SocketAddr>>,
     last_from_client: Arc<Mutex<Vec<u8>>>,
+    last_from_server: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,7 +27,9 @@ impl Relay {
         let blackhole = Arc::new(AtomicBool::new(false));
         let server = Arc::new(Mutex::new(server));
         let last_from_client = Arc::new(Mutex::new(Vec::new()));
+        let last_from_server = Arc::new(Mutex::new(Vec::new()));
         let (bh, to, last) = (blackhole.clone(), server.clone(), last_from_client.clone());
+        let last_s = last_from_server.clone();
         let task = tokio::spawn(async move {
             let mut client: Option<SocketAddr> = None;
             let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
@@ -44,6 +47,7 @@ impl Relay {
                     r = back.recv_from(&mut b) => {
                         // Refused sends (a dead server's port) surface here as errors: ignore.
                         let Ok((n, _)) = r else { continue };
+                        *last_s.lock().unwrap() = b[..n].to_vec();
                         if let (Some(c), false) = (client, bh.load(Ordering::Relaxed)) {
                             let _ = front.send_to(&b[..n], c).await;
                         }
@@ -56,6 +60,7 @@ impl Relay {
             blackhole,
             server,
             last_from_client,
+            last_from_server,
             task,
         }
     }
@@ -68,6 +73,11 @@ impl Relay {
     /// Forwards the client's packets to another server from now on.
     pub fn retarget(&self, server: SocketAddr) {
         *self.server.lock().unwrap() = server;
+    }
+
+    /// The latest packet from the server, whole.
+    pub fn last_from_server(&self) -> Vec<u8> {
+        self.last_from_server.lock().unwrap().clone()
     }
 
     /// The first bytes of the latest packet from the client.
