@@ -176,6 +176,19 @@ impl RedisLog {
                 continue;
             };
             let key = stream_key(&org);
+            // Most orgs have nothing old: probe the oldest entry first.
+            let oldest: Vec<RawEntry> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !oldest.first().is_some_and(|e| entry_ts(e) < cutoff) {
+                continue;
+            }
             // Walk from the oldest entry to the first one inside the window.
             let mut after = "-".to_string();
             let keep_from = loop {
@@ -191,13 +204,7 @@ impl RedisLog {
                 let Some((last_id, _)) = entries.last() else {
                     break None; // everything is old: trim it all below the last seen
                 };
-                let young = entries.iter().find(|(_, fields)| {
-                    fields
-                        .iter()
-                        .find(|(k, _)| k == "t")
-                        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
-                        .is_some_and(|t| t >= cutoff)
-                });
+                let young = entries.iter().find(|e| entry_ts(e) >= cutoff);
                 if let Some((id, _)) = young {
                     break Some(id.clone());
                 }
@@ -271,6 +278,15 @@ impl Drop for RedisLog {
             t.abort();
         }
     }
+}
+
+/// The `t` field of a raw entry (0 when missing: such an entry counts as old).
+fn entry_ts((_, fields): &RawEntry) -> u64 {
+    fields
+        .iter()
+        .find(|(k, _)| k == "t")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn as_string(v: &Value) -> Result<String, LogError> {
