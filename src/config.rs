@@ -118,6 +118,8 @@ serve_options! {
     jwt_leeway: HumanDuration,
     /// Share the sequencer and replay log with other nodes through Redis Streams at this URL (redis://host:port/db) [default: the embedded in-memory log]
     redis: String,
+    /// Or share it through a Redis Cluster: seed nodes, comma-separated (redis://host:port,...)
+    redis_cluster: List,
     /// Replay log keeps at least this much history per org [default: 5m]
     replay_window: HumanDuration,
     /// Replay log cap in events per org [default: 100000]
@@ -175,6 +177,15 @@ pub enum AuthMode {
     Keyed(crate::auth::AuthConfig),
 }
 
+/// The Redis deployment behind the shared log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (or a primary with replicas behind one address).
+    Single(String),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
 /// The resolved configuration of a server.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -182,8 +193,8 @@ pub struct Config {
     pub auth: AuthMode,
     pub leeway: Duration,
     pub retention: crate::log::Retention,
-    /// Redis URL of the shared log; `None`: the embedded in-memory log.
-    pub redis: Option<String>,
+    /// Where the shared log is; `None`: the embedded in-memory log.
+    pub redis: Option<RedisTarget>,
     pub heartbeat: Duration,
     pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -275,7 +286,15 @@ impl Config {
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
             auth,
             leeway,
-            redis: a.redis,
+            redis: match (a.redis, a.redis_cluster) {
+                (Some(_), Some(_)) => {
+                    return Err("--redis and --redis-cluster exclude each other".into())
+                }
+                (Some(url), None) => Some(RedisTarget::Single(url)),
+                (None, Some(List(seeds))) if !seeds.is_empty() => Some(RedisTarget::Cluster(seeds)),
+                (None, Some(_)) => return Err("--redis-cluster needs at least one node".into()),
+                (None, None) => None,
+            },
             retention: crate::log::Retention {
                 window_ms: dur(a.replay_window, 300).as_millis() as u64,
                 max_events: positive(a.replay_max_events, 100_000, "replay-max-events")?,

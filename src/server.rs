@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthConfig, Authenticator, JwtAlg};
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, RedisTarget};
 use crate::event::Encoding;
 use crate::hub::Hub;
 use crate::log::{memory::MemoryLog, redis::RedisLog, EventLog};
@@ -67,12 +67,22 @@ impl Server {
     /// Redis Streams with `--redis`).
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let log: Arc<dyn EventLog> = match &config.redis {
-            Some(url) => {
-                let log = Arc::new(
-                    RedisLog::connect(url, config.retention)
+            Some(target) => {
+                let log = match target {
+                    RedisTarget::Single(url) => RedisLog::connect(url, config.retention)
                         .await
                         .with_context(|| format!("cannot use redis at {}", redact_url(url)))?,
-                );
+                    RedisTarget::Cluster(seeds) => {
+                        RedisLog::connect_cluster(seeds, config.retention)
+                            .await
+                            .with_context(|| {
+                                let seeds: Vec<String> =
+                                    seeds.iter().map(|s| redact_url(s)).collect();
+                                format!("cannot use the redis cluster at {}", seeds.join(","))
+                            })?
+                    }
+                };
+                let log = Arc::new(log);
                 log.start_sweeper();
                 log
             }

@@ -317,3 +317,52 @@ async fn retention_by_time_trims_the_stream() {
     let r = a.publish_numbered(&tok, "acme", 5..6).await;
     assert_eq!(r["first_seq"], 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_the_log_on_a_redis_cluster_sharded_by_org() {
+    let cluster = support::redis::RedisCluster::start();
+    let seeds = cluster.seeds();
+    let s2 = seeds.clone();
+    let a = TestServer::start_with(move |x| x.redis_cluster = Some(s2.parse().unwrap())).await;
+    let b = TestServer::start_with(move |x| x.redis_cluster = Some(seeds.parse().unwrap())).await;
+    let orgs = ["o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"];
+    let tok = a.token(&orgs);
+    let mut on_b = b.client(&orgs, &format!("orgs={}", orgs.join(","))).await;
+    for _ in orgs {
+        subscribed(&mut on_b).await;
+    }
+    for round in 0..5u64 {
+        for org in orgs {
+            a.publish_numbered(&tok, org, round * 3..round * 3 + 3)
+                .await;
+        }
+    }
+    let got = on_b.events(orgs.len() * 15).await.unwrap();
+    for org in orgs {
+        let s: Vec<u64> = got.iter().filter(|e| e.org == org).map(|e| e.seq).collect();
+        assert_eq!(s, (1..=15).collect::<Vec<_>>(), "{org}");
+    }
+    // The orgs' keys are spread over the cluster's primaries.
+    let holding = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["dbsize"]).trim() != "0")
+        .count();
+    assert!(holding >= 2, "keys on {holding} of 3 primaries");
+    // Resume on the other node.
+    let (_, h) = a
+        .api
+        .get("/v1/orgs/o3/events?limit=1", Some(&tok))
+        .await
+        .unwrap();
+    let epoch = h["epoch"].as_str().unwrap().to_string();
+    let mut c = a
+        .client(&["o3"], &format!("orgs=o3&since=o3:{epoch}:10"))
+        .await;
+    let (_, head, resume) = subscribed(&mut c).await;
+    assert_eq!((head, resume), (15, Resume::Recovered));
+    assert_eq!(
+        seqs(&c.events(5).await.unwrap()),
+        (11..=15).collect::<Vec<_>>()
+    );
+}

@@ -25,8 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
 use crate::event::Event;
@@ -87,14 +88,61 @@ return {epoch, head, first, entries}
 
 /// The Redis Streams [`EventLog`].
 pub struct RedisLog {
-    client: redis::Client,
-    conn: ConnectionManager,
+    target: Target,
+    conn: Conn,
     append: Script,
     state_read: Script,
     retention: Retention,
     /// Orgs this node has touched (for metrics).
     orgs: Mutex<std::collections::HashSet<OrgId>>,
     sweeping: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Where the log lives: one Redis server, or a Redis Cluster (every org's keys in one slot).
+#[derive(Clone)]
+enum Target {
+    Single(redis::Client),
+    Cluster(Vec<String>),
+}
+
+/// A connection of either kind; commands and scripts run the same on both (a cluster routes
+/// each by its key's slot).
+#[derive(Clone)]
+enum Conn {
+    Managed(ConnectionManager),
+    Multiplexed(redis::aio::MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Multiplexed(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Managed(c) => c.get_db(),
+            Conn::Multiplexed(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 fn unavailable(e: redis::RedisError) -> LogError {
@@ -134,16 +182,62 @@ impl RedisLog {
             ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("redis at {url}: connect timed out"))??;
-        Ok(RedisLog {
-            client,
+        .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+        Ok(Self::with(
+            Target::Single(client),
+            Conn::Managed(conn),
+            retention,
+        ))
+    }
+
+    /// Connects to a Redis Cluster through any of its `seeds` (`redis://host:port`).
+    pub async fn connect_cluster(seeds: &[String], retention: Retention) -> anyhow::Result<Self> {
+        let client = cluster_client(seeds, RESPONSE_TIMEOUT)?;
+        let conn = tokio::time::timeout(RESPONSE_TIMEOUT * 3, client.get_async_connection())
+            .await
+            .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+        Ok(Self::with(
+            Target::Cluster(seeds.to_vec()),
+            Conn::Cluster(conn),
+            retention,
+        ))
+    }
+
+    fn with(target: Target, conn: Conn, retention: Retention) -> Self {
+        RedisLog {
+            target,
             conn,
             append: Script::new(APPEND),
             state_read: Script::new(STATE_READ),
             retention,
             orgs: Mutex::new(Default::default()),
             sweeping: Mutex::new(None),
-        })
+        }
+    }
+
+    /// A connection of its own for a follower's blocking reads (a blocked connection would
+    /// hold up every command behind it).
+    async fn blocking_conn(&self) -> Result<Conn, LogError> {
+        match &self.target {
+            Target::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(RESPONSE_TIMEOUT));
+                Ok(Conn::Multiplexed(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(unavailable)?,
+                ))
+            }
+            Target::Cluster(seeds) => Ok(Conn::Cluster(
+                cluster_client(seeds, BLOCK + RESPONSE_TIMEOUT)
+                    .map_err(|e| LogError::Unavailable(format!("redis: {e}")))?
+                    .get_async_connection()
+                    .await
+                    .map_err(unavailable)?,
+            )),
+        }
     }
 
     /// Starts the once-a-second time-retention sweep (on the current runtime).
@@ -289,6 +383,18 @@ fn entry_ts((_, fields): &RawEntry) -> u64 {
         .unwrap_or(0)
 }
 
+/// A cluster client with this response deadline per command.
+fn cluster_client(
+    seeds: &[String],
+    timeout: Duration,
+) -> anyhow::Result<redis::cluster::ClusterClient> {
+    Ok(redis::cluster::ClusterClient::builder(seeds.to_vec())
+        .response_timeout(timeout)
+        .connection_timeout(RESPONSE_TIMEOUT)
+        .retries(2)
+        .build()?)
+}
+
 fn as_string(v: &Value) -> Result<String, LogError> {
     match v {
         Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
@@ -427,14 +533,7 @@ impl EventLog for RedisLog {
                 seq: state.head,
             },
         };
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(unavailable)?;
+        let conn = self.blocking_conn().await?;
         Ok(Box::new(RedisTail {
             org: org.clone(),
             conn,
@@ -468,8 +567,8 @@ impl EventLog for RedisLog {
 /// One org's follower: blocking `XREAD` on a connection of its own.
 struct RedisTail {
     org: OrgId,
-    conn: MultiplexedConnection,
-    meta: ConnectionManager,
+    conn: Conn,
+    meta: Conn,
     state_read: Script,
     cursor: Position,
 }
