@@ -280,7 +280,7 @@ impl RedisLog {
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if !oldest.first().is_some_and(|e| entry_ts(e) < cutoff) {
+            if oldest.first().is_none_or(|e| entry_ts(e) >= cutoff) {
                 continue;
             }
             // Walk from the oldest entry to the first one inside the window.
