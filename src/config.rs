@@ -120,6 +120,12 @@ serve_options! {
     redis: String,
     /// Or share it through a Redis Cluster: seed nodes, comma-separated (redis://host:port,...)
     redis_cluster: List,
+    /// Keep the embedded log on disk in this directory: a restart keeps epochs, seqs and the replay window [default: in memory only]
+    data_dir: PathBuf,
+    /// With --data-dir: always (sync per request), batch (group commit) or never (page cache only; a power loss loses the last moments) [default: batch]
+    fsync: crate::log::durable::Fsync,
+    /// With --data-dir: a segment file is closed at this size, in bytes [default: 67108864]
+    data_segment_bytes: u64,
     /// Replay log keeps at least this much history per org [default: 5m]
     replay_window: HumanDuration,
     /// Replay log cap in events per org [default: 100000]
@@ -193,8 +199,10 @@ pub struct Config {
     pub auth: AuthMode,
     pub leeway: Duration,
     pub retention: crate::log::Retention,
-    /// Where the shared log is; `None`: the embedded in-memory log.
+    /// Where the shared log is; `None`: the embedded log.
     pub redis: Option<RedisTarget>,
+    /// The embedded log's directory and sync policy; `None`: in memory.
+    pub durable: Option<crate::log::durable::DurableConfig>,
     pub heartbeat: Duration,
     pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -232,6 +240,11 @@ impl Config {
 
     /// Applies defaults and checks the combination.
     pub fn resolve(a: ServeArgs) -> Result<Self, String> {
+        if a.data_dir.is_some() && (a.redis.is_some() || a.redis_cluster.is_some()) {
+            return Err(
+                "--data-dir is for the embedded log; with Redis the log lives there".into(),
+            );
+        }
         let dur = |d: Option<HumanDuration>, default: u64| {
             d.map_or(Duration::from_secs(default), |h| h.0)
         };
@@ -294,6 +307,14 @@ impl Config {
                 (None, Some(List(seeds))) if !seeds.is_empty() => Some(RedisTarget::Cluster(seeds)),
                 (None, Some(_)) => return Err("--redis-cluster needs at least one node".into()),
                 (None, None) => None,
+            },
+            durable: match a.data_dir {
+                Some(dir) => Some(crate::log::durable::DurableConfig {
+                    dir,
+                    fsync: a.fsync.unwrap_or_default(),
+                    segment_bytes: a.data_segment_bytes.unwrap_or(64 << 20).max(4096),
+                }),
+                None => None,
             },
             retention: crate::log::Retention {
                 window_ms: dur(a.replay_window, 300).as_millis() as u64,

@@ -217,6 +217,34 @@ impl Metrics {
                 one(log.bytes),
             ),
             Family::new(
+                "log_disk_bytes",
+                "gauge",
+                "Bytes of the durable log on disk (0 without --data-dir).",
+                "",
+                one(log.disk_bytes),
+            ),
+            Family::new(
+                "log_recovered_torn_bytes",
+                "gauge",
+                "Bytes of a torn last record cut from the durable log at start.",
+                "",
+                one(log.recovered_torn_bytes),
+            ),
+            Family::new(
+                "log_recovered_corrupt_segments",
+                "gauge",
+                "Durable log segments whose scan stopped at a corrupt record at start.",
+                "",
+                one(log.recovered_corrupt_segments),
+            ),
+            Family::new(
+                "log_recovered_reset_orgs",
+                "gauge",
+                "Orgs given a new epoch at start because their stored history had a hole.",
+                "",
+                one(log.recovered_reset_orgs),
+            ),
+            Family::new(
                 "draining",
                 "gauge",
                 "1 while the node drains for shutdown.",
@@ -318,6 +346,7 @@ mod tests {
             orgs: 1,
             events: 7,
             bytes: 700,
+            ..Default::default()
         };
         let text = m.render_prometheus(log, false);
         assert!(

@@ -21,7 +21,7 @@ use crate::auth::{AuthConfig, Authenticator, JwtAlg};
 use crate::config::{AuthMode, Config, RedisTarget};
 use crate::event::Encoding;
 use crate::hub::Hub;
-use crate::log::{memory::MemoryLog, redis::RedisLog, EventLog};
+use crate::log::{durable::DurableLog, memory::MemoryLog, redis::RedisLog, EventLog};
 use crate::metrics::Metrics;
 use crate::session::{SessionEnv, SessionLimits};
 use crate::time::unix_ms;
@@ -86,7 +86,12 @@ impl Server {
                 log.start_sweeper();
                 log
             }
-            None => Arc::new(MemoryLog::new(config.retention)),
+            None => match &config.durable {
+                Some(d) => Arc::new(DurableLog::open(d.clone(), config.retention).with_context(
+                    || format!("cannot use the data directory {}", d.dir.display()),
+                )?),
+                None => Arc::new(MemoryLog::new(config.retention)),
+            },
         };
         Server::bind_with_log(config, log).await
     }

@@ -220,6 +220,15 @@ struct Edgestream {
 }
 
 async fn start_edgestream(cli: &Cli, events: u64) -> anyhow::Result<Edgestream> {
+    start_edgestream_with(cli, events, &[]).await
+}
+
+/// The server with extra flags (e.g. a data directory).
+async fn start_edgestream_with(
+    cli: &Cli,
+    events: u64,
+    extra: &[String],
+) -> anyhow::Result<Edgestream> {
     let bin = match &cli.server_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("edgestream"),
@@ -244,6 +253,7 @@ async fn start_edgestream(cli: &Cli, events: u64) -> anyhow::Result<Edgestream> 
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(extra.iter().cloned())
     .collect();
     let proc = Proc::spawn(&cli.server_cpus, &bin, &args)?;
     let api = Api::new(format!("http://127.0.0.1:{http}"));
@@ -641,8 +651,31 @@ async fn replay(cli: &Cli, behind: u64) -> anyhow::Result<Value> {
 }
 
 /// Publish rate over HTTP with `batch` events per request, from 4 concurrent publishers.
-async fn ingest(cli: &Cli, events: u64, batch: u64) -> anyhow::Result<Value> {
-    let es = start_edgestream(cli, events).await?;
+async fn ingest(cli: &Cli, events: u64, batch: u64, fsync: Option<&str>) -> anyhow::Result<Value> {
+    // The durable log in a fresh directory, removed after the run.
+    let dir = std::env::temp_dir().join(format!("edgestream-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let extra: Vec<String> = match fsync {
+        Some(p) => vec![
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--fsync".into(),
+            p.into(),
+        ],
+        None => Vec::new(),
+    };
+    let result = ingest_into(cli, events, batch, &extra).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn ingest_into(
+    cli: &Cli,
+    events: u64,
+    batch: u64,
+    extra: &[String],
+) -> anyhow::Result<Value> {
+    let es = start_edgestream_with(cli, events, extra).await?;
     let t = tok(&["ingest"]);
     let start = Instant::now();
     let per = events / 4;
@@ -952,20 +985,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let ingest_events = if cli.quick { 2_000 } else { 200_000 };
     let mut ing = serde_json::Map::new();
-    for batch in [1, 100] {
+    // In memory, then the durable log with each fsync policy.
+    for fsync in [None, Some("always"), Some("batch"), Some("never")] {
         if !cli.wants("ingest") {
             break;
         }
-        let count = if batch == 1 {
-            ingest_events / 10
-        } else {
-            ingest_events
-        };
-        eprintln!("ingest: batches of {batch} ...");
-        ing.insert(
-            format!("batch_{batch}"),
-            ingest(&cli, count, batch).await.context("ingest")?,
-        );
+        for batch in [1, 100] {
+            let mut count = if batch == 1 {
+                ingest_events / 10
+            } else {
+                ingest_events
+            };
+            if fsync == Some("always") {
+                // One fdatasync per request: keep the run short.
+                count = count.min(if batch == 1 { 4_000 } else { 40_000 });
+            }
+            let label = fsync.unwrap_or("memory");
+            eprintln!("ingest: {label}, batches of {batch} ...");
+            let key = match fsync {
+                None => format!("batch_{batch}"),
+                Some(p) => format!("fsync_{p}_batch_{batch}"),
+            };
+            ing.insert(
+                key,
+                ingest(&cli, count, batch, fsync)
+                    .await
+                    .with_context(|| format!("ingest {label}"))?,
+            );
+        }
     }
     if !ing.is_empty() {
         report.insert("ingest".into(), Value::Object(ing));
@@ -1121,6 +1168,13 @@ fn markdown(r: &Value) -> String {
             "| ingest events/s, batch 100 | {:.0} | | |\n",
             f(&r["ingest"]["batch_100"]["events_per_sec"])
         );
+        for p in ["always", "batch", "never"] {
+            s += &format!(
+                "| ingest events/s with --data-dir --fsync {p}, batch 1 / batch 100 | {:.0} / {:.0} | | |\n",
+                f(&r["ingest"][format!("fsync_{p}_batch_1")]["events_per_sec"]),
+                f(&r["ingest"][format!("fsync_{p}_batch_100")]["events_per_sec"])
+            );
+        }
     }
     for size in ["128B", "4KiB"] {
         let w = &r["wire_bytes"][size];

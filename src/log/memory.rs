@@ -16,7 +16,7 @@ use crate::model::{Epoch, OrgId, Position};
 use crate::time::unix_ms;
 
 struct Slot {
-    window: Mutex<OrgWindow>,
+    window: Arc<Mutex<OrgWindow>>,
     head: watch::Sender<u64>,
 }
 
@@ -43,7 +43,7 @@ impl MemoryLog {
             .entry(org.clone())
             .or_insert_with(|| {
                 Arc::new(Slot {
-                    window: Mutex::new(OrgWindow::new(org.clone(), Epoch::random())),
+                    window: Arc::new(Mutex::new(OrgWindow::new(org.clone(), Epoch::random()))),
                     head: watch::channel(0).0,
                 })
             })
@@ -108,7 +108,7 @@ impl EventLog for MemoryLog {
                 }
             }
         };
-        Ok(Box::new(MemoryTail { slot, rx, cursor }))
+        Ok(Box::new(MemoryTail::new(slot.window.clone(), rx, cursor)))
     }
 
     fn kind(&self) -> &'static str {
@@ -137,10 +137,21 @@ impl EventLog for MemoryLog {
     }
 }
 
-struct MemoryTail {
-    slot: Arc<Slot>,
+/// A follower of one org's window, woken by its head channel (also used by the durable log).
+pub(super) struct MemoryTail {
+    window: Arc<Mutex<OrgWindow>>,
     rx: watch::Receiver<u64>,
     cursor: Position,
+}
+
+impl MemoryTail {
+    pub(super) fn new(
+        window: Arc<Mutex<OrgWindow>>,
+        rx: watch::Receiver<u64>,
+        cursor: Position,
+    ) -> Self {
+        MemoryTail { window, rx, cursor }
+    }
 }
 
 /// Events read per wake-up; a burst larger than this is returned over several calls.
@@ -151,7 +162,7 @@ impl Tail for MemoryTail {
     async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError> {
         loop {
             let events: Vec<Arc<Event>> = {
-                let w = self.slot.window.lock();
+                let w = self.window.lock();
                 match w.read_after(&self.cursor, TAIL_BATCH) {
                     Some(events) => events,
                     None => {

@@ -6,6 +6,7 @@
 //! count and bytes) and serves range reads by position. It never knows about sessions,
 //! transports or tokens.
 
+pub mod durable;
 pub mod memory;
 pub mod redis;
 pub mod window;
@@ -76,6 +77,12 @@ pub struct LogUsage {
     pub orgs: u64,
     pub events: u64,
     pub bytes: u64,
+    /// Bytes on disk (durable log).
+    pub disk_bytes: u64,
+    /// What the durable log's recovery at start cut or dropped.
+    pub recovered_torn_bytes: u64,
+    pub recovered_corrupt_segments: u64,
+    pub recovered_reset_orgs: u64,
 }
 
 /// A follower of one org's new events, for the hub's one upstream subscription per org.

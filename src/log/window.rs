@@ -129,6 +129,54 @@ impl OrgWindow {
         (result, added)
     }
 
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// The first result recorded for an idempotency key, if it is still remembered.
+    pub fn seen_key(&self, key: &str) -> Option<&Appended> {
+        self.idempotency.get(key)
+    }
+
+    /// Adds events that already have their seqs (the next ones: `head + 1`, ...), remembering
+    /// `key` with its result, then applies retention.
+    pub fn commit(
+        &mut self,
+        events: Vec<Arc<Event>>,
+        key: Option<(&str, &Appended)>,
+        now_ms: u64,
+        retention: &Retention,
+    ) {
+        for e in events {
+            debug_assert_eq!(e.seq, self.head + 1, "commits are contiguous");
+            self.head = e.seq;
+            self.bytes += e.size();
+            self.events.push_back(e);
+        }
+        if let Some((k, result)) = key {
+            self.remember(k, result.clone(), now_ms, retention);
+        }
+        self.evict(now_ms, retention);
+    }
+
+    /// Remembers an idempotency key's first result (as of `ts_ms`).
+    pub fn remember(&mut self, key: &str, result: Appended, ts_ms: u64, retention: &Retention) {
+        self.idempotency
+            .insert(key, result, ts_ms, retention.max_events.max(1024));
+    }
+
+    /// Sets the head of a window restored from a checkpoint (its events are gone).
+    pub fn restore_head(&mut self, head: u64) {
+        debug_assert!(self.events.is_empty());
+        self.head = head;
+    }
+
+    /// Starts over in `epoch` with nothing retained and head 0 (a recovered org whose history
+    /// could not be trusted).
+    pub fn reset(&mut self, epoch: Epoch) {
+        *self = OrgWindow::new(self.org.clone(), epoch);
+    }
+
     /// Drops events older than the window, then the oldest beyond the count and byte caps.
     pub fn evict(&mut self, now_ms: u64, retention: &Retention) {
         let cutoff = now_ms.saturating_sub(retention.window_ms);
