@@ -7,6 +7,7 @@
 //! shared and noisy, absolute numbers are context.
 
 mod baseline;
+mod storage;
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +80,12 @@ enum Cmd {
         events: u64,
         payload_bytes: usize,
     },
+    /// Measures the durable log's storage choice: redb against edgestream's segment files,
+    /// appends per second with a sync per acknowledgement (see ARCHITECTURE.md).
+    StorageChoice {
+        #[arg(default_value_t = 20_000)]
+        records: u64,
+    },
     /// Runs the bare web-transport-quinn broadcaster (used by the bench itself).
     BaselineWt {
         subscribers: usize,
@@ -131,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 events,
                 payload_bytes,
             }) => baseline::webtransport(subscribers, events, payload_bytes).await,
+            Some(Cmd::StorageChoice { records }) => storage::run(records).await,
             None => run(cli).await,
         }
     })
