@@ -362,3 +362,37 @@ async fn retention_removes_old_segments_so_disk_use_stays_bounded() {
         .unwrap();
     assert_eq!(h["head"], 300, "{h}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_count_cap_also_frees_disk_and_heads_survive_in_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let org = OrgId::parse("acme").unwrap();
+    let retention = Retention {
+        max_events: 50,
+        ..Retention::default()
+    };
+    let epoch = {
+        let log = DurableLog::open(config(dir.path(), 4096), retention).unwrap();
+        let e = fill(&log, &org, 500).await;
+        let before = segments(dir.path()).len();
+        log.sweep(edgestream::time::unix_ms());
+        let after = segments(dir.path()).len();
+        assert!(before >= 6, "{before} segments written");
+        assert!(after <= 3, "{after} segments kept for the last 50 events");
+        e
+    };
+    let log = DurableLog::open(config(dir.path(), 4096), retention).unwrap();
+    let s = log.state(&org).await.unwrap();
+    assert_eq!(
+        (s.epoch.as_str(), s.head, s.first),
+        (epoch.as_str(), 500, 451)
+    );
+    assert_eq!(seqs(&log, &org).await, (451..=500).collect::<Vec<_>>());
+    drop(log);
+    // An unreadable checkpoint does not stop the start: the org, whose early history is gone,
+    // restarts in a new epoch, reported.
+    std::fs::write(dir.path().join("checkpoint.json"), b"{not json").unwrap();
+    let log = DurableLog::open(config(dir.path(), 4096), retention).unwrap();
+    assert_eq!(log.recovery().reset_orgs, vec!["acme".to_string()]);
+    assert_ne!(log.state(&org).await.unwrap().epoch.as_str(), epoch);
+}

@@ -14,9 +14,10 @@
 //! `DIR/NNNNNNNNNNNNNNNN.seg`: records `[len u32][crc32 u32][body]`, little endian. Bodies:
 //! an event (org, epoch, seq, ts, payload) or an idempotency key (org, key, epoch, first and
 //! last seq, ts). Segments roll over at `--data-segment-bytes`; a closed segment whose newest
-//! record is older than the replay window is deleted, after `DIR/checkpoint.json` (every
-//! org's epoch and head, written to a temporary file, synced and renamed) has recorded what it
-//! held, so heads and epochs outlive their events.
+//! record is older than the replay window (or whose events the count and byte caps have all
+//! evicted) is deleted, after `DIR/checkpoint.json` (every org's epoch and the seq before its
+//! oldest retained event, written to a temporary file, synced and renamed) has recorded where
+//! the kept history starts, so heads and epochs outlive their events.
 //!
 //! ## Recovery
 //! At start: the checkpoint, then every segment in order. A record that is cut short or fails
@@ -99,6 +100,7 @@ struct Reserve {
 }
 
 struct Job {
+    org: OrgId,
     slot: Arc<Slot>,
     records: Vec<u8>,
     events: Vec<Arc<Event>>,
@@ -108,14 +110,39 @@ struct Job {
     done: oneshot::Sender<Result<Appended, LogError>>,
 }
 
-/// Segment files: the one being written and the closed ones with their newest record's time.
+/// What a segment holds, enough to tell when nothing in it is needed any more.
+#[derive(Debug, Default, Clone)]
+struct Summary {
+    /// The newest record's time.
+    max_ts: u64,
+    /// The newest idempotency key's time (keys must outlive a restart until they expire).
+    max_key_ts: u64,
+    /// The last seq of each org in the segment.
+    last_seq: HashMap<OrgId, u64>,
+}
+
+impl Summary {
+    fn add(&mut self, record: &Record) {
+        self.max_ts = self.max_ts.max(record.ts());
+        match record {
+            Record::Event(e) => {
+                let s = self.last_seq.entry(e.org.clone()).or_default();
+                *s = (*s).max(e.seq);
+            }
+            Record::Key { ts, .. } => self.max_key_ts = self.max_key_ts.max(*ts),
+            Record::Epoch { .. } => {}
+        }
+    }
+}
+
+/// Segment files: the one being written and the closed ones.
 struct Segments {
     dir: PathBuf,
     current: BufWriter<File>,
     current_id: u64,
     current_len: u64,
-    current_max_ts: u64,
-    closed: Vec<(u64, u64)>,
+    current_summary: Summary,
+    closed: Vec<(u64, Summary)>,
     segment_bytes: u64,
 }
 
@@ -141,7 +168,12 @@ impl DurableLog {
         let now = unix_ms();
         let mut windows: HashMap<OrgId, OrgWindow> = HashMap::new();
         if let Ok(text) = fs::read_to_string(cfg.dir.join(CHECKPOINT)) {
-            let cp: serde_json::Value = serde_json::from_str(&text)?;
+            // An unreadable checkpoint costs the heads of fully deleted history: the orgs it
+            // named restart in new epochs below (their first remaining record leaves a hole).
+            let cp: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the checkpoint is unreadable; recovering without it");
+                serde_json::Value::Null
+            });
             if let Some(orgs) = cp["orgs"].as_object() {
                 for (org, v) in orgs {
                     let (Ok(org), Some(Ok(epoch)), Some(head)) = (
@@ -172,7 +204,7 @@ impl DurableLog {
             let path = seg_path(&cfg.dir, *id);
             let mut data = Vec::new();
             File::open(&path)?.read_to_end(&mut data)?;
-            let (good, max_ts) = replay(
+            let (good, summary) = replay(
                 &data,
                 &mut windows,
                 &mut broken,
@@ -195,7 +227,7 @@ impl DurableLog {
                     recovery.corrupt_segments += 1;
                 }
             }
-            closed.push((*id, max_ts));
+            closed.push((*id, summary));
         }
         for org in &broken {
             if let Some(w) = windows.get_mut(org) {
@@ -233,7 +265,10 @@ impl DurableLog {
             current,
             current_id: next_id,
             current_len: epochs.len() as u64,
-            current_max_ts: now,
+            current_summary: Summary {
+                max_ts: now,
+                ..Default::default()
+            },
             closed,
             segment_bytes: cfg.segment_bytes.max(4096),
         }));
@@ -308,14 +343,17 @@ impl DurableLog {
             .clone()
     }
 
-    /// Writes every org's epoch and head to the checkpoint (temporary file, sync, rename).
+    /// Writes every org's epoch and the seq its kept history starts after to the checkpoint
+    /// (temporary file, sync, rename).
     fn checkpoint(&self) -> anyhow::Result<()> {
         let mut orgs = serde_json::Map::new();
         for (org, slot) in self.orgs.read().iter() {
+            // The seq before the oldest retained event: everything after it stays on disk, in
+            // segments this sweep keeps, and is replayed after it at the next start.
             let s = slot.window.lock().state();
             orgs.insert(
                 org.to_string(),
-                serde_json::json!({"epoch": s.epoch.as_str(), "head": s.head}),
+                serde_json::json!({"epoch": s.epoch.as_str(), "head": s.first - 1}),
             );
         }
         let dir = self.segments.lock().dir.clone();
@@ -357,8 +395,8 @@ fn replay(
     recovery: &mut Recovery,
     now: u64,
     retention: &Retention,
-) -> (usize, u64) {
-    let (mut at, mut max_ts) = (0usize, 0u64);
+) -> (usize, Summary) {
+    let (mut at, mut summary) = (0usize, Summary::default());
     while data.len() - at >= 8 {
         let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4")) as usize;
         let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4"));
@@ -373,10 +411,10 @@ fn replay(
         };
         at += 8 + len;
         recovery.records += 1;
-        max_ts = max_ts.max(record.ts());
+        summary.add(&record);
         apply(record, windows, broken, now, retention);
     }
-    (at, max_ts)
+    (at, summary)
 }
 
 fn apply(
@@ -645,7 +683,13 @@ fn write_batch(segments: &Mutex<Segments>, jobs: &[Job], fsync: Fsync) -> std::i
     for j in jobs {
         s.current.write_all(&j.records)?;
         s.current_len += j.records.len() as u64;
-        s.current_max_ts = s.current_max_ts.max(j.now_ms);
+        let sum = &mut s.current_summary;
+        sum.max_ts = sum.max_ts.max(j.now_ms);
+        if j.key.is_some() {
+            sum.max_key_ts = sum.max_key_ts.max(j.now_ms);
+        }
+        let last = sum.last_seq.entry(j.org.clone()).or_default();
+        *last = (*last).max(j.result.last_seq);
     }
     s.current.flush()?;
     if fsync != Fsync::Never {
@@ -668,11 +712,11 @@ impl Segments {
             .append(true)
             .open(seg_path(&self.dir, next))?;
         File::open(&self.dir)?.sync_all()?;
-        self.closed.push((self.current_id, self.current_max_ts));
+        let summary = std::mem::take(&mut self.current_summary);
+        self.closed.push((self.current_id, summary));
         self.current = BufWriter::with_capacity(256 * 1024, file);
         self.current_id = next;
         self.current_len = 0;
-        self.current_max_ts = 0;
         Ok(())
     }
 }
@@ -729,6 +773,7 @@ impl EventLog for DurableLog {
             }
             let (done, rx) = oneshot::channel();
             let job = Job {
+                org: org.clone(),
                 slot: slot.clone(),
                 records,
                 events,
@@ -815,12 +860,27 @@ impl EventLog for DurableLog {
             s.window.lock().evict(now_ms, &self.retention);
         }
         let cutoff = now_ms.saturating_sub(self.retention.window_ms);
+        // A closed segment is deleted once nothing in it is needed: all older than the
+        // window, or every event evicted by the count or byte caps and no key still live.
+        let firsts: HashMap<OrgId, u64> = self
+            .orgs
+            .read()
+            .iter()
+            .map(|(o, s)| (o.clone(), s.window.lock().first()))
+            .collect();
         let old: Vec<u64> = self
             .segments
             .lock()
             .closed
             .iter()
-            .filter(|(_, max_ts)| *max_ts < cutoff)
+            .filter(|(_, sum)| {
+                sum.max_ts < cutoff
+                    || (sum.max_key_ts < cutoff
+                        && sum
+                            .last_seq
+                            .iter()
+                            .all(|(org, last)| firsts.get(org).is_some_and(|f| last < f)))
+            })
             .map(|(id, _)| *id)
             .collect();
         if !old.is_empty() {
