@@ -37,9 +37,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use super::memory::MemoryTail;
+use super::memory::{usage, WindowSlot};
 use super::window::OrgWindow;
 use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
 use crate::event::Event;
@@ -89,9 +89,20 @@ const CHECKPOINT: &str = "checkpoint.json";
 struct Slot {
     /// The sequencer: the last seq handed out (committed or not) and keys in flight.
     reserve: Mutex<Reserve>,
-    /// Committed (durable) events.
-    window: Arc<Mutex<OrgWindow>>,
-    head: watch::Sender<u64>,
+    /// Committed (durable) events and their followers.
+    win: WindowSlot,
+}
+
+impl Slot {
+    fn new(window: OrgWindow) -> Self {
+        Slot {
+            reserve: Mutex::new(Reserve {
+                head: window.state().head,
+                pending: HashMap::new(),
+            }),
+            win: WindowSlot::new(window),
+        }
+    }
 }
 
 struct Reserve {
@@ -274,18 +285,7 @@ impl DurableLog {
         }));
         let orgs: HashMap<OrgId, Arc<Slot>> = windows
             .into_iter()
-            .map(|(org, w)| {
-                let head = w.state().head;
-                let slot = Arc::new(Slot {
-                    reserve: Mutex::new(Reserve {
-                        head,
-                        pending: HashMap::new(),
-                    }),
-                    window: Arc::new(Mutex::new(w)),
-                    head: watch::channel(head).0,
-                });
-                (org, slot)
-            })
+            .map(|(org, w)| (org, Arc::new(Slot::new(w))))
             .collect();
         let orgs = Arc::new(RwLock::new(orgs));
         let (tx, rx) = mpsc::unbounded_channel();
@@ -330,16 +330,7 @@ impl DurableLog {
         self.orgs
             .write()
             .entry(org.clone())
-            .or_insert_with(|| {
-                Arc::new(Slot {
-                    reserve: Mutex::new(Reserve {
-                        head: 0,
-                        pending: HashMap::new(),
-                    }),
-                    window: Arc::new(Mutex::new(OrgWindow::new(org.clone(), Epoch::random()))),
-                    head: watch::channel(0).0,
-                })
-            })
+            .or_insert_with(|| Arc::new(Slot::new(OrgWindow::new(org.clone(), Epoch::random()))))
             .clone()
     }
 
@@ -350,7 +341,7 @@ impl DurableLog {
         for (org, slot) in self.orgs.read().iter() {
             // The seq before the oldest retained event: everything after it stays on disk, in
             // segments this sweep keeps, and is replayed after it at the next start.
-            let s = slot.window.lock().state();
+            let s = slot.win.state();
             orgs.insert(
                 org.to_string(),
                 serde_json::json!({"epoch": s.epoch.as_str(), "head": s.first - 1}),
@@ -643,19 +634,14 @@ fn writer(
             Ok(()) => {
                 for j in jobs {
                     {
-                        let mut w = j.slot.window.lock();
+                        let mut w = j.slot.win.window.lock();
                         w.commit(
                             j.events,
                             j.key.as_deref().map(|k| (k, &j.result)),
                             j.now_ms,
                             &retention,
                         );
-                        let last = j.result.last_seq;
-                        j.slot.head.send_if_modified(|h| {
-                            let newer = last > *h;
-                            *h = (*h).max(last);
-                            newer
-                        });
+                        j.slot.win.announce(j.result.last_seq);
                     }
                     if let Some(k) = &j.key {
                         j.slot.reserve.lock().pending.remove(k);
@@ -737,7 +723,7 @@ impl EventLog for DurableLog {
         let rx = {
             let mut r = slot.reserve.lock();
             if let Some(k) = idempotency_key {
-                let seen = slot.window.lock().seen_key(k).cloned();
+                let seen = slot.win.window.lock().seen_key(k).cloned();
                 if let Some(prev) = seen.or_else(|| r.pending.get(k).cloned()) {
                     return Ok(Appended {
                         duplicate: true,
@@ -745,7 +731,7 @@ impl EventLog for DurableLog {
                     });
                 }
             }
-            let epoch = slot.window.lock().epoch().clone();
+            let epoch = slot.win.window.lock().epoch().clone();
             let first_seq = r.head + 1;
             let events: Vec<Arc<Event>> = payloads
                 .into_iter()
@@ -797,7 +783,7 @@ impl EventLog for DurableLog {
     }
 
     async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
-        Ok(self.slot(org).window.lock().state())
+        Ok(self.slot(org).win.state())
     }
 
     async fn read(
@@ -806,30 +792,11 @@ impl EventLog for DurableLog {
         after: &Position,
         limit: usize,
     ) -> Result<ReadOutcome, LogError> {
-        let slot = self.slot(org);
-        let w = slot.window.lock();
-        let state = w.state();
-        Ok(match w.read_after(after, limit) {
-            Some(events) => ReadOutcome::Events { state, events },
-            None => ReadOutcome::Unusable { state },
-        })
+        Ok(self.slot(org).win.read(after, limit))
     }
 
     async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
-        let slot = self.slot(org);
-        let mut rx = slot.head.subscribe();
-        rx.mark_unchanged();
-        let cursor = match after {
-            Some(p) => p,
-            None => {
-                let state = slot.window.lock().state();
-                Position {
-                    epoch: state.epoch,
-                    seq: state.head,
-                }
-            }
-        };
-        Ok(Box::new(MemoryTail::new(slot.window.clone(), rx, cursor)))
+        Ok(self.slot(org).win.tail(after))
     }
 
     fn kind(&self) -> &'static str {
@@ -837,27 +804,19 @@ impl EventLog for DurableLog {
     }
 
     fn usage(&self) -> LogUsage {
-        let orgs = self.orgs.read();
-        let mut u = LogUsage {
-            orgs: orgs.len() as u64,
+        LogUsage {
             disk_bytes: self.disk_bytes(),
             recovered_torn_bytes: self.recovery.torn_bytes,
             recovered_corrupt_segments: self.recovery.corrupt_segments,
             recovered_reset_orgs: self.recovery.reset_orgs.len() as u64,
-            ..Default::default()
-        };
-        for s in orgs.values() {
-            let w = s.window.lock();
-            u.events += w.len() as u64;
-            u.bytes += w.bytes() as u64;
+            ..usage(self.orgs.read().values().map(|s| &s.win))
         }
-        u
     }
 
     fn sweep(&self, now_ms: u64) {
         let slots: Vec<Arc<Slot>> = self.orgs.read().values().cloned().collect();
         for s in slots {
-            s.window.lock().evict(now_ms, &self.retention);
+            s.win.window.lock().evict(now_ms, &self.retention);
         }
         let cutoff = now_ms.saturating_sub(self.retention.window_ms);
         // A closed segment is deleted once nothing in it is needed: all older than the
@@ -866,7 +825,7 @@ impl EventLog for DurableLog {
             .orgs
             .read()
             .iter()
-            .map(|(o, s)| (o.clone(), s.window.lock().first()))
+            .map(|(o, s)| (o.clone(), s.win.window.lock().first()))
             .collect();
         let old: Vec<u64> = self
             .segments

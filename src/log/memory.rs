@@ -15,9 +15,77 @@ use crate::event::Event;
 use crate::model::{Epoch, OrgId, Position};
 use crate::time::unix_ms;
 
-struct Slot {
-    window: Arc<Mutex<OrgWindow>>,
+/// One org's window and the channel that wakes its followers: the part of an org the
+/// embedded logs (in memory and durable) share.
+pub(super) struct WindowSlot {
+    pub(super) window: Arc<Mutex<OrgWindow>>,
     head: watch::Sender<u64>,
+}
+
+type Slot = WindowSlot;
+
+impl WindowSlot {
+    pub(super) fn new(window: OrgWindow) -> Self {
+        let head = window.state().head;
+        WindowSlot {
+            window: Arc::new(Mutex::new(window)),
+            head: watch::channel(head).0,
+        }
+    }
+
+    /// Wakes followers up to `last` (call with the window lock held, so heads rise in order).
+    pub(super) fn announce(&self, last: u64) {
+        self.head.send_if_modified(|h| {
+            let newer = last > *h;
+            *h = (*h).max(last);
+            newer
+        });
+    }
+
+    pub(super) fn state(&self) -> OrgState {
+        self.window.lock().state()
+    }
+
+    pub(super) fn read(&self, after: &Position, limit: usize) -> ReadOutcome {
+        let w = self.window.lock();
+        let state = w.state();
+        match w.read_after(after, limit) {
+            Some(events) => ReadOutcome::Events { state, events },
+            None => ReadOutcome::Unusable { state },
+        }
+    }
+
+    /// A follower after `after` (after the head when `None`).
+    pub(super) fn tail(&self, after: Option<Position>) -> Box<dyn Tail> {
+        let mut rx = self.head.subscribe();
+        rx.mark_unchanged();
+        let cursor = after.unwrap_or_else(|| {
+            let state = self.state();
+            Position {
+                epoch: state.epoch,
+                seq: state.head,
+            }
+        });
+        Box::new(MemoryTail {
+            window: self.window.clone(),
+            rx,
+            cursor,
+        })
+    }
+}
+
+/// Orgs, retained events and bytes over some windows.
+pub(super) fn usage<'a>(windows: impl ExactSizeIterator<Item = &'a WindowSlot>) -> LogUsage {
+    let mut u = LogUsage {
+        orgs: windows.len() as u64,
+        ..Default::default()
+    };
+    for s in windows {
+        let w = s.window.lock();
+        u.events += w.len() as u64;
+        u.bytes += w.bytes() as u64;
+    }
+    u
 }
 
 /// The in-memory [`EventLog`].
@@ -41,12 +109,7 @@ impl MemoryLog {
         self.orgs
             .write()
             .entry(org.clone())
-            .or_insert_with(|| {
-                Arc::new(Slot {
-                    window: Arc::new(Mutex::new(OrgWindow::new(org.clone(), Epoch::random()))),
-                    head: watch::channel(0).0,
-                })
-            })
+            .or_insert_with(|| Arc::new(Slot::new(OrgWindow::new(org.clone(), Epoch::random()))))
             .clone()
     }
 }
@@ -64,19 +127,14 @@ impl EventLog for MemoryLog {
             let mut w = slot.window.lock();
             let (appended, _) = w.append(payloads, idempotency_key, unix_ms(), &self.retention);
             // Under the window lock, so tails observe heads in order.
-            let last = appended.last_seq;
-            slot.head.send_if_modified(|h| {
-                let newer = last > *h;
-                *h = (*h).max(last);
-                newer
-            });
+            slot.announce(appended.last_seq);
             appended
         };
         Ok(appended)
     }
 
     async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
-        Ok(self.slot(org).window.lock().state())
+        Ok(self.slot(org).state())
     }
 
     async fn read(
@@ -85,30 +143,11 @@ impl EventLog for MemoryLog {
         after: &Position,
         limit: usize,
     ) -> Result<ReadOutcome, LogError> {
-        let slot = self.slot(org);
-        let w = slot.window.lock();
-        let state = w.state();
-        Ok(match w.read_after(after, limit) {
-            Some(events) => ReadOutcome::Events { state, events },
-            None => ReadOutcome::Unusable { state },
-        })
+        Ok(self.slot(org).read(after, limit))
     }
 
     async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
-        let slot = self.slot(org);
-        let mut rx = slot.head.subscribe();
-        rx.mark_unchanged();
-        let cursor = match after {
-            Some(p) => p,
-            None => {
-                let state = slot.window.lock().state();
-                Position {
-                    epoch: state.epoch,
-                    seq: state.head,
-                }
-            }
-        };
-        Ok(Box::new(MemoryTail::new(slot.window.clone(), rx, cursor)))
+        Ok(self.slot(org).tail(after))
     }
 
     fn kind(&self) -> &'static str {
@@ -116,17 +155,7 @@ impl EventLog for MemoryLog {
     }
 
     fn usage(&self) -> LogUsage {
-        let orgs = self.orgs.read();
-        let mut u = LogUsage {
-            orgs: orgs.len() as u64,
-            ..Default::default()
-        };
-        for s in orgs.values() {
-            let w = s.window.lock();
-            u.events += w.len() as u64;
-            u.bytes += w.bytes() as u64;
-        }
-        u
+        usage(self.orgs.read().values().map(|s| &**s))
     }
 
     fn sweep(&self, now_ms: u64) {
@@ -137,21 +166,11 @@ impl EventLog for MemoryLog {
     }
 }
 
-/// A follower of one org's window, woken by its head channel (also used by the durable log).
-pub(super) struct MemoryTail {
+/// A follower of one org's window, woken by its head channel.
+struct MemoryTail {
     window: Arc<Mutex<OrgWindow>>,
     rx: watch::Receiver<u64>,
     cursor: Position,
-}
-
-impl MemoryTail {
-    pub(super) fn new(
-        window: Arc<Mutex<OrgWindow>>,
-        rx: watch::Receiver<u64>,
-        cursor: Position,
-    ) -> Self {
-        MemoryTail { window, rx, cursor }
-    }
 }
 
 /// Events read per wake-up; a burst larger than this is returned over several calls.
