@@ -39,7 +39,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
-use super::memory::{usage, WindowSlot};
+use super::memory::{org_slot, usage, WindowSlot};
 use super::window::OrgWindow;
 use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
 use crate::event::Event;
@@ -324,14 +324,7 @@ impl DurableLog {
     }
 
     fn slot(&self, org: &OrgId) -> Arc<Slot> {
-        if let Some(s) = self.orgs.read().get(org) {
-            return s.clone();
-        }
-        self.orgs
-            .write()
-            .entry(org.clone())
-            .or_insert_with(|| Arc::new(Slot::new(OrgWindow::new(org.clone(), Epoch::random()))))
-            .clone()
+        org_slot(&self.orgs, org, Slot::new)
     }
 
     /// Writes every org's epoch and the seq its kept history starts after to the checkpoint

@@ -74,6 +74,21 @@ impl WindowSlot {
     }
 }
 
+/// The org's slot, made (with a new epoch) on first use.
+pub(super) fn org_slot<S>(
+    orgs: &RwLock<HashMap<OrgId, Arc<S>>>,
+    org: &OrgId,
+    make: impl FnOnce(OrgWindow) -> S,
+) -> Arc<S> {
+    if let Some(s) = orgs.read().get(org) {
+        return s.clone();
+    }
+    orgs.write()
+        .entry(org.clone())
+        .or_insert_with(|| Arc::new(make(OrgWindow::new(org.clone(), Epoch::random()))))
+        .clone()
+}
+
 /// Orgs, retained events and bytes over some windows.
 pub(super) fn usage<'a>(windows: impl ExactSizeIterator<Item = &'a WindowSlot>) -> LogUsage {
     let mut u = LogUsage {
@@ -103,14 +118,7 @@ impl MemoryLog {
     }
 
     fn slot(&self, org: &OrgId) -> Arc<Slot> {
-        if let Some(s) = self.orgs.read().get(org) {
-            return s.clone();
-        }
-        self.orgs
-            .write()
-            .entry(org.clone())
-            .or_insert_with(|| Arc::new(Slot::new(OrgWindow::new(org.clone(), Epoch::random()))))
-            .clone()
+        org_slot(&self.orgs, org, Slot::new)
     }
 }
 
