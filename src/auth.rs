@@ -120,6 +120,8 @@ pub struct Grant {
     all_orgs: bool,
     subscribe: bool,
     publish: bool,
+    chat: bool,
+    upload: bool,
 }
 
 impl Grant {
@@ -139,15 +141,35 @@ impl Grant {
         Ok(())
     }
 
+    /// Chat needs the `chat` (or `publish`) scope and the org named or `*`.
+    pub fn check_chat(&self, org: &OrgId) -> Result<(), Forbidden> {
+        if !(self.chat || self.publish) {
+            return Err(Forbidden::Scope("chat"));
+        }
+        self.check_org(org)
+    }
+
+    /// Uploads need the `upload` (or `publish`) scope and the org named or `*`.
+    pub fn check_upload(&self, org: &OrgId) -> Result<(), Forbidden> {
+        if !(self.upload || self.publish) {
+            return Err(Forbidden::Scope("upload"));
+        }
+        self.check_org(org)
+    }
+
+    fn check_org(&self, org: &OrgId) -> Result<(), Forbidden> {
+        if !(self.all_orgs || self.orgs.contains(org)) {
+            return Err(Forbidden::Org(org.clone()));
+        }
+        Ok(())
+    }
+
     /// Publishing needs the `publish` scope and the org named or `*`.
     pub fn check_publish(&self, org: &OrgId) -> Result<(), Forbidden> {
         if !self.publish {
             return Err(Forbidden::Scope("publish"));
         }
-        if !(self.all_orgs || self.orgs.contains(org)) {
-            return Err(Forbidden::Org(org.clone()));
-        }
-        Ok(())
+        self.check_org(org)
     }
 }
 
@@ -230,6 +252,8 @@ impl Authenticator {
             all_orgs,
             subscribe: scopes.contains("subscribe"),
             publish: scopes.contains("publish"),
+            chat: scopes.contains("chat"),
+            upload: scopes.contains("upload"),
         })
     }
 

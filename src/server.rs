@@ -141,6 +141,9 @@ impl Server {
                 max_orgs: config.max_orgs_per_session,
                 max_sessions: config.max_sessions,
                 heartbeat: config.heartbeat,
+                // A CHAT frame carries a body up to the event size limit.
+                max_control_frame: (config.max_event_bytes + 1024).max(16 * 1024),
+                max_event_bytes: config.max_event_bytes,
                 ..SessionLimits::default()
             },
             encoding: Encoding {

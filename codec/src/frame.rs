@@ -19,10 +19,15 @@ pub mod kind {
     pub const ERROR: u64 = 0x05;
     pub const PONG: u64 = 0x06;
     pub const UNSUBSCRIBED: u64 = 0x07;
+    pub const CHAT_ACK: u64 = 0x08;
+    pub const PRESENCE: u64 = 0x09;
     pub const SUBSCRIBE: u64 = 0x10;
     pub const UNSUBSCRIBE: u64 = 0x11;
     pub const REFRESH: u64 = 0x12;
     pub const PING: u64 = 0x13;
+    pub const JOIN: u64 = 0x14;
+    pub const LEAVE: u64 = 0x15;
+    pub const CHAT: u64 = 0x16;
 }
 
 /// EVENT flag bit 0: the payload is brotli-compressed.
@@ -106,6 +111,28 @@ pub enum Frame {
     Refresh { token: String },
     /// 0x13, client to server: at most [`MAX_PING_LEN`] bytes.
     Ping(Bytes),
+    /// 0x08, server to client: the chat message `id` is the org's event `seq`.
+    ChatAck { id: String, seq: u64 },
+    /// 0x09, server to client: `user` joined (or left) `room` of `org` (an empty room: the org
+    /// itself); `online` users are present now.
+    Presence {
+        org: String,
+        room: String,
+        user: String,
+        joined: bool,
+        online: u64,
+    },
+    /// 0x14, client to server.
+    Join { org: String, room: String },
+    /// 0x15, client to server.
+    Leave { org: String, room: String },
+    /// 0x16, client to server: `body` is a JSON value, the rest of the frame.
+    Chat {
+        org: String,
+        room: String,
+        id: String,
+        body: Bytes,
+    },
     /// A frame type this version does not know; receivers skip it.
     Unknown { kind: u64, body: Bytes },
 }
@@ -158,6 +185,11 @@ impl Frame {
             Frame::Unsubscribe { .. } => kind::UNSUBSCRIBE,
             Frame::Refresh { .. } => kind::REFRESH,
             Frame::Ping(_) => kind::PING,
+            Frame::ChatAck { .. } => kind::CHAT_ACK,
+            Frame::Presence { .. } => kind::PRESENCE,
+            Frame::Join { .. } => kind::JOIN,
+            Frame::Leave { .. } => kind::LEAVE,
+            Frame::Chat { .. } => kind::CHAT,
             Frame::Unknown { kind, .. } => *kind,
         }
     }
@@ -193,6 +225,27 @@ impl Frame {
                 str_len(org) + str_len(epoch) + varint::len(*seq)
             }
             Frame::Refresh { token } => str_len(token),
+            Frame::ChatAck { id, seq } => str_len(id) + varint::len(*seq),
+            Frame::Presence {
+                org,
+                room,
+                user,
+                joined,
+                online,
+            } => {
+                str_len(org)
+                    + str_len(room)
+                    + str_len(user)
+                    + varint::len(u64::from(*joined))
+                    + varint::len(*online)
+            }
+            Frame::Join { org, room } | Frame::Leave { org, room } => str_len(org) + str_len(room),
+            Frame::Chat {
+                org,
+                room,
+                id,
+                body,
+            } => str_len(org) + str_len(room) + str_len(id) + body.len(),
             Frame::Unknown { body, .. } => body.len(),
         }
     }
@@ -251,6 +304,38 @@ impl Frame {
                 varint::write(buf, *seq);
             }
             Frame::Refresh { token } => put_str(buf, token),
+            Frame::ChatAck { id, seq } => {
+                put_str(buf, id);
+                varint::write(buf, *seq);
+            }
+            Frame::Presence {
+                org,
+                room,
+                user,
+                joined,
+                online,
+            } => {
+                put_str(buf, org);
+                put_str(buf, room);
+                put_str(buf, user);
+                varint::write(buf, u64::from(*joined));
+                varint::write(buf, *online);
+            }
+            Frame::Join { org, room } | Frame::Leave { org, room } => {
+                put_str(buf, org);
+                put_str(buf, room);
+            }
+            Frame::Chat {
+                org,
+                room,
+                id,
+                body,
+            } => {
+                put_str(buf, org);
+                put_str(buf, room);
+                put_str(buf, id);
+                buf.put_slice(body);
+            }
         }
     }
 
@@ -365,6 +450,31 @@ fn decode_body(kind: u64, mut body: Bytes) -> Result<Frame, DecodeError> {
             }
             Frame::Ping(body)
         }
+        kind::CHAT_ACK => Frame::ChatAck {
+            id: get_str(b)?,
+            seq: varint::read(b)?,
+        },
+        kind::PRESENCE => Frame::Presence {
+            org: get_str(b)?,
+            room: get_str(b)?,
+            user: get_str(b)?,
+            joined: varint::read(b)? != 0,
+            online: varint::read(b)?,
+        },
+        kind::JOIN => Frame::Join {
+            org: get_str(b)?,
+            room: get_str(b)?,
+        },
+        kind::LEAVE => Frame::Leave {
+            org: get_str(b)?,
+            room: get_str(b)?,
+        },
+        kind::CHAT => Frame::Chat {
+            org: get_str(b)?,
+            room: get_str(b)?,
+            id: get_str(b)?,
+            body: std::mem::take(b),
+        },
         kind => Frame::Unknown { kind, body },
     };
     Ok(frame)
@@ -485,6 +595,31 @@ mod tests {
             any_string().prop_map(|org| Frame::Unsubscribe { org }),
             any_string().prop_map(|token| Frame::Refresh { token }),
             any_bytes(MAX_PING_LEN + 1).prop_map(Frame::Ping),
+            (any_string(), any_u62()).prop_map(|(id, seq)| Frame::ChatAck { id, seq }),
+            (
+                any_string(),
+                any_string(),
+                any_string(),
+                any::<bool>(),
+                any_u62()
+            )
+                .prop_map(|(org, room, user, joined, online)| Frame::Presence {
+                    org,
+                    room,
+                    user,
+                    joined,
+                    online
+                }),
+            (any_string(), any_string()).prop_map(|(org, room)| Frame::Join { org, room }),
+            (any_string(), any_string()).prop_map(|(org, room)| Frame::Leave { org, room }),
+            (any_string(), any_string(), any_string(), any_bytes(100)).prop_map(
+                |(org, room, id, body)| Frame::Chat {
+                    org,
+                    room,
+                    id,
+                    body
+                }
+            ),
             (0x30..varint::MAX, any_bytes(50))
                 .prop_map(|(kind, body)| Frame::Unknown { kind, body }),
         ]

@@ -29,6 +29,17 @@ pub enum ClientMessage {
         #[serde(default)]
         data: Option<String>,
     },
+    /// `{"t":"join","org":"acme","room":"lobby"}`
+    Join { org: String, room: String },
+    /// `{"t":"leave","org":"acme","room":"lobby"}`
+    Leave { org: String, room: String },
+    /// `{"t":"chat","org":"acme","room":"lobby","id":"m-1","body":{"text":"hi"}}`
+    Chat {
+        org: String,
+        room: String,
+        id: String,
+        body: serde_json::Value,
+    },
     /// A message type this version does not know; receivers skip it.
     #[serde(other)]
     Unknown,
@@ -111,6 +122,22 @@ pub fn pong(data: &str) -> String {
 /// `{"t":"unsubscribed","org":"acme"}`
 pub fn unsubscribed(org: &str) -> String {
     format!(r#"{{"t":"unsubscribed","org":{}}}"#, quoted(org))
+}
+
+/// `{"t":"chat_ack","id":"m-1","seq":42}`
+pub fn chat_ack(id: &str, seq: u64) -> String {
+    format!(r#"{{"t":"chat_ack","id":{},"seq":{seq}}}"#, quoted(id))
+}
+
+/// `{"t":"presence","org":"acme","room":"lobby","user":"alice","joined":1,"online":2}`
+pub fn presence(org: &str, room: &str, user: &str, joined: bool, online: u64) -> String {
+    format!(
+        r#"{{"t":"presence","org":{},"room":{},"user":{},"joined":{},"online":{online}}}"#,
+        quoted(org),
+        quoted(room),
+        quoted(user),
+        u8::from(joined)
+    )
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub struct SessionLimits {
     pub heartbeat: Duration,
     /// Largest control frame a client may send, in bytes.
     pub max_control_frame: usize,
+    /// Largest chat message body (a JSON value), in bytes: the event size limit.
+    pub max_event_bytes: usize,
 }
 
 impl Default for SessionLimits {
@@ -41,8 +43,63 @@ impl Default for SessionLimits {
             max_sessions: 100_000,
             heartbeat: Duration::from_secs(5),
             max_control_frame: 16 * 1024,
+            max_event_bytes: 64 * 1024,
         }
     }
+}
+
+/// CHAT (PROTOCOL.md section 8), on either transport: appends
+/// `{"type":"chat.message","room":R,"from":SUB,"id":ID,"body":BODY}` to the org's log and
+/// returns its seq. A repeat of (org, from, id) inside the replay window appends nothing and
+/// returns the first seq (the log's idempotency keys). Refusals become ERROR frames; the
+/// session stays.
+pub async fn chat(
+    env: &SessionEnv,
+    grant: &crate::auth::Grant,
+    org: &str,
+    room: &str,
+    id: &str,
+    body: &[u8],
+) -> Result<u64, Refusal> {
+    let org = OrgId::parse(org)?;
+    if OrgId::parse(room).is_err() {
+        return Err(Refusal::new(
+            CloseCode::Protocol,
+            "invalid room: 1 to 64 bytes of [A-Za-z0-9_.-]",
+        ));
+    }
+    if id.is_empty() || id.chars().count() > 64 {
+        return Err(Refusal::new(
+            CloseCode::Protocol,
+            "chat id must be 1 to 64 characters",
+        ));
+    }
+    if body.len() > env.limits.max_event_bytes {
+        return Err(Refusal::new(
+            CloseCode::TooLarge,
+            format!("chat body over {} bytes", env.limits.max_event_bytes),
+        ));
+    }
+    let body: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Refusal::new(CloseCode::Protocol, format!("chat body is not JSON: {e}")))?;
+    grant
+        .check_chat(&org)
+        .map_err(|f| Refusal::new(CloseCode::Forbidden, f.to_string()))?;
+    let event = serde_json::json!({
+        "type": "chat.message", "room": room, "from": grant.sub, "id": id, "body": body,
+    });
+    let payload = bytes::Bytes::from(serde_json::to_vec(&event).expect("a JSON value"));
+    // The key names the sender: two users' ids never collide.
+    let key = format!("chat\u{1f}{}\u{1f}{id}", grant.sub);
+    let appended = env
+        .hub
+        .log()
+        .append(&org, vec![payload], Some(&key))
+        .await?;
+    if !appended.duplicate {
+        env.metrics.events_published.add(1);
+    }
+    Ok(appended.first_seq)
 }
 
 /// What every session needs from the server.

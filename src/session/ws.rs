@@ -22,6 +22,9 @@ use crate::metrics::{Transport, TransportMetrics};
 use crate::model::{OrgId, Position};
 use crate::time::unix_ms;
 
+/// The answer to JOIN and LEAVE until presence lands (the collaboration issue is open).
+pub(crate) const NO_ROOMS: &str = "rooms and presence are not supported by this server yet";
+
 /// Live events handled per wake-up before the socket is flushed.
 const LIVE_BATCH: usize = 256;
 
@@ -211,6 +214,32 @@ impl WsStreamSession {
         }
     }
 
+    /// CHAT: CHAT_ACK with the seq, or ERROR (the session stays).
+    async fn on_chat(
+        &mut self,
+        org: &str,
+        room: &str,
+        id: &str,
+        body: &[u8],
+        out: &mut Vec<Outgoing>,
+    ) {
+        let grant = &self
+            .token
+            .as_ref()
+            .expect("started sessions have a token")
+            .grant;
+        match super::chat(&self.env, grant, org, room, id, body).await {
+            Ok(seq) => out.push(self.text_or_frame(
+                || json::chat_ack(id, seq),
+                || Frame::ChatAck {
+                    id: id.to_string(),
+                    seq,
+                },
+            )),
+            Err(r) => out.push(self.encode_error(r.code, &r.reason)),
+        }
+    }
+
     async fn on_binary(&mut self, msg: Bytes, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
         if self.format() != Format::Binary {
             return Err(Refusal::new(
@@ -230,6 +259,19 @@ impl WsStreamSession {
             }
             Frame::Ping(body) => {
                 out.push(Outgoing::Binary(Frame::Pong(body).to_bytes()));
+                Ok(())
+            }
+            Frame::Chat {
+                org,
+                room,
+                id,
+                body,
+            } => {
+                self.on_chat(&org, &room, &id, &body, out).await;
+                Ok(())
+            }
+            Frame::Join { .. } | Frame::Leave { .. } => {
+                out.push(self.encode_error(CloseCode::Protocol, NO_ROOMS));
                 Ok(())
             }
             Frame::Unknown { .. } => Ok(()), // forward compatibility: skip
@@ -258,6 +300,20 @@ impl WsStreamSession {
             ClientMessage::Unsubscribe { org } => self.on_unsubscribe(&org, out),
             ClientMessage::Refresh { token } => {
                 self.on_refresh(&token, out);
+                Ok(())
+            }
+            ClientMessage::Chat {
+                org,
+                room,
+                id,
+                body,
+            } => {
+                let body = serde_json::to_vec(&body).expect("a JSON value");
+                self.on_chat(&org, &room, &id, &body, out).await;
+                Ok(())
+            }
+            ClientMessage::Join { .. } | ClientMessage::Leave { .. } => {
+                out.push(self.encode_error(CloseCode::Protocol, NO_ROOMS));
                 Ok(())
             }
             ClientMessage::Ping { data } => {

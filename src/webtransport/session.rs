@@ -259,6 +259,23 @@ impl WtSession {
             }
             Frame::Refresh { token } => self.on_refresh(&token).await,
             Frame::Ping(body) => self.reply(Frame::Pong(body)).await,
+            Frame::Chat {
+                org,
+                room,
+                id,
+                body,
+            } => {
+                match crate::session::chat(&self.env, &self.token.grant, &org, &room, &id, &body)
+                    .await
+                {
+                    Ok(seq) => self.reply(Frame::ChatAck { id, seq }).await,
+                    Err(r) => self.error(r.code, &r.reason).await,
+                }
+            }
+            Frame::Join { .. } | Frame::Leave { .. } => {
+                self.error(CloseCode::Protocol, crate::session::ws::NO_ROOMS)
+                    .await
+            }
             Frame::Unknown { .. } => Ok(()),
             other => Err(Refusal::new(
                 CloseCode::Protocol,

@@ -1,0 +1,197 @@
+//! Chat (PROTOCOL.md section 8) on both transports: messages are org events in one order,
+//! acknowledged with their seq, deduplicated by (sender, client id), scoped by `chat`.
+
+mod support;
+
+use edgestream_codec::Frame;
+use edgestream_testkit::ws::{Msg, WsClient};
+use serde_json::{json, Value};
+use support::TestServer;
+
+async fn subscribed(c: &mut WsClient) {
+    match c.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Subscribed { .. }) => {}
+        Msg::Json(v) if v["t"] == "subscribed" => {}
+        other => panic!("expected SUBSCRIBED, got {other:?}"),
+    }
+}
+
+fn chat(org: &str, room: &str, id: &str, body: Value) -> Frame {
+    Frame::Chat {
+        org: org.into(),
+        room: room.into(),
+        id: id.into(),
+        body: serde_json::to_vec(&body).unwrap().into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_on_two_transports_see_one_order_and_retries_append_once() {
+    let s = TestServer::start().await;
+    let ws_tok = s.token_for("ann", &["acme"], "subscribe chat");
+    let wt_tok = s.token_for("bob", &["acme"], "subscribe chat");
+    let mut ann = WsClient::connect(&s.ws_url(&format!("access_token={ws_tok}&orgs=acme")))
+        .await
+        .unwrap();
+    subscribed(&mut ann).await;
+    let mut bob = edgestream_testkit::wt::connect(
+        &s.wt_url(&format!("access_token={wt_tok}&orgs=acme")),
+        &s.cert_hash().await,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        bob.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+
+    ann.send_frame(&chat("acme", "lobby", "a-1", json!({"text": "hi bob"})))
+        .await
+        .unwrap();
+    let ack_a = match ann.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::ChatAck { id, seq }) => {
+            assert_eq!(id, "a-1");
+            seq
+        }
+        // The event may arrive before the ack.
+        Msg::Frame(Frame::Event { seq, .. }) => match ann.next_non_heartbeat().await.unwrap() {
+            Msg::Frame(Frame::ChatAck { seq: s2, .. }) => {
+                assert_eq!(s2, seq);
+                s2
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    bob.send_control(&chat("acme", "lobby", "b-1", json!({"text": "hi ann"})))
+        .await
+        .unwrap();
+    assert!(matches!(
+        bob.next_control().await.unwrap(),
+        Frame::ChatAck { ref id, seq } if id == "b-1" && seq == ack_a + 1
+    ));
+    // A retry of ann's message (lost ack) appends nothing and gets the first seq.
+    ann.send_frame(&chat("acme", "lobby", "a-1", json!({"text": "hi bob"})))
+        .await
+        .unwrap();
+    bob.send_control(&chat("acme", "lobby", "b-2", json!({"text": "bye"})))
+        .await
+        .unwrap();
+    assert!(matches!(
+        bob.next_control().await.unwrap(),
+        Frame::ChatAck { seq, .. } if seq == ack_a + 2
+    ));
+    // Both see the same three messages in one order, with sender and room.
+    let bob_events = bob.events(3).await.unwrap();
+    let mut ann_events = Vec::new();
+    let mut acks = Vec::new();
+    while ann_events.len() < 3 || acks.is_empty() {
+        match ann.next_non_heartbeat().await.unwrap() {
+            Msg::Frame(Frame::Event { seq, payload, .. }) => ann_events.push((seq, payload)),
+            Msg::Frame(Frame::ChatAck { id, seq }) => acks.push((id, seq)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        acks.last().unwrap(),
+        &("a-1".to_string(), ack_a),
+        "the retry's ack"
+    );
+    let seen: Vec<(u64, Value)> = ann_events
+        .iter()
+        .map(|(s, p)| (*s, serde_json::from_slice(p).unwrap()))
+        .collect();
+    assert_eq!(
+        bob_events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        seen.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    );
+    let who: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|(_, v)| (v["from"].as_str().unwrap(), v["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(who, [("ann", "a-1"), ("bob", "b-1"), ("bob", "b-2")]);
+    assert_eq!(seen[0].1["type"], "chat.message");
+    assert_eq!(seen[0].1["room"], "lobby");
+    assert_eq!(seen[0].1["body"], json!({"text": "hi bob"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_in_json_and_refusals_keep_the_session() {
+    let s = TestServer::start().await;
+    let tok = s.token_for("ann", &["acme"], "subscribe chat");
+    let mut c = WsClient::connect(&s.ws_url(&format!("access_token={tok}&orgs=acme&format=json")))
+        .await
+        .unwrap();
+    subscribed(&mut c).await;
+    let msg = json!({"t":"chat","org":"acme","room":"r1","id":"x","body":[1,2]});
+    c.send_text(&msg.to_string()).await.unwrap();
+    let mut got_ack = false;
+    for _ in 0..2 {
+        match c.next_non_heartbeat().await.unwrap() {
+            Msg::Json(v) if v["t"] == "chat_ack" => {
+                assert_eq!((v["id"].as_str(), v["seq"].as_u64()), (Some("x"), Some(1)));
+                got_ack = true;
+            }
+            Msg::Json(v) if v["t"] == "event" => assert_eq!(v["data"]["body"], json!([1, 2])),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(got_ack);
+    // Refusals are ERROR messages; the session stays.
+    for (msg, code) in [
+        (
+            json!({"t":"chat","org":"other","room":"r1","id":"y","body":1}),
+            4003,
+        ),
+        (
+            json!({"t":"chat","org":"acme","room":"bad room","id":"y","body":1}),
+            4400,
+        ),
+        (
+            json!({"t":"chat","org":"acme","room":"r1","id":"","body":1}),
+            4400,
+        ),
+        (
+            json!({"t":"chat","org":"acme","room":"r1","id":"z".repeat(65),"body":1}),
+            4400,
+        ),
+    ] {
+        c.send_text(&msg.to_string()).await.unwrap();
+        match c.next_non_heartbeat().await.unwrap() {
+            Msg::Json(v) if v["t"] == "error" => assert_eq!(v["code"], code, "{msg}: {v}"),
+            other => panic!("{msg}: {other:?}"),
+        }
+    }
+    // Without the chat (or publish) scope.
+    let reader = s.token_for("eve", &["acme"], "subscribe");
+    let mut r = WsClient::connect(&s.ws_url(&format!("access_token={reader}&orgs=acme")))
+        .await
+        .unwrap();
+    subscribed(&mut r).await;
+    r.send_frame(&chat("acme", "r1", "e-1", json!("hi")))
+        .await
+        .unwrap();
+    match r.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Error { code, .. }) => assert_eq!(code, 4003),
+        other => panic!("{other:?}"),
+    }
+    // A body that is not JSON (binary format).
+    r.send_frame(&Frame::Chat {
+        org: "acme".into(),
+        room: "r1".into(),
+        id: "e-2".into(),
+        body: bytes::Bytes::from_static(b"{nope"),
+    })
+    .await
+    .unwrap();
+    match r.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Error { code, .. }) => assert_eq!(code, 4400),
+        other => panic!("{other:?}"),
+    }
+    let (_, h) = s
+        .api
+        .get("/v1/orgs/acme/events?limit=10", Some(&tok))
+        .await
+        .unwrap();
+    assert_eq!(h["head"], 1, "only the valid message was appended: {h}");
+}
