@@ -144,7 +144,6 @@ impl Server {
                 // A CHAT frame carries a body up to the event size limit.
                 max_control_frame: (config.max_event_bytes + 1024).max(16 * 1024),
                 max_event_bytes: config.max_event_bytes,
-                ..SessionLimits::default()
             },
             encoding: Encoding {
                 brotli_min_bytes: config.brotli_min_bytes,
