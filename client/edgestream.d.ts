@@ -7,6 +7,16 @@ export interface StatusDetail {
   transport: 'webtransport' | 'websocket' | null;
   reason: string;
 }
+export interface PresenceDetail {
+  org: string;
+  /** Empty for the org itself. */
+  room: string;
+  user: string;
+  joined: boolean;
+  /** Users present now. */
+  online: number;
+}
+
 export interface HeartbeatDetail { ts: number; heads: Record<string, number> }
 export interface ErrorDetail { code: number; message: string }
 
@@ -40,6 +50,8 @@ export declare class EdgeStreamClient extends EventTarget {
   addEventListener(type: 'reset', listener: (e: CustomEvent<ResetDetail>) => void): void;
   addEventListener(type: 'status', listener: (e: CustomEvent<StatusDetail>) => void): void;
   addEventListener(type: 'heartbeat', listener: (e: CustomEvent<HeartbeatDetail>) => void): void;
+  /** Someone joined or left an org (room "") or one of its rooms (PROTOCOL.md section 8). */
+  addEventListener(type: 'presence', listener: (e: CustomEvent<PresenceDetail>) => void): void;
   addEventListener(type: 'error', listener: (e: CustomEvent<ErrorDetail>) => void): void;
 }
 

@@ -3,7 +3,7 @@
 // Wire contract: PROTOCOL.md. Types: edgestream.d.ts.
 
 const T = { SUBSCRIBED: 1, EVENT: 2, RESET: 3, HEARTBEAT: 4, ERROR: 5, PONG: 6, UNSUBSCRIBED: 7,
-            SUBSCRIBE: 0x10, UNSUBSCRIBE: 0x11, REFRESH: 0x12, PING: 0x13 };
+            CHAT_ACK: 8, PRESENCE: 9, SUBSCRIBE: 0x10, UNSUBSCRIBE: 0x11, REFRESH: 0x12, PING: 0x13 };
 const RESUME = ['new', 'recovered', 'reset'];
 const WT_FAILED_KEY = 'edgestream.webtransport-failed-until';
 const enc = new TextEncoder();
@@ -61,6 +61,11 @@ export function decodeBody(type, b) {
     case T.ERROR: { const [code, a] = need(readVarint(b, 0)); const [message] = readStr(b, a); return { type: 'error', code, message }; }
     case T.PONG: return { type: 'pong', body: b };
     case T.UNSUBSCRIBED: return { type: 'unsubscribed', org: readStr(b, 0)[0] };
+    case T.PRESENCE: {
+      const [org, a] = readStr(b, 0); const [room, c] = readStr(b, a); const [user, d] = readStr(b, c);
+      const [joined, e] = need(readVarint(b, d)); const [online] = need(readVarint(b, e));
+      return { type: 'presence', org, room, user, joined: joined === 1, online };
+    }
     default: return { type: 'unknown', kind: type };
   }
 }
@@ -362,6 +367,9 @@ export class EdgeStreamClient extends EventTarget {
       }
       case 'error':
         this.dispatchEvent(new CustomEvent('error', { detail: { code: f.code, message: f.message } }));
+        break;
+      case 'presence':
+        this.dispatchEvent(new CustomEvent('presence', { detail: { org: f.org, room: f.room, user: f.user, joined: f.joined, online: f.online } }));
         break;
       default:
     }

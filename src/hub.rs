@@ -26,6 +26,7 @@ use crate::event::Event;
 use crate::log::{EventLog, LogError, ReadOutcome, Resume};
 use crate::metrics::Metrics;
 use crate::model::{Epoch, OrgId, Position};
+use crate::presence::PresenceNote;
 
 /// Raised when a session's queue is full: the session must close with 4008.
 #[derive(Debug, Default)]
@@ -60,16 +61,23 @@ impl Overflow {
     }
 }
 
+/// What a session's queue carries: the org's next events, and presence changes of the org.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Event(Arc<Event>),
+    Presence(Arc<PresenceNote>),
+}
+
 /// Where a session receives live events.
 #[derive(Debug, Clone)]
 pub struct Sink {
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: mpsc::Sender<Live>,
     overflow: Arc<Overflow>,
 }
 
 impl Sink {
     /// A bounded queue of `capacity` events: the sink for the hub, the receiver for the session.
-    pub fn bounded(capacity: usize) -> (Sink, mpsc::Receiver<Arc<Event>>, Arc<Overflow>) {
+    pub fn bounded(capacity: usize) -> (Sink, mpsc::Receiver<Live>, Arc<Overflow>) {
         let overflow = Arc::new(Overflow::default());
         let (sink, rx) = Sink::bounded_with(capacity, overflow.clone());
         (sink, rx, overflow)
@@ -77,16 +85,13 @@ impl Sink {
 
     /// A bounded queue that raises a shared overflow signal (one signal per session, several
     /// queues: WebTransport has one queue per org stream).
-    pub fn bounded_with(
-        capacity: usize,
-        overflow: Arc<Overflow>,
-    ) -> (Sink, mpsc::Receiver<Arc<Event>>) {
+    pub fn bounded_with(capacity: usize, overflow: Arc<Overflow>) -> (Sink, mpsc::Receiver<Live>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         (Sink { tx, overflow }, rx)
     }
 
-    fn push(&self, event: &Arc<Event>) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(event.clone()) {
+    fn push(&self, item: Live) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(item) {
             self.overflow.raise();
         }
     }
@@ -189,6 +194,16 @@ impl Hub {
             resume,
         };
         Ok((cursor, subscribed))
+    }
+
+    /// Sends a presence change to the org's subscribers on this node.
+    pub fn notify(&self, org: &OrgId, note: Arc<PresenceNote>) {
+        let feed = self.inner.feeds.lock().get(org).cloned();
+        if let Some(feed) = feed {
+            for (_, sink) in feed.subscribers.lock().iter() {
+                sink.push(Live::Presence(note.clone()));
+            }
+        }
     }
 
     fn register(&self, org: &OrgId, sink: &Sink) -> Registration {
@@ -295,7 +310,7 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
             let subs = feed.subscribers.lock();
             for event in &events {
                 for (_, sink) in subs.iter() {
-                    sink.push(event);
+                    sink.push(Live::Event(event.clone()));
                 }
             }
         }
@@ -460,21 +475,20 @@ mod tests {
         }
     }
 
-    async fn next_delivery(
-        cursor: &mut OrgCursor,
-        rx: &mut mpsc::Receiver<Arc<Event>>,
-    ) -> Vec<Delivery> {
+    async fn next_delivery(cursor: &mut OrgCursor, rx: &mut mpsc::Receiver<Live>) -> Vec<Delivery> {
         let mut out = Vec::new();
         while out.is_empty() {
             if cursor.needs_catch_up() {
                 cursor.catch_up(CATCH_UP_BATCH, &mut out).await.unwrap();
                 continue;
             }
-            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            let item = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .expect("the event published after subscribing is delivered")
                 .unwrap();
-            cursor.on_live(e, &mut out);
+            if let Live::Event(e) = item {
+                cursor.on_live(e, &mut out);
+            }
         }
         out
     }

@@ -132,8 +132,10 @@ impl Server {
         };
         let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(log, metrics.clone());
         let env = Arc::new(SessionEnv {
-            hub: Hub::new(log, metrics.clone()),
+            presence: crate::presence::Presence::new(hub.clone()),
+            hub,
             auth: Arc::new(auth),
             metrics,
             limits: SessionLimits {

@@ -195,3 +195,152 @@ async fn chat_in_json_and_refusals_keep_the_session() {
         .unwrap();
     assert_eq!(h["head"], 1, "only the valid message was appended: {h}");
 }
+
+/// The next PRESENCE on a WebSocket, skipping heartbeats, events and acks.
+async fn ws_presence(c: &mut WsClient) -> (String, String, bool, u64) {
+    loop {
+        match c.next().await.unwrap() {
+            Msg::Frame(Frame::Presence {
+                room,
+                user,
+                joined,
+                online,
+                ..
+            }) => return (room, user, joined, online),
+            Msg::Frame(Frame::Event { .. } | Frame::ChatAck { .. } | Frame::Heartbeat { .. }) => {}
+            other => panic!("expected PRESENCE, got {other:?}"),
+        }
+    }
+}
+
+/// The next PRESENCE on a WebTransport org stream, skipping events.
+async fn wt_presence(c: &mut edgestream_testkit::wt::WtClient) -> (String, String, bool, u64) {
+    use edgestream_testkit::wt::StreamItem;
+    loop {
+        match c.next_any_item().await.unwrap() {
+            StreamItem::Frame {
+                frame:
+                    Frame::Presence {
+                        room,
+                        user,
+                        joined,
+                        online,
+                        ..
+                    },
+                ..
+            } => return (room, user, joined, online),
+            StreamItem::Frame {
+                frame: Frame::Event { .. } | Frame::Subscribed { .. },
+                ..
+            } => {}
+            other => panic!("expected PRESENCE, got {other:?}"),
+        }
+    }
+}
+
+fn p(room: &str, user: &str, joined: bool, online: u64) -> (String, String, bool, u64) {
+    (room.into(), user.into(), joined, online)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_in_orgs_and_rooms_across_transports() {
+    let s = TestServer::start().await;
+    let ann_tok = s.token_for("ann", &["acme"], "subscribe chat");
+    let bob_tok = s.token_for("bob", &["acme"], "subscribe chat");
+    let mut ann = WsClient::connect(&s.ws_url(&format!("access_token={ann_tok}&orgs=acme")))
+        .await
+        .unwrap();
+    subscribed(&mut ann).await;
+    assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
+    let mut bob = edgestream_testkit::wt::connect(
+        &s.wt_url(&format!("access_token={bob_tok}&orgs=acme")),
+        &s.cert_hash().await,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        bob.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+    assert_eq!(ws_presence(&mut ann).await, p("", "bob", true, 2));
+    assert_eq!(wt_presence(&mut bob).await, p("", "bob", true, 2));
+
+    // bob joins a room: he gets its members (himself) on the control stream; ann hears of it.
+    bob.send_control(&Frame::Join {
+        org: "acme".into(),
+        room: "lobby".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(bob.next_control().await.unwrap(),
+        Frame::Presence { ref room, ref user, joined: true, online: 1, .. } if room == "lobby" && user == "bob"));
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", true, 1));
+    assert_eq!(wt_presence(&mut bob).await, p("lobby", "bob", true, 1));
+    // ann joins: she gets both members; bob hears of her.
+    ann.send_frame(&Frame::Join {
+        org: "acme".into(),
+        room: "lobby".into(),
+    })
+    .await
+    .unwrap();
+    let mut members = vec![ws_presence(&mut ann).await, ws_presence(&mut ann).await];
+    members.sort();
+    assert_eq!(
+        members,
+        [p("lobby", "ann", true, 2), p("lobby", "bob", true, 2)]
+    );
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", true, 2));
+    assert_eq!(wt_presence(&mut bob).await, p("lobby", "ann", true, 2));
+
+    // The HTTP views and the metrics.
+    ann.send_frame(&chat("acme", "lobby", "m-1", json!("hello")))
+        .await
+        .unwrap();
+    let (_, v) = s
+        .api
+        .get("/v1/orgs/acme/presence", Some(&ann_tok))
+        .await
+        .unwrap();
+    assert_eq!(v["online"], 2, "{v}");
+    assert_eq!(v["users"][0], json!({"sub": "ann", "sessions": 1}));
+    let deadline = std::time::Instant::now() + support::HANG_GUARD;
+    let room = loop {
+        let (status, r) = s
+            .api
+            .get("/v1/orgs/acme/rooms/lobby", Some(&bob_tok))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        if r["messages"] == 1 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(room["online"], 2, "{room}");
+    assert_eq!(room["members"], json!(["ann", "bob"]));
+    assert_eq!(room["messages"], 1);
+    assert!(room["last_message_ts"].as_u64().unwrap() > 0);
+    let m = s.metrics().await;
+    assert_eq!(m["presence"], json!({"rooms": 1, "users": 2}), "{m}");
+    let other = s.token_for("eve", &["other"], "subscribe");
+    let (status, _) = s
+        .api
+        .get("/v1/orgs/acme/presence", Some(&other))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+
+    // bob's session ends without a LEAVE: he leaves the room and the org.
+    bob.close(0);
+    drop(bob);
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", false, 1));
+    assert_eq!(ws_presence(&mut ann).await, p("", "bob", false, 1));
+    // LEAVE.
+    ann.send_frame(&Frame::Leave {
+        org: "acme".into(),
+        room: "lobby".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", false, 0));
+}

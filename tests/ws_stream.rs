@@ -341,7 +341,7 @@ async fn heartbeats_name_the_heads_of_the_sessions_orgs() {
                 assert_eq!(heads, [("acme".to_string(), 3), ("beta".to_string(), 0)]);
                 break;
             }
-            Msg::Frame(Frame::Subscribed { .. }) => {}
+            Msg::Frame(Frame::Subscribed { .. } | Frame::Presence { .. }) => {}
             other => panic!("unexpected {other:?}"),
         }
     }

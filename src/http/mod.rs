@@ -75,6 +75,8 @@ impl IntoResponse for ApiError {
 pub fn router(app: Arc<App>) -> Router {
     let mut r = Router::new()
         .route("/v1/orgs/{org}/events", post(publish::publish).get(history))
+        .route("/v1/orgs/{org}/presence", get(org_presence))
+        .route("/v1/orgs/{org}/rooms/{room}", get(room_view))
         .route("/v1/stream", get(stream))
         .route("/metrics", get(metrics_text))
         .route("/v1/metrics", get(metrics_json))
@@ -144,6 +146,64 @@ struct HistoryQuery {
 
 /// Most events one history read returns.
 const HISTORY_MAX: usize = 1000;
+
+/// A token in the query (browsers) for the presence routes.
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    access_token: Option<String>,
+}
+
+/// The org named by a token that may subscribe to, chat in or publish to it.
+fn granted_org(
+    app: &App,
+    org: &str,
+    headers: &HeaderMap,
+    token: Option<&str>,
+) -> Result<OrgId, ApiError> {
+    let org = org_param(org)?;
+    let grant = authenticate(app, headers, token)?;
+    if grant.check_subscribe(&org).is_err() {
+        grant.check_chat(&org).map_err(Refusal::from)?;
+    }
+    Ok(org)
+}
+
+/// `GET /v1/orgs/{org}/presence`: the users online in the org (on this node).
+async fn org_presence(
+    State(app): State<Arc<App>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let org = granted_org(&app, &org, &headers, q.access_token.as_deref())?;
+    let users = app.env.presence.org_users(&org);
+    Ok(Json(json!({
+        "org": org.as_str(),
+        "online": users.len(),
+        "users": users.iter().map(|(sub, n)| json!({"sub": sub, "sessions": n})).collect::<Vec<_>>(),
+    })))
+}
+
+/// `GET /v1/orgs/{org}/rooms/{room}`: a room's members and chat figures (on this node).
+async fn room_view(
+    State(app): State<Arc<App>>,
+    Path((org, room)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let org = granted_org(&app, &org, &headers, q.access_token.as_deref())?;
+    if OrgId::parse(&room).is_err() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid room: 1 to 64 bytes of [A-Za-z0-9_.-]",
+        ));
+    }
+    let r = app.env.presence.room(&org, &room);
+    Ok(Json(json!({
+        "org": org.as_str(), "room": room, "online": r.members.len(), "members": r.members,
+        "messages": r.messages, "last_message_ts": r.last_message_ts,
+    })))
+}
 
 /// `GET /v1/orgs/{org}/events?since=epoch:seq&limit=N`: retained events after a position. An
 /// unusable position gives `reset: true` and the events from the oldest retained.
@@ -243,6 +303,8 @@ async fn metrics_json(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         app.draining.load(Ordering::Acquire),
     );
     v["log_backend"] = json!(app.env.hub.log().kind());
+    let (rooms, users) = app.env.presence.counts();
+    v["presence"] = json!({"rooms": rooms, "users": users});
     Json(v)
 }
 

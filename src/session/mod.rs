@@ -98,13 +98,34 @@ pub async fn chat(
         .await?;
     if !appended.duplicate {
         env.metrics.events_published.add(1);
+        env.presence.record_chat(&org, room, crate::time::unix_ms());
     }
     Ok(appended.first_seq)
+}
+
+/// JOIN / LEAVE checks: the org granted to the session (for subscribing, chatting or
+/// publishing) and a valid room name.
+pub fn room_of(grant: &Grant, org: &str, room: &str) -> Result<(OrgId, String), Refusal> {
+    let org = OrgId::parse(org)?;
+    if OrgId::parse(room).is_err() {
+        return Err(Refusal::new(
+            CloseCode::Protocol,
+            "invalid room: 1 to 64 bytes of [A-Za-z0-9_.-]",
+        ));
+    }
+    if grant.check_subscribe(&org).is_err() && grant.check_chat(&org).is_err() {
+        return Err(Refusal::new(
+            CloseCode::Forbidden,
+            format!("org {org} not granted"),
+        ));
+    }
+    Ok((org, room.to_string()))
 }
 
 /// What every session needs from the server.
 pub struct SessionEnv {
     pub hub: Hub,
+    pub presence: Arc<crate::presence::Presence>,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,

@@ -16,14 +16,11 @@ use tokio::time::Instant;
 
 use super::{ConnectParams, Format, SessionEnv, SessionToken};
 use crate::close::{CloseCode, Refusal};
-use crate::event::Event;
-use crate::hub::{Delivery, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
+use crate::hub::{Delivery, Live, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
 use crate::metrics::{Transport, TransportMetrics};
 use crate::model::{OrgId, Position};
+use crate::presence::{OrgMember, PresenceNote, RoomMember};
 use crate::time::unix_ms;
-
-/// The answer to JOIN and LEAVE until presence lands (the collaboration issue is open).
-pub(crate) const NO_ROOMS: &str = "rooms and presence are not supported by this server yet";
 
 /// Live events handled per wake-up before the socket is flushed.
 const LIVE_BATCH: usize = 256;
@@ -32,7 +29,7 @@ const LIVE_BATCH: usize = 256;
 #[derive(Debug)]
 pub enum Wake {
     Start,
-    Live(Arc<Event>),
+    Live(Live),
     CatchUp,
     Heartbeat,
     Expired,
@@ -47,7 +44,11 @@ pub struct WsStreamSession {
     token: Option<SessionToken>,
     cursors: Cursors,
     sink: Sink,
-    queue: mpsc::Receiver<Arc<Event>>,
+    queue: mpsc::Receiver<Live>,
+    /// The rooms joined and the presence in each subscribed org (in this order, so a session
+    /// that ends leaves its rooms before its orgs).
+    rooms: Vec<RoomMember>,
+    present: Vec<OrgMember>,
     overflow: Arc<Overflow>,
     next_heartbeat: Instant,
     deliveries: Vec<Delivery>,
@@ -66,6 +67,8 @@ impl WsStreamSession {
             cursors: Cursors::default(),
             sink,
             queue,
+            present: Vec::new(),
+            rooms: Vec::new(),
             overflow,
             next_heartbeat: Instant::now(),
             deliveries: Vec::new(),
@@ -142,6 +145,10 @@ impl WsStreamSession {
             .await?;
         out.push(self.encode_subscribed(&subscribed));
         self.cursors.insert(cursor);
+        if !self.present.iter().any(|m| m.org() == &org) {
+            let user = &self.token.as_ref().expect("started").grant.sub;
+            self.present.push(self.env.presence.enter(&org, user));
+        }
         Ok(())
     }
 
@@ -176,9 +183,15 @@ impl WsStreamSession {
         Ok(())
     }
 
+    /// Leaves an org: its cursor and the session's presence there.
+    fn drop_org(&mut self, org: &OrgId) {
+        self.cursors.remove(org);
+        self.present.retain(|m| m.org() != org);
+    }
+
     fn on_unsubscribe(&mut self, org: &str, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
         let org = OrgId::parse(org)?;
-        self.cursors.remove(&org);
+        self.drop_org(&org);
         out.push(self.text_or_frame(
             || json::unsubscribed(org.as_str()),
             || Frame::Unsubscribed {
@@ -200,7 +213,7 @@ impl WsStreamSession {
             }
         };
         for org in revoked {
-            self.cursors.remove(&org);
+            self.drop_org(&org);
             out.push(self.encode_error(
                 CloseCode::Forbidden,
                 &format!("org {org} no longer granted"),
@@ -270,8 +283,12 @@ impl WsStreamSession {
                 self.on_chat(&org, &room, &id, &body, out).await;
                 Ok(())
             }
-            Frame::Join { .. } | Frame::Leave { .. } => {
-                out.push(self.encode_error(CloseCode::Protocol, NO_ROOMS));
+            Frame::Join { org, room } => {
+                self.on_join(&org, &room, out);
+                Ok(())
+            }
+            Frame::Leave { org, room } => {
+                self.on_leave(&org, &room, out);
                 Ok(())
             }
             Frame::Unknown { .. } => Ok(()), // forward compatibility: skip
@@ -312,8 +329,12 @@ impl WsStreamSession {
                 self.on_chat(&org, &room, &id, &body, out).await;
                 Ok(())
             }
-            ClientMessage::Join { .. } | ClientMessage::Leave { .. } => {
-                out.push(self.encode_error(CloseCode::Protocol, NO_ROOMS));
+            ClientMessage::Join { org, room } => {
+                self.on_join(&org, &room, out);
+                Ok(())
+            }
+            ClientMessage::Leave { org, room } => {
+                self.on_leave(&org, &room, out);
                 Ok(())
             }
             ClientMessage::Ping { data } => {
@@ -417,13 +438,27 @@ impl WsStreamSession {
         )
     }
 
-    fn on_live(&mut self, event: Arc<Event>, out: &mut Vec<Outgoing>) {
-        let org = event.org.clone();
-        let mut next = Some(event);
+    fn on_live(&mut self, item: Live, out: &mut Vec<Outgoing>) {
+        let mut org = None;
+        let mut next = Some(item);
         let mut handled = 0;
-        while let Some(e) = next.take() {
-            if let Some(cursor) = self.cursors.get_mut(&e.org) {
-                cursor.on_live(e, &mut self.deliveries);
+        while let Some(item) = next.take() {
+            match item {
+                Live::Event(e) => {
+                    if let Some(cursor) = self.cursors.get_mut(&e.org) {
+                        org.get_or_insert_with(|| e.org.clone());
+                        cursor.on_live(e, &mut self.deliveries);
+                    }
+                }
+                Live::Presence(note) => {
+                    // Events queued before the change go out before it.
+                    if let Some(o) = org.take() {
+                        self.flush_deliveries(&o, false, out);
+                    }
+                    if self.cursors.contains_key(&note.org) {
+                        out.extend(self.encode_note(&note));
+                    }
+                }
             }
             handled += 1;
             if handled < LIVE_BATCH {
@@ -432,7 +467,45 @@ impl WsStreamSession {
         }
         // Live deliveries are events only (a RESET comes from a log read), so the org passed
         // here names no frame.
-        self.flush_deliveries(&org, false, out);
+        if let Some(o) = org {
+            self.flush_deliveries(&o, false, out);
+        }
+    }
+
+    fn encode_note(&self, note: &PresenceNote) -> Option<Outgoing> {
+        match self.format() {
+            Format::Json => Utf8Bytes::try_from(note.json.clone())
+                .ok()
+                .map(Outgoing::Text),
+            Format::Binary => Some(Outgoing::Binary(note.binary.clone())),
+        }
+    }
+
+    /// JOIN: the room's members now, as PRESENCE messages; the others hear of it through the
+    /// org's subscribers.
+    fn on_join(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
+        let grant = &self.token.as_ref().expect("started").grant;
+        match super::room_of(grant, org, room) {
+            Ok((org, room)) => {
+                if self.rooms.iter().any(|r| r.is(&org, &room)) {
+                    return;
+                }
+                let (member, now) = self.env.presence.join(&org, &room, &grant.sub);
+                self.rooms.push(member);
+                for note in now {
+                    out.extend(self.encode_note(&note));
+                }
+            }
+            Err(r) => out.push(self.encode_error(r.code, &r.reason)),
+        }
+    }
+
+    fn on_leave(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
+        let grant = &self.token.as_ref().expect("started").grant;
+        match super::room_of(grant, org, room) {
+            Ok((org, room)) => self.rooms.retain(|r| !r.is(&org, &room)),
+            Err(r) => out.push(self.encode_error(r.code, &r.reason)),
+        }
     }
 
     async fn catch_up(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {

@@ -19,10 +19,12 @@ use tokio::time::Instant;
 use web_transport_quinn::{RecvStream, SendStream, Session};
 
 use crate::close::{CloseCode, Refusal};
-use crate::event::Event;
-use crate::hub::{Delivery, HeadWatch, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH};
+use crate::hub::{
+    Delivery, HeadWatch, Live, OrgCursor, Overflow, Sink, Subscribed, CATCH_UP_BATCH,
+};
 use crate::metrics::{Transport, TransportMetrics};
 use crate::model::{OrgId, Position};
+use crate::presence::{OrgMember, RoomMember};
 use crate::session::{ConnectParams, SessionEnv, SessionToken};
 use crate::time::unix_ms;
 
@@ -58,6 +60,8 @@ struct OrgStream {
     stop: Option<oneshot::Sender<()>>,
     head: HeadWatch,
     task: JoinHandle<()>,
+    /// The session's presence in the org, held as long as the stream.
+    _member: OrgMember,
 }
 
 struct WtSession {
@@ -71,6 +75,8 @@ struct WtSession {
     control_rx: mpsc::Receiver<Result<Frame, Refusal>>,
     control_tx: mpsc::Sender<Result<Frame, Refusal>>,
     readers: Vec<JoinHandle<()>>,
+    /// Rooms joined (left when dropped).
+    rooms: Vec<RoomMember>,
 }
 
 impl WtSession {
@@ -92,6 +98,7 @@ impl WtSession {
             orgs: HashMap::new(),
             control: None,
             readers: Vec::new(),
+            rooms: Vec::new(),
             env,
             wt,
             params,
@@ -133,12 +140,14 @@ impl WtSession {
             deliveries: Vec::new(),
         };
         let task = tokio::spawn(writer.run(subscribed, stop_rx));
+        let member = self.env.presence.enter(&org, &self.token.grant.sub);
         self.orgs.insert(
             org,
             OrgStream {
                 stop: Some(stop_tx),
                 head,
                 task,
+                _member: member,
             },
         );
         Ok(())
@@ -159,6 +168,8 @@ impl WtSession {
     }
 
     fn shutdown_streams(&mut self) {
+        // Rooms are left before the orgs.
+        self.rooms.clear();
         for (_, s) in self.orgs.drain() {
             s.task.abort();
         }
@@ -272,9 +283,35 @@ impl WtSession {
                     Err(r) => self.error(r.code, &r.reason).await,
                 }
             }
-            Frame::Join { .. } | Frame::Leave { .. } => {
-                self.error(CloseCode::Protocol, crate::session::ws::NO_ROOMS)
-                    .await
+            Frame::Join { org, room } => {
+                match crate::session::room_of(&self.token.grant, &org, &room) {
+                    Ok((org, room)) => {
+                        if self.rooms.iter().any(|r| r.is(&org, &room)) {
+                            return Ok(());
+                        }
+                        let (member, now) =
+                            self.env.presence.join(&org, &room, &self.token.grant.sub);
+                        self.rooms.push(member);
+                        for note in now {
+                            if let Some(c) = self.control.as_mut() {
+                                c.write_all(&note.binary).await.map_err(|_| {
+                                    Refusal::new(CloseCode::Protocol, "control stream closed")
+                                })?;
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(r) => self.error(r.code, &r.reason).await,
+                }
+            }
+            Frame::Leave { org, room } => {
+                match crate::session::room_of(&self.token.grant, &org, &room) {
+                    Ok((org, room)) => {
+                        self.rooms.retain(|r| !r.is(&org, &room));
+                        Ok(())
+                    }
+                    Err(r) => self.error(r.code, &r.reason).await,
+                }
             }
             Frame::Unknown { .. } => Ok(()),
             other => Err(Refusal::new(
@@ -353,7 +390,7 @@ struct OrgWriter {
     brotli: bool,
     stream: SendStream,
     cursor: OrgCursor,
-    rx: mpsc::Receiver<Arc<Event>>,
+    rx: mpsc::Receiver<Live>,
     /// Keeps the queue open while the writer lives.
     _sink: Sink,
     frames: Vec<Bytes>,
@@ -393,17 +430,29 @@ impl OrgWriter {
                     let _ = self.stream.finish();
                     return;
                 }
-                e = self.rx.recv() => {
-                    let Some(e) = e else { return };
-                    self.cursor.on_live(e, &mut self.deliveries);
+                item = self.rx.recv() => {
+                    let Some(item) = item else { return };
+                    self.take(item);
                     for _ in 1..LIVE_BATCH {
                         match self.rx.try_recv() {
-                            Ok(e) => self.cursor.on_live(e, &mut self.deliveries),
+                            Ok(item) => self.take(item),
                             Err(_) => break,
                         }
                     }
                     self.encode(false);
                 }
+            }
+        }
+    }
+
+    /// One item of the queue: an event for the cursor, or a presence change (after the events
+    /// queued before it).
+    fn take(&mut self, item: Live) {
+        match item {
+            Live::Event(e) => self.cursor.on_live(e, &mut self.deliveries),
+            Live::Presence(note) => {
+                self.encode(false);
+                self.frames.push(note.binary.clone());
             }
         }
     }

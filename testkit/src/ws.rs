@@ -105,13 +105,15 @@ impl WsClient {
         }
     }
 
-    /// The next message that is not a heartbeat (heartbeats do not extend the hang guard).
+    /// The next message that is neither a heartbeat nor a presence change (PRESENCE goes to
+    /// every subscriber of an org; tests of presence read [`Self::next`]). Heartbeats do not
+    /// extend the hang guard.
     pub async fn next_non_heartbeat(&mut self) -> anyhow::Result<Msg> {
         let wait = async {
             loop {
                 match self.next().await? {
-                    Msg::Frame(Frame::Heartbeat { .. }) => continue,
-                    Msg::Json(v) if v["t"] == "heartbeat" => continue,
+                    Msg::Frame(Frame::Heartbeat { .. } | Frame::Presence { .. }) => continue,
+                    Msg::Json(v) if v["t"] == "heartbeat" || v["t"] == "presence" => continue,
                     other => return Ok(other),
                 }
             }
@@ -154,7 +156,7 @@ impl WsClient {
         }
     }
 
-    /// Collects `n` events (any org), skipping heartbeats and failing on anything else.
+    /// Collects `n` events (any org), skipping heartbeats and presence, failing on anything else.
     pub async fn events(&mut self, n: usize) -> anyhow::Result<Vec<Ev>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {

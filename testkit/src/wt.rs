@@ -244,15 +244,30 @@ async fn read_org_stream(
 }
 
 impl WtClient {
-    /// The next frame from any org stream (or the end of one).
+    /// The next frame from any org stream (or the end of one), presence changes skipped
+    /// (PRESENCE goes to every subscriber of an org; tests of presence read
+    /// [`Self::next_any_item`]).
     pub async fn next_item(&mut self) -> anyhow::Result<StreamItem> {
+        loop {
+            match self.next_any_item().await? {
+                StreamItem::Frame {
+                    frame: Frame::Presence { .. },
+                    ..
+                } => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The next item from any org stream, whatever it is.
+    pub async fn next_any_item(&mut self) -> anyhow::Result<StreamItem> {
         tokio::time::timeout(HANG_GUARD, self.items.recv())
             .await
             .context("nothing on the org streams in time")?
             .context("session ended")
     }
 
-    /// The next frame from any org stream.
+    /// The next frame from any org stream (presence changes skipped).
     pub async fn next_frame(&mut self) -> anyhow::Result<Frame> {
         match self.next_item().await? {
             StreamItem::Frame { frame, .. } => Ok(frame),
