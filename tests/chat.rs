@@ -344,3 +344,39 @@ async fn presence_in_orgs_and_rooms_across_transports() {
     .unwrap();
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", false, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_browser_leaves_its_room_at_the_idle_timeout() {
+    let s = TestServer::start_with(|a| a.quic_idle_timeout = Some("1s".parse().unwrap())).await;
+    let ann_tok = s.token_for("ann", &["acme"], "subscribe chat");
+    let bob_tok = s.token_for("bob", &["acme"], "subscribe chat");
+    let mut ann = WsClient::connect(&s.ws_url(&format!("access_token={ann_tok}&orgs=acme")))
+        .await
+        .unwrap();
+    subscribed(&mut ann).await;
+    assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
+    // bob on WebTransport through a relay that can drop everything.
+    let relay = support::relay::Relay::start(s.quic_addr).await;
+    let url = format!(
+        "https://127.0.0.1:{}/v1/stream?access_token={bob_tok}&orgs=acme",
+        relay.addr.port()
+    );
+    let mut bob = edgestream_testkit::wt::connect(&url, &s.cert_hash().await)
+        .await
+        .unwrap();
+    assert!(matches!(
+        bob.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+    bob.send_control(&Frame::Join {
+        org: "acme".into(),
+        room: "lobby".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(ws_presence(&mut ann).await, p("", "bob", true, 2));
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", true, 1));
+    relay.blackhole(true); // the browser vanishes: no close, no packets
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", false, 0));
+    assert_eq!(ws_presence(&mut ann).await, p("", "bob", false, 1));
+}
