@@ -42,6 +42,11 @@ export declare class EdgeStreamClient extends EventTarget {
   connect(): Promise<void>;
   setToken(token: string): void;
   subscribe(org: string): void;
+  /** Joins a room of an org; kept across reconnects. */
+  join(org: string, room: string): void;
+  leave(org: string, room: string): void;
+  /** Sends a chat message (any JSON value); resolves with its seq in the org. */
+  chat(org: string, room: string, body: unknown, timeoutMs?: number): Promise<number>;
   unsubscribe(org: string): void;
   /** Drops the current connection and resumes with `since`. */
   reconnect(): void;

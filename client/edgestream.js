@@ -3,7 +3,8 @@
 // Wire contract: PROTOCOL.md. Types: edgestream.d.ts.
 
 const T = { SUBSCRIBED: 1, EVENT: 2, RESET: 3, HEARTBEAT: 4, ERROR: 5, PONG: 6, UNSUBSCRIBED: 7,
-            CHAT_ACK: 8, PRESENCE: 9, SUBSCRIBE: 0x10, UNSUBSCRIBE: 0x11, REFRESH: 0x12, PING: 0x13 };
+            CHAT_ACK: 8, PRESENCE: 9, SUBSCRIBE: 0x10, UNSUBSCRIBE: 0x11, REFRESH: 0x12, PING: 0x13,
+            JOIN: 0x14, LEAVE: 0x15, CHAT: 0x16 };
 const RESUME = ['new', 'recovered', 'reset'];
 const WT_FAILED_KEY = 'edgestream.webtransport-failed-until';
 const enc = new TextEncoder();
@@ -61,6 +62,10 @@ export function decodeBody(type, b) {
     case T.ERROR: { const [code, a] = need(readVarint(b, 0)); const [message] = readStr(b, a); return { type: 'error', code, message }; }
     case T.PONG: return { type: 'pong', body: b };
     case T.UNSUBSCRIBED: return { type: 'unsubscribed', org: readStr(b, 0)[0] };
+    case T.CHAT_ACK: {
+      const [id, a] = readStr(b, 0); const [seq] = need(readVarint(b, a));
+      return { type: 'chat_ack', id, seq };
+    }
     case T.PRESENCE: {
       const [org, a] = readStr(b, 0); const [room, c] = readStr(b, a); const [user, d] = readStr(b, c);
       const [joined, e] = need(readVarint(b, d)); const [online] = need(readVarint(b, e));
@@ -115,6 +120,8 @@ export class EdgeStreamClient extends EventTarget {
     this.server = o.server.replace(/\/$/, '');
     this.token = o.token;
     this.wanted = new Set(o.orgs || []);
+    this.rooms = new Set();          // "org\u0000room", joined again after every reconnect
+    this._pendingChats = new Map();  // id -> { frame, resolve }, sent again after a reconnect
     this.mode = o.transport || 'auto';
     this.refreshToken = o.refreshToken;
     this.wtTimeout = o.webTransportTimeoutMs || 4000;
@@ -237,13 +244,23 @@ export class EdgeStreamClient extends EventTarget {
       throw e;
     }
     clearTimeout(timer);
+    // The control stream: opened once, on first use (concurrent sends share it), and read for
+    // the answers that travel on it (CHAT_ACK, the member list of JOIN, ERROR, PONG).
     let control = null;
+    const openControl = () => control ??= (async () => {
+      const s = await wt.createBidirectionalStream();
+      (async () => {
+        const fr = new FrameReader(); const sr = s.readable.getReader();
+        for (;;) {
+          const { value: chunk, done: fin } = await sr.read(); if (fin) return;
+          for (const f of fr.push(chunk)) await this._frame(f, conn);
+        }
+      })().catch(() => {});
+      return s.writable.getWriter();
+    })();
     const conn = {
       kind: 'webtransport',
-      send: async (bytes) => {
-        if (!control) control = (await wt.createBidirectionalStream()).writable.getWriter();
-        await control.write(bytes);
-      },
+      send: async (bytes) => { const w = await openControl(); await w.write(bytes); },
       drop: () => { try { wt.close({ closeCode: 0, reason: 'client reconnect' }); } catch { /* closed */ } },
     };
     this._conn = conn;
@@ -325,7 +342,16 @@ export class EdgeStreamClient extends EventTarget {
   async _frame(f, conn) {
     // The session counts as up once the server speaks: authentication happens after the
     // transport opens, so an open that ends in 4001 never reports "connected".
-    if (conn.onFirstFrame) { const up = conn.onFirstFrame; conn.onFirstFrame = null; conn.up = true; up(); }
+    if (conn.onFirstFrame) {
+      const up = conn.onFirstFrame; conn.onFirstFrame = null; conn.up = true; up();
+      // Rooms and unacknowledged chat messages carry over to the new session; a chat sent
+      // twice is acknowledged once with its first seq (the server dedupes by id).
+      for (const k of this.rooms) {
+        const [org, room] = k.split('\u0000');
+        conn.send(encodeFrame(T.JOIN, [strBytes(org), strBytes(room)])).catch(() => {});
+      }
+      for (const p of this._pendingChats.values()) conn.send(p.frame).catch(() => {});
+    }
     switch (f.type) {
       case 'subscribed': {
         const pos = this.positions[f.org];
@@ -368,6 +394,11 @@ export class EdgeStreamClient extends EventTarget {
       case 'error':
         this.dispatchEvent(new CustomEvent('error', { detail: { code: f.code, message: f.message } }));
         break;
+      case 'chat_ack': {
+        const p = this._pendingChats.get(f.id);
+        if (p) { this._pendingChats.delete(f.id); p.resolve(f.seq); }
+        break;
+      }
       case 'presence':
         this.dispatchEvent(new CustomEvent('presence', { detail: { org: f.org, room: f.room, user: f.user, joined: f.joined, online: f.online } }));
         break;
@@ -393,6 +424,37 @@ export class EdgeStreamClient extends EventTarget {
   unsubscribe(org) {
     this.wanted.delete(org);
     if (this._conn && !this._conn.dead) this._conn.send(encodeFrame(T.UNSUBSCRIBE, [strBytes(org)])).catch(() => {});
+  }
+
+  /** Joins a room of an org (PROTOCOL.md section 8); kept across reconnects. */
+  join(org, room) {
+    this.rooms.add(`${org}\u0000${room}`);
+    if (this._conn && !this._conn.dead && this._conn.up) {
+      this._conn.send(encodeFrame(T.JOIN, [strBytes(org), strBytes(room)])).catch(() => {});
+    }
+  }
+
+  /** Leaves a room. */
+  leave(org, room) {
+    this.rooms.delete(`${org}\u0000${room}`);
+    if (this._conn && !this._conn.dead && this._conn.up) {
+      this._conn.send(encodeFrame(T.LEAVE, [strBytes(org), strBytes(room)])).catch(() => {});
+    }
+  }
+
+  /**
+   * Sends a chat message (any JSON value) to a room; resolves with its seq in the org once the
+   * server has stored it, rejects after `timeoutMs` without an acknowledgement (a refusal
+   * arrives as an `error` event).
+   */
+  chat(org, room, body, timeoutMs = 10000) {
+    const id = crypto.randomUUID();
+    const frame = encodeFrame(T.CHAT, [strBytes(org), strBytes(room), strBytes(id), [...enc.encode(JSON.stringify(body))]]);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => { this._pendingChats.delete(id); reject(new Error('no CHAT_ACK in time')); }, timeoutMs);
+      this._pendingChats.set(id, { frame, resolve: (seq) => { clearTimeout(timer); resolve(seq); } });
+      if (this._conn && !this._conn.dead && this._conn.up) this._conn.send(frame).catch(() => {});
+    });
   }
 
   /** Drops the current connection and reconnects with `since` (the demo's resume button). */

@@ -10,7 +10,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::TestServer;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -381,4 +381,40 @@ async fn client_reconnects_after_a_server_restart_and_gets_reset() {
     assert_eq!(seqs, (1..=10).chain(1..=5).collect::<Vec<_>>(), "{r}");
     assert!(r["reconnects"].as_u64().unwrap() >= 1);
     drop(restarted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browser_clients_chat_in_a_room_over_both_transports() {
+    let s = dev_server().await;
+    let r = run_node("client_e2e.mjs", &["chat".into(), base(&s)], |_| {}).await;
+    assert_eq!(r["transports"], json!(["webtransport", "websocket"]), "{r}");
+    assert_eq!(r["acks"], json!([1, 2]), "{r}");
+    for who in ["ann", "bob"] {
+        let got: Vec<(u64, String, String)> = r[who]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["seq"].as_u64().unwrap(),
+                    e["from"].as_str().unwrap().to_string(),
+                    e["body"]["text"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, "ann".to_string(), "hi bob".to_string()),
+                (2, "bob".to_string(), "hi ann".to_string())
+            ],
+            "{who} sees one order: {r}"
+        );
+    }
+    let left = r["annPresence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["room"] == "lobby" && p["user"] == "bob" && p["joined"] == false);
+    assert!(left, "ann sees bob leave: {r}");
 }

@@ -1,7 +1,7 @@
 // Real headless Chromium running /edgestream.js (the browser client) against a running server.
 // Usage: node client_e2e.mjs SCENARIO HTTP_BASE [TOKEN]
 // Scenarios: auto, no-webtransport, disable-quic, unreachable-quic, drop, bad-token, refresh,
-// restart, demo.
+// restart, demo, chat.
 // Prints JSON lines {"step": ...}; "kill" asks the caller to kill and restart the server; the
 // last line is {"step":"result", ...}.
 import { chromium } from 'playwright-core';
@@ -60,6 +60,28 @@ try {
         }
       };
       if (scenario === 'no-webtransport') delete window.WebTransport;
+      if (scenario === 'chat') {
+        // ann over WebTransport, bob over WebSocket, both in room "lobby" of acme.
+        const mint = async (sub) => (await (await fetch(`${base}/v1/dev/token?sub=${sub}&orgs=acme&scope=subscribe%20chat`)).json()).token;
+        const ann = new EdgeStreamClient({ server: base, token: await mint('ann'), orgs: ['acme'] });
+        const bob = new EdgeStreamClient({ server: base, token: await mint('bob'), orgs: ['acme'], transport: 'websocket' });
+        const seen = { ann: [], bob: [] }; const presence = { ann: [], bob: [] };
+        for (const [name, c] of [['ann', ann], ['bob', bob]]) {
+          c.addEventListener('event', (e) => seen[name].push({ seq: e.detail.seq, ...e.detail.data }));
+          c.addEventListener('presence', (e) => presence[name].push(e.detail));
+        }
+        await ann.connect(); await bob.connect();
+        ann.join('acme', 'lobby'); bob.join('acme', 'lobby');
+        await until(() => presence.ann.some((p) => p.room === 'lobby' && p.user === 'bob' && p.joined));
+        const s1 = await ann.chat('acme', 'lobby', { text: 'hi bob' });
+        const s2 = await bob.chat('acme', 'lobby', { text: 'hi ann' });
+        await until(() => seen.ann.length >= 2 && seen.bob.length >= 2);
+        const transports = [ann.transport, bob.transport];
+        bob.close();
+        await until(() => presence.ann.some((p) => p.room === 'lobby' && p.user === 'bob' && !p.joined));
+        ann.close();
+        return { transports, acks: [s1, s2], ann: seen.ann, bob: seen.bob, annPresence: presence.ann };
+      }
       if (scenario === 'refresh') {
         // A token that expires in 2 s; on 4009 the hook fetches a new one and the client resumes.
         const mint = async (ttl) => (await (await fetch(`${base}/v1/dev/token?sub=alice&orgs=acme&scope=subscribe%20publish&ttl=${ttl}`)).json()).token;
