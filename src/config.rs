@@ -126,6 +126,12 @@ serve_options! {
     fsync: crate::log::durable::Fsync,
     /// With --data-dir: a segment file is closed at this size, in bytes [default: 67108864]
     data_segment_bytes: u64,
+    /// Accept uploads (PROTOCOL.md section 9) into this directory [default: uploads off]
+    upload_dir: PathBuf,
+    /// Largest upload, in bytes [default: 104857600]
+    max_upload_bytes: u64,
+    /// Bytes of uploads one org may hold on this node [default: 1073741824]
+    max_upload_bytes_per_org: u64,
     /// Replay log keeps at least this much history per org [default: 5m]
     replay_window: HumanDuration,
     /// Replay log cap in events per org [default: 100000]
@@ -203,6 +209,8 @@ pub struct Config {
     pub redis: Option<RedisTarget>,
     /// The embedded log's directory and sync policy; `None`: in memory.
     pub durable: Option<crate::log::durable::DurableConfig>,
+    /// Where uploads go; `None`: uploads are refused (503).
+    pub uploads: Option<crate::upload::UploadConfig>,
     pub heartbeat: Duration,
     pub allowed_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -308,6 +316,11 @@ impl Config {
                 (None, Some(_)) => return Err("--redis-cluster needs at least one node".into()),
                 (None, None) => None,
             },
+            uploads: a.upload_dir.map(|dir| crate::upload::UploadConfig {
+                dir,
+                max_bytes: a.max_upload_bytes.unwrap_or(100 << 20),
+                max_org_bytes: a.max_upload_bytes_per_org.unwrap_or(1 << 30),
+            }),
             durable: match a.data_dir {
                 Some(dir) => Some(crate::log::durable::DurableConfig {
                     dir,

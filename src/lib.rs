@@ -31,4 +31,5 @@ pub mod server;
 pub mod session;
 pub mod time;
 pub mod tls;
+pub mod upload;
 pub mod webtransport;

@@ -133,7 +133,15 @@ impl Server {
         let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(log, metrics.clone());
+        let uploads =
+            match &config.uploads {
+                Some(u) => Some(crate::upload::Uploads::new(u.clone()).with_context(|| {
+                    format!("cannot use the upload directory {}", u.dir.display())
+                })?),
+                None => None,
+            };
         let env = Arc::new(SessionEnv {
+            uploads,
             presence: crate::presence::Presence::new(hub.clone()),
             hub,
             auth: Arc::new(auth),
@@ -199,11 +207,15 @@ impl Server {
         let app = self.app;
         let sweeper = {
             let log = app.env.hub.log().clone();
+            let uploads = app.env.uploads.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
                     log.sweep(unix_ms());
+                    if let Some(u) = &uploads {
+                        u.sweep();
+                    }
                 }
             })
         };

@@ -5,6 +5,7 @@
 //! token: request logging redacts `access_token`.
 
 mod publish;
+mod upload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -76,6 +77,8 @@ pub fn router(app: Arc<App>) -> Router {
     let mut r = Router::new()
         .route("/v1/orgs/{org}/events", post(publish::publish).get(history))
         .route("/v1/orgs/{org}/presence", get(org_presence))
+        .route("/v1/orgs/{org}/uploads", axum::routing::put(upload::put))
+        .route("/v1/uploads/{id}", get(upload::status))
         .route("/v1/orgs/{org}/rooms/{room}", get(room_view))
         .route("/v1/stream", get(stream))
         .route("/metrics", get(metrics_text))

@@ -103,6 +103,25 @@ pub async fn chat(
     Ok(appended.first_seq)
 }
 
+/// Records a completed upload in its org's log: `{"type":"upload.completed",...}`.
+pub async fn upload_completed(
+    env: &SessionEnv,
+    view: &crate::upload::UploadView,
+) -> Result<(), Refusal> {
+    let org = OrgId::parse(&view.org)?;
+    let event = serde_json::json!({
+        "type": "upload.completed", "id": view.id, "name": view.name, "size": view.size,
+        "sha256": view.sha256, "from": view.from,
+    });
+    let payload = bytes::Bytes::from(serde_json::to_vec(&event).expect("a JSON value"));
+    let key = format!("upload\u{1f}{}", view.id);
+    env.hub
+        .log()
+        .append(&org, vec![payload], Some(&key))
+        .await?;
+    Ok(())
+}
+
 /// JOIN / LEAVE checks: the org granted to the session (for subscribing, chatting or
 /// publishing) and a valid room name.
 pub fn room_of(grant: &Grant, org: &str, room: &str) -> Result<(OrgId, String), Refusal> {
@@ -126,6 +145,8 @@ pub fn room_of(grant: &Grant, org: &str, room: &str) -> Result<(OrgId, String), 
 pub struct SessionEnv {
     pub hub: Hub,
     pub presence: Arc<crate::presence::Presence>,
+    /// Uploads, when `--upload-dir` is set.
+    pub uploads: Option<Arc<crate::upload::Uploads>>,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,

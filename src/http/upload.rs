@@ -1,0 +1,131 @@
+//! `PUT /v1/orgs/{org}/uploads?name=N` (streamed body; `Upload-Id` + `Upload-Offset` to resume,
+//! or `Upload-Id` alone to name a new upload so its progress can be read while it runs) and
+//! `GET /v1/uploads/{id}` (PROTOCOL.md section 9).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{authenticate, org_param, ApiError};
+use crate::close::Refusal;
+use crate::server::App;
+use crate::upload::{UploadError, Uploads};
+
+#[derive(Deserialize)]
+pub(super) struct UploadQuery {
+    name: Option<String>,
+    access_token: Option<String>,
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        let status = match &e {
+            UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::Offset { .. } | UploadError::Busy(_) => StatusCode::CONFLICT,
+            UploadError::NotFound => StatusCode::NOT_FOUND,
+            UploadError::Incomplete { .. } | UploadError::Invalid(_) => StatusCode::BAD_REQUEST,
+            UploadError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+fn uploads(app: &App) -> Result<&Arc<Uploads>, ApiError> {
+    app.env.uploads.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "uploads are not enabled on this node (--upload-dir)",
+        )
+    })
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("bad {name}")))
+        })
+        .transpose()
+}
+
+pub(super) async fn put(
+    State(app): State<Arc<App>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let org = org_param(&org)?;
+    let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
+    grant.check_upload(&org).map_err(Refusal::from)?;
+    let uploads = uploads(&app)?;
+    let id = headers.get("upload-id").and_then(|v| v.to_str().ok());
+    let offset = header_u64(&headers, "upload-offset")?.unwrap_or(0);
+    let length = header_u64(&headers, "content-length")?;
+    let name = q.name.as_deref().unwrap_or_default();
+    // A new upload's size is its Content-Length; a resumed one's is known already.
+    let size = if offset == 0 { length } else { None };
+    if offset == 0 && size.is_none() {
+        return Err(ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "a new upload needs Content-Length",
+        ));
+    }
+    let mut writer = uploads
+        .begin(&org, name, size, &grant.sub, id, offset)
+        .await?;
+    if let Some(len) = length {
+        if offset + len > writer.size() {
+            return Err(UploadError::TooLarge(format!(
+                "{} bytes from offset {offset} exceed the upload's {}",
+                len,
+                writer.size()
+            ))
+            .into());
+        }
+    }
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}"))
+        })?;
+        writer.write(&chunk).await?;
+    }
+    let view = writer.finish().await?;
+    crate::session::upload_completed(&app.env, &view)
+        .await
+        .map_err(ApiError::from)?;
+    Ok((StatusCode::CREATED, Json(json!(view))).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct TokenQuery {
+    access_token: Option<String>,
+}
+
+pub(super) async fn status(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
+    let view = uploads(&app)?
+        .status(&id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such upload"))?;
+    let org = org_param(&view.org)?;
+    if grant.check_upload(&org).is_err() {
+        grant.check_subscribe(&org).map_err(Refusal::from)?;
+    }
+    Ok(Json(json!(view)))
+}
