@@ -247,3 +247,202 @@ async fn over_the_limit_is_refused_with_413_and_leaves_no_file() {
         .unwrap();
     assert_eq!(r.status(), 503);
 }
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The control stream is the client's first bidirectional stream; uploads come after it.
+async fn open_control(c: &mut edgestream_testkit::wt::WtClient) {
+    use edgestream_codec::Frame;
+    c.send_control(&Frame::Ping(Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    assert!(matches!(c.next_control().await.unwrap(), Frame::Pong(_)));
+}
+
+/// Sends UPLOAD_BEGIN and bytes `from..to` on a new bidirectional stream; returns the frames
+/// the server answered (stopping early, with a reset, after `stop_at` bytes when given).
+async fn wt_upload(
+    c: &edgestream_testkit::wt::WtClient,
+    begin: edgestream_codec::Frame,
+    from: u64,
+    to: u64,
+    stop_at: Option<u64>,
+) -> Vec<edgestream_codec::Frame> {
+    let (mut send, mut recv) = c.session.open_bi().await.unwrap();
+    send.write_all(&begin.to_bytes()).await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut buf = bytes::BytesMut::new();
+        let mut frames = Vec::new();
+        loop {
+            while let Ok(Some(f)) = edgestream_codec::Frame::decode(&mut buf, 1 << 20) {
+                frames.push(f);
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+                _ => return frames,
+            }
+        }
+    });
+    let mut at = from;
+    while at < to {
+        if stop_at.is_some_and(|s| at >= s) {
+            send.reset(0u32).ok();
+            break;
+        }
+        let n = CHUNK.min((to - at) as usize);
+        send.write_all(&chunk(at, n)).await.unwrap();
+        at += n as u64;
+    }
+    if stop_at.is_none() {
+        send.finish().unwrap();
+    }
+    tokio::time::timeout(support::HANG_GUARD * 3, reader)
+        .await
+        .expect("the server answers")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mib_upload_over_webtransport_in_bounded_server_memory() {
+    use edgestream_codec::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let node = support::node::Node::spawn(&["--upload-dir", dir.path().to_str().unwrap()]).await;
+    let tok = support::token_for("ann", &["acme"], "subscribe upload");
+    let url = format!(
+        "https://{}/v1/stream?access_token={tok}&orgs=acme",
+        node.quic
+    );
+    let mut c = edgestream_testkit::wt::connect(&url, &node.cert_hash().await)
+        .await
+        .unwrap();
+    open_control(&mut c).await;
+    let size: u64 = 50 << 20;
+    let before = rss_of(node.pid());
+    let begin = Frame::UploadBegin {
+        org: "acme".into(),
+        name: "big.bin".into(),
+        size,
+        content_type: "application/octet-stream".into(),
+        upload_id: String::new(),
+        offset: 0,
+    };
+    let frames = wt_upload(&c, begin, 0, size, None).await;
+    let grown = rss_of(node.pid()).saturating_sub(before);
+    let progress: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::UploadProgress { received, .. } => Some(*received),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        progress.len() >= 10,
+        "progress as the bytes land: {progress:?}"
+    );
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]));
+    match frames.last() {
+        Some(Frame::UploadDone {
+            size: s, sha256, ..
+        }) => {
+            assert_eq!((*s, sha256.as_str()), (size, sha_of(size).as_str()));
+        }
+        other => panic!("expected UPLOAD_DONE, got {other:?}"),
+    }
+    assert!(
+        grown < 8 << 20,
+        "server RSS grew by {grown} bytes for a 50 MiB upload"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_webtransport_interrupted_at_half_resumes() {
+    use edgestream_codec::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), None).await;
+    let tok = s.token_for("ann", &["acme"], "subscribe upload");
+    let mut c = edgestream_testkit::wt::connect(
+        &s.wt_url(&format!("access_token={tok}&orgs=acme")),
+        &s.cert_hash().await,
+    )
+    .await
+    .unwrap();
+    open_control(&mut c).await;
+    let size: u64 = 4 << 20;
+    let begin = |upload_id: &str, offset: u64| Frame::UploadBegin {
+        org: "acme".into(),
+        name: "doc.pdf".into(),
+        size,
+        content_type: "application/pdf".into(),
+        upload_id: upload_id.into(),
+        offset,
+    };
+    let frames = wt_upload(&c, begin("", 0), 0, size, Some(size / 2)).await;
+    let id = frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::UploadProgress { upload_id, .. } => Some(upload_id.clone()),
+            _ => None,
+        })
+        .expect("a progress frame names the upload");
+    // Where to continue: the progress read over HTTP, once the server saw the reset.
+    let deadline = std::time::Instant::now() + support::HANG_GUARD;
+    let received = loop {
+        let (_, st) = s
+            .api
+            .get(&format!("/v1/uploads/{id}"), Some(&tok))
+            .await
+            .unwrap();
+        let got = st["received"].as_u64().unwrap_or(0);
+        let r = put(&s, &tok, "doc.pdf")
+            .header("upload-id", id.as_str())
+            .header("upload-offset", size)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        if !v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("being written")
+            && got > 0
+        {
+            break got;
+        }
+        assert!(std::time::Instant::now() < deadline, "never resumable: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        received > 0 && received <= size / 2 + CHUNK as u64,
+        "{received}"
+    );
+    let frames = wt_upload(&c, begin(&id, received), received, size, None).await;
+    match frames.last() {
+        Some(Frame::UploadDone { sha256, .. }) => assert_eq!(sha256, &sha_of(size)),
+        other => panic!("expected UPLOAD_DONE, got {other:?}"),
+    }
+    // Over the limit on WebTransport: ERROR 4413.
+    let over = Frame::UploadBegin {
+        org: "acme".into(),
+        name: "huge".into(),
+        size: 200 << 20,
+        content_type: String::new(),
+        upload_id: String::new(),
+        offset: 0,
+    };
+    let frames = wt_upload(&c, over, 0, 0, None).await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Error { code: 4413, .. })),
+        "{frames:?}"
+    );
+}

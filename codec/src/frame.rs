@@ -21,6 +21,8 @@ pub mod kind {
     pub const UNSUBSCRIBED: u64 = 0x07;
     pub const CHAT_ACK: u64 = 0x08;
     pub const PRESENCE: u64 = 0x09;
+    pub const UPLOAD_PROGRESS: u64 = 0x0a;
+    pub const UPLOAD_DONE: u64 = 0x0b;
     pub const SUBSCRIBE: u64 = 0x10;
     pub const UNSUBSCRIBE: u64 = 0x11;
     pub const REFRESH: u64 = 0x12;
@@ -28,6 +30,8 @@ pub mod kind {
     pub const JOIN: u64 = 0x14;
     pub const LEAVE: u64 = 0x15;
     pub const CHAT: u64 = 0x16;
+    pub const UPLOAD_BEGIN: u64 = 0x17;
+    pub const UPLOAD_CHUNK: u64 = 0x18;
 }
 
 /// EVENT flag bit 0: the payload is brotli-compressed.
@@ -133,6 +137,33 @@ pub enum Frame {
         id: String,
         body: Bytes,
     },
+    /// 0x0a, server to client.
+    UploadProgress {
+        upload_id: String,
+        received: u64,
+        size: u64,
+    },
+    /// 0x0b, server to client: `sha256` in hex.
+    UploadDone {
+        upload_id: String,
+        size: u64,
+        sha256: String,
+    },
+    /// 0x17, client to server: starts (empty `upload_id`, offset 0) or resumes an upload.
+    UploadBegin {
+        org: String,
+        name: String,
+        size: u64,
+        content_type: String,
+        upload_id: String,
+        offset: u64,
+    },
+    /// 0x18, client to server (WebSocket): bytes of an upload at `offset`, the rest of the frame.
+    UploadChunk {
+        upload_id: String,
+        offset: u64,
+        bytes: Bytes,
+    },
     /// A frame type this version does not know; receivers skip it.
     Unknown { kind: u64, body: Bytes },
 }
@@ -190,6 +221,10 @@ impl Frame {
             Frame::Join { .. } => kind::JOIN,
             Frame::Leave { .. } => kind::LEAVE,
             Frame::Chat { .. } => kind::CHAT,
+            Frame::UploadProgress { .. } => kind::UPLOAD_PROGRESS,
+            Frame::UploadDone { .. } => kind::UPLOAD_DONE,
+            Frame::UploadBegin { .. } => kind::UPLOAD_BEGIN,
+            Frame::UploadChunk { .. } => kind::UPLOAD_CHUNK,
             Frame::Unknown { kind, .. } => *kind,
         }
     }
@@ -246,6 +281,36 @@ impl Frame {
                 id,
                 body,
             } => str_len(org) + str_len(room) + str_len(id) + body.len(),
+            Frame::UploadProgress {
+                upload_id,
+                received,
+                size,
+            } => str_len(upload_id) + varint::len(*received) + varint::len(*size),
+            Frame::UploadDone {
+                upload_id,
+                size,
+                sha256,
+            } => str_len(upload_id) + varint::len(*size) + str_len(sha256),
+            Frame::UploadBegin {
+                org,
+                name,
+                size,
+                content_type,
+                upload_id,
+                offset,
+            } => {
+                str_len(org)
+                    + str_len(name)
+                    + varint::len(*size)
+                    + str_len(content_type)
+                    + str_len(upload_id)
+                    + varint::len(*offset)
+            }
+            Frame::UploadChunk {
+                upload_id,
+                offset,
+                bytes,
+            } => str_len(upload_id) + varint::len(*offset) + bytes.len(),
             Frame::Unknown { body, .. } => body.len(),
         }
     }
@@ -335,6 +400,48 @@ impl Frame {
                 put_str(buf, room);
                 put_str(buf, id);
                 buf.put_slice(body);
+            }
+            Frame::UploadProgress {
+                upload_id,
+                received,
+                size,
+            } => {
+                put_str(buf, upload_id);
+                varint::write(buf, *received);
+                varint::write(buf, *size);
+            }
+            Frame::UploadDone {
+                upload_id,
+                size,
+                sha256,
+            } => {
+                put_str(buf, upload_id);
+                varint::write(buf, *size);
+                put_str(buf, sha256);
+            }
+            Frame::UploadBegin {
+                org,
+                name,
+                size,
+                content_type,
+                upload_id,
+                offset,
+            } => {
+                put_str(buf, org);
+                put_str(buf, name);
+                varint::write(buf, *size);
+                put_str(buf, content_type);
+                put_str(buf, upload_id);
+                varint::write(buf, *offset);
+            }
+            Frame::UploadChunk {
+                upload_id,
+                offset,
+                bytes,
+            } => {
+                put_str(buf, upload_id);
+                varint::write(buf, *offset);
+                buf.put_slice(bytes);
             }
         }
     }
@@ -474,6 +581,29 @@ fn decode_body(kind: u64, mut body: Bytes) -> Result<Frame, DecodeError> {
             room: get_str(b)?,
             id: get_str(b)?,
             body: std::mem::take(b),
+        },
+        kind::UPLOAD_PROGRESS => Frame::UploadProgress {
+            upload_id: get_str(b)?,
+            received: varint::read(b)?,
+            size: varint::read(b)?,
+        },
+        kind::UPLOAD_DONE => Frame::UploadDone {
+            upload_id: get_str(b)?,
+            size: varint::read(b)?,
+            sha256: get_str(b)?,
+        },
+        kind::UPLOAD_BEGIN => Frame::UploadBegin {
+            org: get_str(b)?,
+            name: get_str(b)?,
+            size: varint::read(b)?,
+            content_type: get_str(b)?,
+            upload_id: get_str(b)?,
+            offset: varint::read(b)?,
+        },
+        kind::UPLOAD_CHUNK => Frame::UploadChunk {
+            upload_id: get_str(b)?,
+            offset: varint::read(b)?,
+            bytes: std::mem::take(b),
         },
         kind => Frame::Unknown { kind, body },
     };

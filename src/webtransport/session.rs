@@ -77,6 +77,8 @@ struct WtSession {
     readers: Vec<JoinHandle<()>>,
     /// Rooms joined (left when dropped).
     rooms: Vec<RoomMember>,
+    /// Upload streams being received.
+    uploads: Vec<JoinHandle<()>>,
 }
 
 impl WtSession {
@@ -99,6 +101,7 @@ impl WtSession {
             control: None,
             readers: Vec::new(),
             rooms: Vec::new(),
+            uploads: Vec::new(),
             env,
             wt,
             params,
@@ -170,6 +173,10 @@ impl WtSession {
     fn shutdown_streams(&mut self) {
         // Rooms are left before the orgs.
         self.rooms.clear();
+        // An interrupted upload stays resumable (its writer records the offset when dropped).
+        for u in self.uploads.drain(..) {
+            u.abort();
+        }
         for (_, s) in self.orgs.drain() {
             s.task.abort();
         }
@@ -199,12 +206,27 @@ impl WtSession {
                     next_heartbeat = Instant::now() + self.env.limits.heartbeat;
                     self.heartbeat();
                 }
-                bi = self.wt.accept_bi(), if self.control.is_none() => match bi {
-                    Ok((send, recv)) => {
+                bi = self.wt.accept_bi() => match bi {
+                    Ok((send, recv)) if self.control.is_none() => {
                         self.control = Some(send);
                         let tx = self.control_tx.clone();
                         let max = self.env.limits.max_control_frame;
                         self.readers.push(tokio::spawn(control_reader(recv, tx, max)));
+                    }
+                    // Every later bidirectional stream is an upload (section 9).
+                    Ok((mut send, recv)) => {
+                        self.uploads.retain(|t| !t.is_finished());
+                        if self.uploads.len() >= MAX_UPLOADS {
+                            let busy = Frame::Error {
+                                code: CloseCode::TooMany.code().into(),
+                                message: format!("at most {MAX_UPLOADS} uploads at once per session"),
+                            };
+                            let _ = send.write_all(&busy.to_bytes()).await;
+                            let _ = send.finish();
+                        } else {
+                            let (env, grant) = (self.env.clone(), self.token.grant.clone());
+                            self.uploads.push(tokio::spawn(upload_stream(env, grant, send, recv)));
+                        }
                     }
                     Err(_) => return None,
                 },
@@ -507,6 +529,142 @@ impl OrgWriter {
             .await
             .map_err(|_| ())
     }
+}
+
+/// Uploads one session may run at once.
+const MAX_UPLOADS: usize = 4;
+/// Progress is reported at least this often, in bytes and in time.
+const PROGRESS_BYTES: u64 = 256 * 1024;
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// One upload stream (section 9): UPLOAD_BEGIN, then raw bytes to the end of the stream;
+/// UPLOAD_PROGRESS as they land, then UPLOAD_DONE, or ERROR. The stream's flow control is the
+/// backpressure: bytes are read only once the previous ones are on disk.
+async fn upload_stream(
+    env: Arc<SessionEnv>,
+    grant: crate::auth::Grant,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    if let Err(r) = upload(&env, &grant, &mut send, &mut recv).await {
+        let err = Frame::Error {
+            code: r.code.code().into(),
+            message: r.reason,
+        };
+        let _ = send.write_all(&err.to_bytes()).await;
+    }
+    let _ = send.finish();
+}
+
+fn upload_refusal(e: crate::upload::UploadError) -> Refusal {
+    use crate::upload::UploadError as E;
+    let code = match &e {
+        E::TooLarge(_) => CloseCode::TooLarge,
+        E::Io(_) => CloseCode::Internal,
+        _ => CloseCode::Protocol,
+    };
+    Refusal::new(code, e.to_string())
+}
+
+async fn upload(
+    env: &SessionEnv,
+    grant: &crate::auth::Grant,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), Refusal> {
+    let uploads = env.uploads.as_ref().ok_or_else(|| {
+        Refusal::new(
+            CloseCode::Protocol,
+            "uploads are not enabled on this node (--upload-dir)",
+        )
+    })?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let begin = loop {
+        if let Some(f) = Frame::decode(&mut buf, env.limits.max_control_frame)? {
+            break f;
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            _ => {
+                return Err(Refusal::new(
+                    CloseCode::Protocol,
+                    "the stream ended before UPLOAD_BEGIN",
+                ))
+            }
+        }
+    };
+    let Frame::UploadBegin {
+        org,
+        name,
+        size,
+        upload_id,
+        offset,
+        ..
+    } = begin
+    else {
+        return Err(Refusal::new(
+            CloseCode::Protocol,
+            "an upload stream starts with UPLOAD_BEGIN",
+        ));
+    };
+    let org = OrgId::parse(&org)?;
+    grant
+        .check_upload(&org)
+        .map_err(|f| Refusal::new(CloseCode::Forbidden, f.to_string()))?;
+    let id = (!upload_id.is_empty()).then_some(upload_id.as_str());
+    let size = (offset == 0).then_some(size);
+    let mut w = uploads
+        .begin(&org, &name, size, &grant.sub, id, offset)
+        .await
+        .map_err(upload_refusal)?;
+    let progress = |w: &crate::upload::UploadWriter| {
+        Frame::UploadProgress {
+            upload_id: w.id().to_string(),
+            received: w.received(),
+            size: w.size(),
+        }
+        .to_bytes()
+    };
+    let (mut told_at, mut told_bytes) = (Instant::now(), w.received());
+    let mut data = buf.split().freeze();
+    loop {
+        if !data.is_empty() {
+            w.write(&data).await.map_err(upload_refusal)?;
+        }
+        if w.received() - told_bytes >= PROGRESS_BYTES || told_at.elapsed() >= PROGRESS_EVERY {
+            (told_at, told_bytes) = (Instant::now(), w.received());
+            send.write_all(&progress(&w))
+                .await
+                .map_err(|_| Refusal::new(CloseCode::Protocol, "upload stream closed"))?;
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(c)) => data = c.bytes,
+            Ok(None) => break,
+            // Reset or the session ended: the upload stays resumable at its offset.
+            Err(_) => return Ok(()),
+        }
+    }
+    let view = w.finish().await.map_err(upload_refusal)?;
+    crate::session::upload_completed(env, &view).await?;
+    let done = Frame::UploadDone {
+        upload_id: view.id.clone(),
+        size: view.size,
+        sha256: view.sha256.clone().unwrap_or_default(),
+    };
+    let _ = send.write_all(&progress_done(&view)).await;
+    send.write_all(&done.to_bytes())
+        .await
+        .map_err(|_| Refusal::new(CloseCode::Protocol, "upload stream closed"))?;
+    Ok(())
+}
+
+fn progress_done(view: &crate::upload::UploadView) -> Bytes {
+    Frame::UploadProgress {
+        upload_id: view.id.clone(),
+        received: view.size,
+        size: view.size,
+    }
+    .to_bytes()
 }
 
 /// Reads frames from the control stream and hands them to the session task.

@@ -31,6 +31,11 @@ pub fn token(orgs: &[&str]) -> String {
     )
 }
 
+/// A token for `sub` with these orgs and scopes, signed with [`SECRET`].
+pub fn token_for(sub: &str, orgs: &[&str], scope: &str) -> String {
+    token::hs256(SECRET.as_bytes(), &token::claims(sub, orgs, scope))
+}
+
 pub struct TestServer {
     pub app: Arc<App>,
     pub addr: SocketAddr,

@@ -64,6 +64,11 @@ impl Node {
         v["value"].as_str().unwrap().to_string()
     }
 
+    /// The process id (for reading its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).unwrap_or(0)
+    }
+
     /// SIGKILL: the node vanishes without closing anything.
     pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
