@@ -446,3 +446,124 @@ async fn an_upload_over_webtransport_interrupted_at_half_resumes() {
         "{frames:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upload_in_chunks_resumes_after_a_dropped_socket() {
+    use edgestream_codec::Frame;
+    use edgestream_testkit::ws::{Msg, WsClient};
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), None).await;
+    let tok = s.token_for("ann", &["acme"], "subscribe upload");
+    let url = s.ws_url(&format!("access_token={tok}&orgs=acme"));
+    let size: u64 = 8 << 20;
+    // The next upload frame, skipping events.
+    async fn answer(c: &mut WsClient) -> Frame {
+        loop {
+            match c.next_non_heartbeat().await.unwrap() {
+                Msg::Frame(Frame::Subscribed { .. } | Frame::Event { .. }) => {}
+                Msg::Frame(f) => return f,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let mut c = WsClient::connect(&url).await.unwrap();
+    c.send_frame(&Frame::UploadBegin {
+        org: "acme".into(),
+        name: "v.mp4".into(),
+        size,
+        content_type: "video/mp4".into(),
+        upload_id: String::new(),
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    let id = match answer(&mut c).await {
+        Frame::UploadProgress {
+            upload_id,
+            received: 0,
+            size: s,
+        } if s == size => upload_id,
+        other => panic!("{other:?}"),
+    };
+    let mut at = 0;
+    while at < size / 2 {
+        c.send_frame(&Frame::UploadChunk {
+            upload_id: id.clone(),
+            offset: at,
+            bytes: chunk(at, CHUNK),
+        })
+        .await
+        .unwrap();
+        at += CHUNK as u64;
+    }
+    c.close().await;
+    // Resume on a new socket from the offset the server counted.
+    let deadline = std::time::Instant::now() + support::HANG_GUARD;
+    let mut c = WsClient::connect(&url).await.unwrap();
+    let received = loop {
+        c.send_frame(&Frame::UploadBegin {
+            org: "acme".into(),
+            name: "v.mp4".into(),
+            size,
+            content_type: "video/mp4".into(),
+            upload_id: id.clone(),
+            offset: size, // wrong on purpose: the ERROR names the offset
+        })
+        .await
+        .unwrap();
+        match answer(&mut c).await {
+            Frame::Error { message, .. } if message.contains("being written") => {
+                assert!(std::time::Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Frame::Error { message, .. } => {
+                let n: u64 = message
+                    .split("at offset ")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("{message}"));
+                break n;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(received > 0 && received <= size / 2, "{received}");
+    c.send_frame(&Frame::UploadBegin {
+        org: "acme".into(),
+        name: "v.mp4".into(),
+        size,
+        content_type: "video/mp4".into(),
+        upload_id: id.clone(),
+        offset: received,
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(answer(&mut c).await, Frame::UploadProgress { received: r, .. } if r == received)
+    );
+    let mut at = received;
+    while at < size {
+        let n = CHUNK.min((size - at) as usize);
+        c.send_frame(&Frame::UploadChunk {
+            upload_id: id.clone(),
+            offset: at,
+            bytes: chunk(at, n),
+        })
+        .await
+        .unwrap();
+        at += n as u64;
+    }
+    loop {
+        match answer(&mut c).await {
+            Frame::UploadProgress { .. } => {}
+            Frame::UploadDone {
+                sha256, size: s, ..
+            } => {
+                assert_eq!((s, sha256), (size, sha_of(size)));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

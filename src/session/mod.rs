@@ -103,6 +103,17 @@ pub async fn chat(
     Ok(appended.first_seq)
 }
 
+/// An upload failure as the close code of an ERROR frame (the session stays).
+pub fn upload_refusal(e: crate::upload::UploadError) -> Refusal {
+    use crate::upload::UploadError as E;
+    let code = match &e {
+        E::TooLarge(_) => CloseCode::TooLarge,
+        E::Io(_) => CloseCode::Internal,
+        _ => CloseCode::Protocol,
+    };
+    Refusal::new(code, e.to_string())
+}
+
 /// Records a completed upload in its org's log: `{"type":"upload.completed",...}`.
 pub async fn upload_completed(
     env: &SessionEnv,

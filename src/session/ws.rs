@@ -22,6 +22,25 @@ use crate::model::{OrgId, Position};
 use crate::presence::{OrgMember, PresenceNote, RoomMember};
 use crate::time::unix_ms;
 
+/// Uploads one session may run at once.
+const MAX_UPLOADS: usize = 4;
+
+/// An upload in progress on a WebSocket.
+struct WsUpload {
+    writer: crate::upload::UploadWriter,
+    told_at: Instant,
+    told_bytes: u64,
+}
+
+fn progress(w: &crate::upload::UploadWriter) -> Bytes {
+    Frame::UploadProgress {
+        upload_id: w.id().to_string(),
+        received: w.received(),
+        size: w.size(),
+    }
+    .to_bytes()
+}
+
 /// Live events handled per wake-up before the socket is flushed.
 const LIVE_BATCH: usize = 256;
 
@@ -49,6 +68,8 @@ pub struct WsStreamSession {
     /// that ends leaves its rooms before its orgs).
     rooms: Vec<RoomMember>,
     present: Vec<OrgMember>,
+    /// Uploads in progress on this socket (UPLOAD_BEGIN, then UPLOAD_CHUNK messages).
+    uploads: Vec<WsUpload>,
     overflow: Arc<Overflow>,
     next_heartbeat: Instant,
     deliveries: Vec<Delivery>,
@@ -69,6 +90,7 @@ impl WsStreamSession {
             queue,
             present: Vec::new(),
             rooms: Vec::new(),
+            uploads: Vec::new(),
             overflow,
             next_heartbeat: Instant::now(),
             deliveries: Vec::new(),
@@ -253,6 +275,101 @@ impl WsStreamSession {
         }
     }
 
+    /// UPLOAD_BEGIN: starts or resumes an upload; answered with UPLOAD_PROGRESS (which names
+    /// the upload's id and where to continue).
+    async fn on_upload_begin(
+        &mut self,
+        org: &str,
+        name: &str,
+        size: u64,
+        upload_id: &str,
+        offset: u64,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Refusal> {
+        let uploads = self.env.uploads.clone().ok_or_else(|| {
+            Refusal::new(
+                CloseCode::Protocol,
+                "uploads are not enabled on this node (--upload-dir)",
+            )
+        })?;
+        if self.uploads.len() >= MAX_UPLOADS {
+            return Err(Refusal::new(
+                CloseCode::TooMany,
+                format!("at most {MAX_UPLOADS} uploads at once per session"),
+            ));
+        }
+        let org = OrgId::parse(org)?;
+        let grant = &self.token.as_ref().expect("started").grant;
+        grant
+            .check_upload(&org)
+            .map_err(|f| Refusal::new(CloseCode::Forbidden, f.to_string()))?;
+        let id = (!upload_id.is_empty()).then_some(upload_id);
+        let size = (offset == 0).then_some(size);
+        let writer = uploads
+            .begin(&org, name, size, &grant.sub, id, offset)
+            .await
+            .map_err(super::upload_refusal)?;
+        out.push(Outgoing::Binary(progress(&writer)));
+        let id = writer.id().to_string();
+        self.uploads.push(WsUpload {
+            writer,
+            told_at: Instant::now(),
+            told_bytes: 0,
+        });
+        if size == Some(0) {
+            // An empty file is complete as soon as it begins.
+            return self.on_upload_chunk(&id, 0, &[], out).await;
+        }
+        Ok(())
+    }
+
+    /// UPLOAD_CHUNK: bytes at the upload's current offset; UPLOAD_DONE after the last one.
+    async fn on_upload_chunk(
+        &mut self,
+        upload_id: &str,
+        offset: u64,
+        bytes: &[u8],
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Refusal> {
+        let i = self
+            .uploads
+            .iter()
+            .position(|u| u.writer.id() == upload_id)
+            .ok_or_else(|| Refusal::new(CloseCode::Protocol, "no such upload in this session"))?;
+        let u = &mut self.uploads[i];
+        if offset != u.writer.received() {
+            return Err(Refusal::new(
+                CloseCode::Protocol,
+                format!("upload {upload_id} is at offset {}", u.writer.received()),
+            ));
+        }
+        if let Err(e) = u.writer.write(bytes).await {
+            self.uploads.swap_remove(i);
+            return Err(super::upload_refusal(e));
+        }
+        if u.writer.received() < u.writer.size() {
+            if u.writer.received() - u.told_bytes >= 256 * 1024
+                || u.told_at.elapsed() >= std::time::Duration::from_millis(250)
+            {
+                (u.told_at, u.told_bytes) = (Instant::now(), u.writer.received());
+                out.push(Outgoing::Binary(progress(&u.writer)));
+            }
+            return Ok(());
+        }
+        let u = self.uploads.swap_remove(i);
+        let view = u.writer.finish().await.map_err(super::upload_refusal)?;
+        super::upload_completed(&self.env, &view).await?;
+        out.push(Outgoing::Binary(
+            Frame::UploadDone {
+                upload_id: view.id.clone(),
+                size: view.size,
+                sha256: view.sha256.unwrap_or_default(),
+            }
+            .to_bytes(),
+        ));
+        Ok(())
+    }
+
     async fn on_binary(&mut self, msg: Bytes, out: &mut Vec<Outgoing>) -> Result<(), Refusal> {
         if self.format() != Format::Binary {
             return Err(Refusal::new(
@@ -289,6 +406,32 @@ impl WsStreamSession {
             }
             Frame::Leave { org, room } => {
                 self.on_leave(&org, &room, out);
+                Ok(())
+            }
+            Frame::UploadBegin {
+                org,
+                name,
+                size,
+                upload_id,
+                offset,
+                ..
+            } => {
+                if let Err(r) = self
+                    .on_upload_begin(&org, &name, size, &upload_id, offset, out)
+                    .await
+                {
+                    out.push(self.encode_error(r.code, &r.reason));
+                }
+                Ok(())
+            }
+            Frame::UploadChunk {
+                upload_id,
+                offset,
+                bytes,
+            } => {
+                if let Err(r) = self.on_upload_chunk(&upload_id, offset, &bytes, out).await {
+                    out.push(self.encode_error(r.code, &r.reason));
+                }
                 Ok(())
             }
             Frame::Unknown { .. } => Ok(()), // forward compatibility: skip

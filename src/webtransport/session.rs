@@ -556,16 +556,6 @@ async fn upload_stream(
     let _ = send.finish();
 }
 
-fn upload_refusal(e: crate::upload::UploadError) -> Refusal {
-    use crate::upload::UploadError as E;
-    let code = match &e {
-        E::TooLarge(_) => CloseCode::TooLarge,
-        E::Io(_) => CloseCode::Internal,
-        _ => CloseCode::Protocol,
-    };
-    Refusal::new(code, e.to_string())
-}
-
 async fn upload(
     env: &SessionEnv,
     grant: &crate::auth::Grant,
@@ -616,7 +606,7 @@ async fn upload(
     let mut w = uploads
         .begin(&org, &name, size, &grant.sub, id, offset)
         .await
-        .map_err(upload_refusal)?;
+        .map_err(crate::session::upload_refusal)?;
     let progress = |w: &crate::upload::UploadWriter| {
         Frame::UploadProgress {
             upload_id: w.id().to_string(),
@@ -629,7 +619,9 @@ async fn upload(
     let mut data = buf.split().freeze();
     loop {
         if !data.is_empty() {
-            w.write(&data).await.map_err(upload_refusal)?;
+            w.write(&data)
+                .await
+                .map_err(crate::session::upload_refusal)?;
         }
         if w.received() - told_bytes >= PROGRESS_BYTES || told_at.elapsed() >= PROGRESS_EVERY {
             (told_at, told_bytes) = (Instant::now(), w.received());
@@ -644,7 +636,7 @@ async fn upload(
             Err(_) => return Ok(()),
         }
     }
-    let view = w.finish().await.map_err(upload_refusal)?;
+    let view = w.finish().await.map_err(crate::session::upload_refusal)?;
     crate::session::upload_completed(env, &view).await?;
     let done = Frame::UploadDone {
         upload_id: view.id.clone(),
