@@ -45,6 +45,8 @@ export declare class EdgeStreamClient extends EventTarget {
   /** Joins a room of an org; kept across reconnects. */
   join(org: string, room: string): void;
   leave(org: string, room: string): void;
+  /** Uploads a file over WebTransport when connected through it, else HTTP; resolves when stored. */
+  upload(org: string, file: Blob & { name?: string }, o?: { onProgress?: (received: number, size: number) => void }): Promise<{ id: string; size: number; sha256: string }>;
   /** Sends a chat message (any JSON value); resolves with its seq in the org. */
   chat(org: string, room: string, body: unknown, timeoutMs?: number): Promise<number>;
   unsubscribe(org: string): void;

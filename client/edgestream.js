@@ -4,7 +4,8 @@
 
 const T = { SUBSCRIBED: 1, EVENT: 2, RESET: 3, HEARTBEAT: 4, ERROR: 5, PONG: 6, UNSUBSCRIBED: 7,
             CHAT_ACK: 8, PRESENCE: 9, SUBSCRIBE: 0x10, UNSUBSCRIBE: 0x11, REFRESH: 0x12, PING: 0x13,
-            JOIN: 0x14, LEAVE: 0x15, CHAT: 0x16 };
+            UPLOAD_PROGRESS: 0x0a, UPLOAD_DONE: 0x0b, JOIN: 0x14, LEAVE: 0x15, CHAT: 0x16,
+            UPLOAD_BEGIN: 0x17 };
 const RESUME = ['new', 'recovered', 'reset'];
 const WT_FAILED_KEY = 'edgestream.webtransport-failed-until';
 const enc = new TextEncoder();
@@ -65,6 +66,14 @@ export function decodeBody(type, b) {
     case T.CHAT_ACK: {
       const [id, a] = readStr(b, 0); const [seq] = need(readVarint(b, a));
       return { type: 'chat_ack', id, seq };
+    }
+    case T.UPLOAD_PROGRESS: {
+      const [id, a] = readStr(b, 0); const [received, c] = need(readVarint(b, a)); const [size] = need(readVarint(b, c));
+      return { type: 'upload_progress', id, received, size };
+    }
+    case T.UPLOAD_DONE: {
+      const [id, a] = readStr(b, 0); const [size, c] = need(readVarint(b, a)); const [sha256] = readStr(b, c);
+      return { type: 'upload_done', id, size, sha256 };
     }
     case T.PRESENCE: {
       const [org, a] = readStr(b, 0); const [room, c] = readStr(b, a); const [user, d] = readStr(b, c);
@@ -261,6 +270,8 @@ export class EdgeStreamClient extends EventTarget {
     const conn = {
       kind: 'webtransport',
       send: async (bytes) => { const w = await openControl(); await w.write(bytes); },
+      // Uploads go on later bidirectional streams, after the control stream.
+      openUpload: async () => { await openControl(); return wt.createBidirectionalStream(); },
       drop: () => { try { wt.close({ closeCode: 0, reason: 'client reconnect' }); } catch { /* closed */ } },
     };
     this._conn = conn;
@@ -454,6 +465,51 @@ export class EdgeStreamClient extends EventTarget {
       const timer = setTimeout(() => { this._pendingChats.delete(id); reject(new Error('no CHAT_ACK in time')); }, timeoutMs);
       this._pendingChats.set(id, { frame, resolve: (seq) => { clearTimeout(timer); resolve(seq); } });
       if (this._conn && !this._conn.dead && this._conn.up) this._conn.send(frame).catch(() => {});
+    });
+  }
+
+  /**
+   * Uploads a File or Blob to an org (PROTOCOL.md section 9): over a WebTransport stream when
+   * connected through it, over HTTP (PUT, with upload progress) otherwise. `onProgress(received,
+   * size)` follows the bytes the server has stored. Resolves with `{id, size, sha256}`.
+   */
+  async upload(org, file, { onProgress } = {}) {
+    const name = file.name || 'upload';
+    const conn = this._conn;
+    if (conn && !conn.dead && conn.up && conn.openUpload) {
+      const s = await conn.openUpload();
+      const w = s.writable.getWriter();
+      await w.write(encodeFrame(T.UPLOAD_BEGIN, [strBytes(org), strBytes(name), varintBytes(file.size),
+        strBytes(file.type || ''), strBytes(''), varintBytes(0)]));
+      const answers = (async () => {
+        const fr = new FrameReader(); const sr = s.readable.getReader();
+        for (;;) {
+          const { value, done } = await sr.read();
+          if (done) throw new Error('the upload stream ended without UPLOAD_DONE');
+          for (const f of fr.push(value)) {
+            if (f.type === 'upload_progress' && onProgress) onProgress(f.received, f.size);
+            if (f.type === 'upload_done') { if (onProgress) onProgress(f.size, f.size); return { id: f.id, size: f.size, sha256: f.sha256 }; }
+            if (f.type === 'error') throw new Error(`upload refused (${f.code}): ${f.message}`);
+          }
+        }
+      })();
+      const r = file.stream().getReader();
+      for (;;) { const { value, done } = await r.read(); if (done) break; await w.write(value); }
+      await w.close();
+      return answers;
+    }
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open('PUT', `${this.server}/v1/orgs/${encodeURIComponent(org)}/uploads?name=${encodeURIComponent(name)}`);
+      xhr.setRequestHeader('authorization', `Bearer ${this.token}`);
+      xhr.upload.onprogress = (e) => { if (onProgress) onProgress(e.loaded, e.total || file.size); };
+      xhr.onload = () => {
+        let body = {}; try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+        if (xhr.status === 201) resolve({ id: body.id, size: body.size, sha256: body.sha256 });
+        else reject(new Error(`upload refused (${xhr.status}): ${body.error || xhr.statusText}`));
+      };
+      xhr.onerror = () => reject(new Error('upload failed'));
+      xhr.send(file);
     });
   }
 

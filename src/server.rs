@@ -133,8 +133,20 @@ impl Server {
         let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(log, metrics.clone());
+        // Development mode accepts uploads into a temporary directory, so the demo works
+        // without set-up; otherwise uploads need --upload-dir.
+        let upload_cfg = config.uploads.clone().or_else(|| {
+            config
+                .is_development()
+                .then(|| crate::upload::UploadConfig {
+                    dir: std::env::temp_dir()
+                        .join(format!("edgestream-dev-uploads-{}", std::process::id())),
+                    max_bytes: 100 << 20,
+                    max_org_bytes: 1 << 30,
+                })
+        });
         let uploads =
-            match &config.uploads {
+            match &upload_cfg {
                 Some(u) => Some(crate::upload::Uploads::new(u.clone()).with_context(|| {
                     format!("cannot use the upload directory {}", u.dir.display())
                 })?),

@@ -257,8 +257,30 @@ async fn demo_page_shows_live_events_and_is_screenshotted() {
     let s = dev_server().await;
     let r = run_node("client_e2e.mjs", &["demo".into(), base(&s)], |_| {}).await;
     assert_eq!(r["transport"], "webtransport", "{r}");
-    assert_eq!(r["count"], 5, "{r}");
-    assert_eq!(r["rows"], 5, "{r}");
+    // 5 published events, the chat message (an org event too) and the upload's event.
+    assert_eq!(r["count"], 7, "{r}");
+    assert_eq!(r["rows"], 7, "{r}");
+    assert_eq!(r["online"], "demo", "{r}");
+    assert!(
+        r["chat"][0]
+            .as_str()
+            .unwrap()
+            .contains("demo in lobby: hello from the demo"),
+        "{r}"
+    );
+    let sha: String = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(vec![b'a'; 300 * 1024])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(
+        r["upload"].as_str().unwrap(),
+        format!("307200 bytes, sha256 {sha}"),
+        "uploaded over WebTransport from the page: {r}"
+    );
+    assert_eq!(r["progress"], 1.0, "{r}");
     let shot = std::fs::metadata(r["screenshot"].as_str().unwrap()).unwrap();
     assert!(shot.len() > 1000, "a real PNG was written");
     // The client module and its types are served.

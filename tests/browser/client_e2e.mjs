@@ -30,6 +30,15 @@ try {
       await page.waitForFunction((n) => Number(document.getElementById('count').textContent) >= n, i + 1);
     }
     await page.waitForFunction(() => Number(document.getElementById('hb').textContent) >= 1);
+    // Chat in a room and upload a file from the page.
+    await page.click('#join');
+    await page.waitForFunction(() => document.getElementById('online').textContent.includes('demo'));
+    await page.click('#send');
+    await page.waitForFunction(() => document.getElementById('chatlog').children.length >= 1);
+    await page.setInputFiles('#file', { name: 'report.bin', mimeType: 'application/octet-stream',
+                                        buffer: Buffer.alloc(300 * 1024, 'a') });
+    await page.click('#uploadbtn');
+    await page.waitForFunction(() => document.getElementById('uresult').textContent.includes('sha256'));
     mkdirSync(process.env.ARTIFACTS || 'test-artifacts', { recursive: true });
     const path = `${process.env.ARTIFACTS || 'test-artifacts'}/demo.png`;
     await page.screenshot({ path, fullPage: true });
@@ -37,6 +46,10 @@ try {
       transport: document.getElementById('transport').textContent,
       count: Number(document.getElementById('count').textContent),
       rows: document.querySelectorAll('#events tr').length,
+      chat: [...document.querySelectorAll('#chatlog li')].map((li) => li.textContent),
+      online: document.getElementById('online').textContent,
+      upload: document.getElementById('uresult').textContent,
+      progress: Number(document.getElementById('uprogress').value),
     }));
     say({ step: 'result', screenshot: path, ...shown });
   } else {
