@@ -357,6 +357,24 @@ enum Transport {
     Wt,
 }
 
+impl Transport {
+    /// The name in the server's metrics.
+    fn key(self) -> &'static str {
+        match self {
+            Transport::Ws => "websocket",
+            Transport::Wt => "webtransport",
+        }
+    }
+
+    /// The subcommand of its bare-library baseline.
+    fn baseline(self) -> &'static str {
+        match self {
+            Transport::Ws => "baseline-ws",
+            Transport::Wt => "baseline-wt",
+        }
+    }
+}
+
 /// Where and how the subscribers of one run connect.
 struct Target<'a> {
     transport: Transport,
@@ -473,11 +491,7 @@ async fn fanout_edgestream(
     };
     let handles = subscribers(target, seen.clone(), epoch).await?;
     // Every subscriber is connected; wait until the server counts them all.
-    let key = if transport == Transport::Ws {
-        "websocket"
-    } else {
-        "webtransport"
-    };
+    let key = transport.key();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, m) = es.api.get("/v1/metrics", None).await?;
@@ -529,6 +543,35 @@ async fn fanout_edgestream(
     }))
 }
 
+/// A baseline server process of `transport` with `subscribers` and `events`, started and
+/// ready: its process, port and certificate hash (WebTransport).
+struct Baseline {
+    proc: Proc,
+    port: String,
+    cert: String,
+}
+
+async fn spawn_baseline(
+    cli: &Cli,
+    transport: Transport,
+    subscribers: usize,
+    events: u64,
+) -> anyhow::Result<Baseline> {
+    let args = vec![
+        transport.baseline().to_string(),
+        subscribers.to_string(),
+        events.to_string(),
+        PAYLOAD_BYTES.to_string(),
+    ];
+    let mut proc = Proc::spawn(&cli.server_cpus, &std::env::current_exe()?, &args)?;
+    let ready = proc.ready_line().await?;
+    Ok(Baseline {
+        port: ready.get(1).context("port")?.clone(),
+        cert: ready.get(2).cloned().unwrap_or_default(),
+        proc,
+    })
+}
+
 /// The same fan-out through a bare-library baseline process.
 async fn fanout_baseline(
     cli: &Cli,
@@ -536,20 +579,11 @@ async fn fanout_baseline(
     n: usize,
     events: u64,
 ) -> anyhow::Result<Value> {
-    let sub = if transport == Transport::Ws {
-        "baseline-ws"
-    } else {
-        "baseline-wt"
-    };
-    let args = vec![
-        sub.to_string(),
-        n.to_string(),
-        events.to_string(),
-        PAYLOAD_BYTES.to_string(),
-    ];
-    let mut p = Proc::spawn(&cli.server_cpus, &std::env::current_exe()?, &args)?;
-    let ready = p.ready_line().await?;
-    let port = ready.get(1).context("port")?;
+    let Baseline {
+        proc: mut p,
+        port,
+        cert,
+    } = spawn_baseline(cli, transport, n, events).await?;
     let epoch = Instant::now();
     let seen = Arc::new(Seen {
         first_rx: AtomicU64::new(u64::MAX),
@@ -557,7 +591,6 @@ async fn fanout_baseline(
     });
     let url_ws = format!("ws://127.0.0.1:{port}/");
     let url_wt = format!("https://127.0.0.1:{port}/");
-    let cert = ready.get(2).cloned().unwrap_or_default();
     let cpu0 = p.cpu_seconds();
     let target = Target {
         transport,
@@ -741,11 +774,7 @@ async fn idle_memory(
     low: usize,
     high: usize,
 ) -> anyhow::Result<Value> {
-    let key = if transport == Transport::Ws {
-        "websocket"
-    } else {
-        "webtransport"
-    };
+    let key = transport.key();
     let es = start_edgestream(cli, 1000).await?;
     let t = tok(&["idle"]);
     let target = IdleTarget {
@@ -757,25 +786,12 @@ async fn idle_memory(
     };
     let ours = idle_rss(&target, transport, key, low, high).await?;
     // The baseline accepts `high` sessions, sends nothing (0 events) and keeps them open.
-    let sub = if transport == Transport::Ws {
-        "baseline-ws"
-    } else {
-        "baseline-wt"
-    };
-    let args = vec![
-        sub.to_string(),
-        high.to_string(),
-        "0".into(),
-        PAYLOAD_BYTES.to_string(),
-    ];
-    let mut p = Proc::spawn(&cli.server_cpus, &std::env::current_exe()?, &args)?;
-    let ready = p.ready_line().await?;
-    let port = ready.get(1).context("port")?;
+    let b = spawn_baseline(cli, transport, high, 0).await?;
     let target = IdleTarget {
-        proc: &p,
-        ws_url: format!("ws://127.0.0.1:{port}/"),
-        wt_url: format!("https://127.0.0.1:{port}/"),
-        cert: ready.get(2).cloned().unwrap_or_default(),
+        proc: &b.proc,
+        ws_url: format!("ws://127.0.0.1:{}/", b.port),
+        wt_url: format!("https://127.0.0.1:{}/", b.port),
+        cert: b.cert.clone(),
         api: None,
     };
     let base = idle_rss(&target, transport, key, low, high).await?;
