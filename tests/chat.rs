@@ -16,6 +16,16 @@ async fn subscribed(c: &mut WsClient) {
     }
 }
 
+/// JOIN (true) or LEAVE (false) of a room of acme.
+fn room_frame(join: bool, room: &str) -> Frame {
+    let (org, room) = ("acme".to_string(), room.to_string());
+    if join {
+        Frame::Join { org, room }
+    } else {
+        Frame::Leave { org, room }
+    }
+}
+
 fn chat(org: &str, room: &str, id: &str, body: Value) -> Frame {
     Frame::Chat {
         org: org.into(),
@@ -266,23 +276,13 @@ async fn presence_in_orgs_and_rooms_across_transports() {
     assert_eq!(wt_presence(&mut bob).await, p("", "bob", true, 2));
 
     // bob joins a room: he gets its members (himself) on the control stream; ann hears of it.
-    bob.send_control(&Frame::Join {
-        org: "acme".into(),
-        room: "lobby".into(),
-    })
-    .await
-    .unwrap();
+    bob.send_control(&room_frame(true, "lobby")).await.unwrap();
     assert!(matches!(bob.next_control().await.unwrap(),
         Frame::Presence { ref room, ref user, joined: true, online: 1, .. } if room == "lobby" && user == "bob"));
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", true, 1));
     assert_eq!(wt_presence(&mut bob).await, p("lobby", "bob", true, 1));
     // ann joins: she gets both members; bob hears of her.
-    ann.send_frame(&Frame::Join {
-        org: "acme".into(),
-        room: "lobby".into(),
-    })
-    .await
-    .unwrap();
+    ann.send_frame(&room_frame(true, "lobby")).await.unwrap();
     let mut members = vec![ws_presence(&mut ann).await, ws_presence(&mut ann).await];
     members.sort();
     assert_eq!(
@@ -336,12 +336,7 @@ async fn presence_in_orgs_and_rooms_across_transports() {
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", false, 1));
     assert_eq!(ws_presence(&mut ann).await, p("", "bob", false, 1));
     // LEAVE.
-    ann.send_frame(&Frame::Leave {
-        org: "acme".into(),
-        room: "lobby".into(),
-    })
-    .await
-    .unwrap();
+    ann.send_frame(&room_frame(false, "lobby")).await.unwrap();
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", false, 0));
 }
 
@@ -368,12 +363,7 @@ async fn a_vanished_browser_leaves_its_room_at_the_idle_timeout() {
         bob.next_frame().await.unwrap(),
         Frame::Subscribed { .. }
     ));
-    bob.send_control(&Frame::Join {
-        org: "acme".into(),
-        room: "lobby".into(),
-    })
-    .await
-    .unwrap();
+    bob.send_control(&room_frame(true, "lobby")).await.unwrap();
     assert_eq!(ws_presence(&mut ann).await, p("", "bob", true, 2));
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", true, 1));
     relay.blackhole(true); // the browser vanishes: no close, no packets
