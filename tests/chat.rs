@@ -26,6 +26,15 @@ fn room_frame(join: bool, room: &str) -> Frame {
     }
 }
 
+/// A binary WebSocket client of acme with this token, past its SUBSCRIBED.
+async fn ws_user(s: &TestServer, token: &str) -> WsClient {
+    let mut c = WsClient::connect(&s.ws_url(&format!("access_token={token}&orgs=acme")))
+        .await
+        .unwrap();
+    subscribed(&mut c).await;
+    c
+}
+
 fn chat(org: &str, room: &str, id: &str, body: Value) -> Frame {
     Frame::Chat {
         org: org.into(),
@@ -40,10 +49,7 @@ async fn two_users_on_two_transports_see_one_order_and_retries_append_once() {
     let s = TestServer::start().await;
     let ws_tok = s.token_for("ann", &["acme"], "subscribe chat");
     let wt_tok = s.token_for("bob", &["acme"], "subscribe chat");
-    let mut ann = WsClient::connect(&s.ws_url(&format!("access_token={ws_tok}&orgs=acme")))
-        .await
-        .unwrap();
-    subscribed(&mut ann).await;
+    let mut ann = ws_user(&s, &ws_tok).await;
     let mut bob = edgestream_testkit::wt::connect(
         &s.wt_url(&format!("access_token={wt_tok}&orgs=acme")),
         &s.cert_hash().await,
@@ -174,10 +180,7 @@ async fn chat_in_json_and_refusals_keep_the_session() {
     }
     // Without the chat (or publish) scope.
     let reader = s.token_for("eve", &["acme"], "subscribe");
-    let mut r = WsClient::connect(&s.ws_url(&format!("access_token={reader}&orgs=acme")))
-        .await
-        .unwrap();
-    subscribed(&mut r).await;
+    let mut r = ws_user(&s, &reader).await;
     r.send_frame(&chat("acme", "r1", "e-1", json!("hi")))
         .await
         .unwrap();
@@ -257,10 +260,7 @@ async fn presence_in_orgs_and_rooms_across_transports() {
     let s = TestServer::start().await;
     let ann_tok = s.token_for("ann", &["acme"], "subscribe chat");
     let bob_tok = s.token_for("bob", &["acme"], "subscribe chat");
-    let mut ann = WsClient::connect(&s.ws_url(&format!("access_token={ann_tok}&orgs=acme")))
-        .await
-        .unwrap();
-    subscribed(&mut ann).await;
+    let mut ann = ws_user(&s, &ann_tok).await;
     assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
     let mut bob = edgestream_testkit::wt::connect(
         &s.wt_url(&format!("access_token={bob_tok}&orgs=acme")),
@@ -345,10 +345,7 @@ async fn a_vanished_browser_leaves_its_room_at_the_idle_timeout() {
     let s = TestServer::start_with(|a| a.quic_idle_timeout = Some("1s".parse().unwrap())).await;
     let ann_tok = s.token_for("ann", &["acme"], "subscribe chat");
     let bob_tok = s.token_for("bob", &["acme"], "subscribe chat");
-    let mut ann = WsClient::connect(&s.ws_url(&format!("access_token={ann_tok}&orgs=acme")))
-        .await
-        .unwrap();
-    subscribed(&mut ann).await;
+    let mut ann = ws_user(&s, &ann_tok).await;
     assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
     // bob on WebTransport through a relay that can drop everything.
     let relay = support::relay::Relay::start(s.quic_addr).await;
