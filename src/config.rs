@@ -120,6 +120,8 @@ serve_options! {
     redis: String,
     /// Or share it through a Redis Cluster: seed nodes, comma-separated (redis://host:port,...)
     redis_cluster: List,
+    /// With --redis or --redis-cluster: a node refreshes its presence entries every third of this; a node silent this long (dead, cut off) has its users leave [default: 15s]
+    presence_ttl: HumanDuration,
     /// Keep the embedded log on disk in this directory: a restart keeps epochs, seqs and the replay window [default: in memory only]
     data_dir: PathBuf,
     /// With --data-dir: always (sync per request), batch (group commit) or never (page cache only; a power loss loses the last moments) [default: batch]
@@ -207,6 +209,8 @@ pub struct Config {
     pub retention: crate::log::Retention,
     /// Where the shared log is; `None`: the embedded log.
     pub redis: Option<RedisTarget>,
+    /// How long a node's shared presence entries live without a refresh.
+    pub presence_ttl: Duration,
     /// The embedded log's directory and sync policy; `None`: in memory.
     pub durable: Option<crate::log::durable::DurableConfig>,
     /// Where uploads go; `None`: uploads are refused (503).
@@ -316,6 +320,10 @@ impl Config {
                 (None, Some(_)) => return Err("--redis-cluster needs at least one node".into()),
                 (None, None) => None,
             },
+            presence_ttl: a
+                .presence_ttl
+                .map_or(Duration::from_secs(15), |d| d.0)
+                .max(Duration::from_millis(300)),
             uploads: a.upload_dir.map(|dir| crate::upload::UploadConfig {
                 dir,
                 max_bytes: a.max_upload_bytes.unwrap_or(100 << 20),

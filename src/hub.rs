@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
 
 use crate::event::Event;
-use crate::log::{EventLog, LogError, ReadOutcome, Resume};
+use crate::log::{EventLog, LogError, ReadOutcome, Resume, Tailed};
 use crate::metrics::Metrics;
 use crate::model::{Epoch, OrgId, Position};
 use crate::presence::PresenceNote;
@@ -292,8 +292,8 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
             }
         };
         loop {
-            let events = match tail.next().await {
-                Ok(events) => events,
+            let Tailed { events, signals } = match tail.next().await {
+                Ok(t) => t,
                 Err(e) => {
                     position = Some(tail.position());
                     tracing::warn!(org = %org, error = %e, "org log follow failed; retrying");
@@ -311,6 +311,14 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
             for event in &events {
                 for (_, sink) in subs.iter() {
                     sink.push(Live::Event(event.clone()));
+                }
+            }
+            for note in signals
+                .iter()
+                .filter_map(|s| PresenceNote::from_signal(&org, s))
+            {
+                for (_, sink) in subs.iter() {
+                    sink.push(Live::Presence(note.clone()));
                 }
             }
         }

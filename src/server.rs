@@ -132,7 +132,7 @@ impl Server {
         };
         let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::new(log, metrics.clone());
+        let hub = Hub::new(log.clone(), metrics.clone());
         // Development mode accepts uploads into a temporary directory, so the demo works
         // without set-up; otherwise uploads need --upload-dir.
         let upload_cfg = config.uploads.clone().or_else(|| {
@@ -154,7 +154,12 @@ impl Server {
             };
         let env = Arc::new(SessionEnv {
             uploads,
-            presence: crate::presence::Presence::new(hub.clone()),
+            presence: match log.backbone() {
+                Some(redis) => {
+                    crate::presence::Presence::shared(hub.clone(), redis, config.presence_ttl)
+                }
+                None => crate::presence::Presence::new(hub.clone()),
+            },
             hub,
             auth: Arc::new(auth),
             metrics,

@@ -209,8 +209,14 @@ async fn chat_in_json_and_refusals_keep_the_session() {
     assert_eq!(h["head"], 1, "only the valid message was appended: {h}");
 }
 
-/// The next PRESENCE on a WebSocket, skipping heartbeats, events and acks.
+/// The next PRESENCE on a WebSocket, skipping heartbeats, events and acks (bounded in time).
 async fn ws_presence(c: &mut WsClient) -> (String, String, bool, u64) {
+    tokio::time::timeout(support::HANG_GUARD, ws_presence_unbounded(c))
+        .await
+        .expect("no PRESENCE in time")
+}
+
+async fn ws_presence_unbounded(c: &mut WsClient) -> (String, String, bool, u64) {
     loop {
         match c.next().await.unwrap() {
             Msg::Frame(Frame::Presence {
@@ -366,4 +372,157 @@ async fn a_vanished_browser_leaves_its_room_at_the_idle_timeout() {
     relay.blackhole(true); // the browser vanishes: no close, no packets
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", false, 0));
     assert_eq!(ws_presence(&mut ann).await, p("", "bob", false, 1));
+}
+
+/// Waits (bounded) until `GET path` on `api` satisfies `done`; returns the last answer.
+async fn poll_json(
+    api: &edgestream_testkit::http::Api,
+    path: &str,
+    token: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + support::HANG_GUARD;
+    loop {
+        let (status, v) = api.get(path, Some(token)).await.unwrap();
+        assert_eq!(status, 200, "{path}: {v}");
+        if done(&v) || std::time::Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Redis mode: ann on node A (WebSocket) and bob on node B (WebTransport, a real process)
+/// share one chat order and one presence view; when B is SIGKILLed its users leave on A
+/// within the presence ttl; a Redis that lost the presence keys is repaired by the next sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_two_nodes_share_order_and_presence_and_a_dead_nodes_users_leave() {
+    let redis = support::redis::RedisServer::start();
+    let url = redis.url();
+    let a = {
+        let url = url.clone();
+        TestServer::start_with(move |a| {
+            a.redis = Some(url);
+            a.presence_ttl = Some("1s".parse().unwrap());
+        })
+        .await
+    };
+    let mut b = support::node::Node::spawn(&["--redis", &url, "--presence-ttl", "1s"]).await;
+    let ann_tok = a.token_for("ann", &["acme"], "subscribe chat");
+    let bob_tok = a.token_for("bob", &["acme"], "subscribe chat");
+
+    let mut ann = ws_user(&a, &ann_tok).await;
+    assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
+    let mut bob = edgestream_testkit::wt::connect(
+        &format!(
+            "https://{}/v1/stream?access_token={bob_tok}&orgs=acme",
+            b.quic
+        ),
+        &b.cert_hash().await,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        bob.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+    // Each hears of bob with the combined figure, whichever node he is on.
+    assert_eq!(ws_presence(&mut ann).await, p("", "bob", true, 2));
+    assert_eq!(wt_presence(&mut bob).await, p("", "bob", true, 2));
+
+    bob.send_control(&room_frame(true, "lobby")).await.unwrap();
+    assert!(matches!(bob.next_control().await.unwrap(),
+        Frame::Presence { ref room, ref user, joined: true, online: 1, .. } if room == "lobby" && user == "bob"));
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", true, 1));
+    assert_eq!(wt_presence(&mut bob).await, p("lobby", "bob", true, 1));
+    // ann's JOIN on A answers with the members on both nodes.
+    ann.send_frame(&room_frame(true, "lobby")).await.unwrap();
+    let mut members = vec![ws_presence(&mut ann).await, ws_presence(&mut ann).await];
+    members.sort();
+    assert_eq!(
+        members,
+        [p("lobby", "ann", true, 2), p("lobby", "bob", true, 2)]
+    );
+    assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", true, 2));
+    assert_eq!(wt_presence(&mut bob).await, p("lobby", "ann", true, 2));
+
+    // Messages from both nodes, one order for both.
+    ann.send_frame(&chat("acme", "lobby", "a-1", json!("hi bob")))
+        .await
+        .unwrap();
+    bob.send_control(&chat("acme", "lobby", "b-1", json!("hi ann")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        bob.next_control().await.unwrap(),
+        Frame::ChatAck { ref id, .. } if id == "b-1"
+    ));
+    let bob_saw: Vec<(u64, String)> = bob
+        .events(2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let v: Value = serde_json::from_slice(&e.payload).unwrap();
+            (e.seq, v["id"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let mut ann_saw = Vec::new();
+    while ann_saw.len() < 2 {
+        match ann.next().await.unwrap() {
+            Msg::Frame(Frame::Event { seq, payload, .. }) => {
+                let v: Value = serde_json::from_slice(&payload).unwrap();
+                ann_saw.push((seq, v["id"].as_str().unwrap().to_string()));
+            }
+            Msg::Frame(Frame::ChatAck { .. } | Frame::Heartbeat { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ann_saw, bob_saw);
+    let mut ids: Vec<&str> = ann_saw.iter().map(|(_, id)| id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a-1", "b-1"]);
+
+    // The HTTP views of either node are the combined ones.
+    for api in [&a.api, &b.api] {
+        let v = poll_json(api, "/v1/orgs/acme/rooms/lobby", &ann_tok, |v| {
+            v["messages"] == 2
+        })
+        .await;
+        assert_eq!(v["members"], json!(["ann", "bob"]), "{v}");
+        assert_eq!(v["messages"], 2, "{v}");
+        let (_, v) = api
+            .get("/v1/orgs/acme/presence", Some(&bob_tok))
+            .await
+            .unwrap();
+        let mut users: Vec<Value> = v["users"].as_array().unwrap().clone();
+        users.sort_by_key(|u| u["sub"].as_str().unwrap().to_string());
+        assert_eq!(
+            users,
+            [
+                json!({"sub": "ann", "sessions": 1}),
+                json!({"sub": "bob", "sessions": 1})
+            ]
+        );
+    }
+
+    // Node B dies without a word: its users leave on A once its entries expire.
+    b.kill().await;
+    let mut left = vec![ws_presence(&mut ann).await, ws_presence(&mut ann).await];
+    left.sort();
+    assert_eq!(left, [p("", "bob", false, 1), p("lobby", "bob", false, 1)]);
+    let v = poll_json(&a.api, "/v1/orgs/acme/presence", &ann_tok, |_| true).await;
+    assert_eq!(v["online"], 1, "{v}");
+
+    // Redis loses the presence keys: A's next sync puts ann back.
+    redis.cli(&[
+        "EVAL",
+        "for _, k in ipairs(redis.call('KEYS', 'es:{acme}:p*')) do redis.call('DEL', k) end",
+        "0",
+    ]);
+    let v = poll_json(&a.api, "/v1/orgs/acme/rooms/lobby", &ann_tok, |v| {
+        v["online"] == 1
+    })
+    .await;
+    assert_eq!(v["members"], json!(["ann"]), "{v}");
 }

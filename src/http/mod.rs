@@ -171,7 +171,7 @@ fn granted_org(
     Ok(org)
 }
 
-/// `GET /v1/orgs/{org}/presence`: the users online in the org (on this node).
+/// `GET /v1/orgs/{org}/presence`: the users online in the org (on every node sharing the log).
 async fn org_presence(
     State(app): State<Arc<App>>,
     Path(org): Path<String>,
@@ -179,7 +179,7 @@ async fn org_presence(
     Query(q): Query<TokenQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let org = granted_org(&app, &org, &headers, q.access_token.as_deref())?;
-    let users = app.env.presence.org_users(&org);
+    let users = app.env.presence.org_users(&org).await;
     Ok(Json(json!({
         "org": org.as_str(),
         "online": users.len(),
@@ -187,7 +187,7 @@ async fn org_presence(
     })))
 }
 
-/// `GET /v1/orgs/{org}/rooms/{room}`: a room's members and chat figures (on this node).
+/// `GET /v1/orgs/{org}/rooms/{room}`: a room's members and chat figures (on every node sharing the log).
 async fn room_view(
     State(app): State<Arc<App>>,
     Path((org, room)): Path<(String, String)>,
@@ -201,9 +201,10 @@ async fn room_view(
             "invalid room: 1 to 64 bytes of [A-Za-z0-9_.-]",
         ));
     }
-    let r = app.env.presence.room(&org, &room);
+    let r = app.env.presence.room(&org, &room).await;
+    let members: Vec<&str> = r.members.iter().map(|(m, _)| m.as_str()).collect();
     Ok(Json(json!({
-        "org": org.as_str(), "room": room, "online": r.members.len(), "members": r.members,
+        "org": org.as_str(), "room": room, "online": members.len(), "members": members,
         "messages": r.messages, "last_message_ts": r.last_message_ts,
     })))
 }

@@ -10,7 +10,9 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::window::OrgWindow;
-use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
+use super::{
+    Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail, Tailed,
+};
 use crate::event::Event;
 use crate::model::{Epoch, OrgId, Position};
 use crate::time::unix_ms;
@@ -186,7 +188,7 @@ const TAIL_BATCH: usize = 1024;
 
 #[async_trait]
 impl Tail for MemoryTail {
-    async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError> {
+    async fn next(&mut self) -> Result<Tailed, LogError> {
         loop {
             let events: Vec<Arc<Event>> = {
                 let w = self.window.lock();
@@ -206,7 +208,10 @@ impl Tail for MemoryTail {
             };
             if let Some(last) = events.last() {
                 self.cursor.seq = last.seq;
-                return Ok(events);
+                return Ok(Tailed {
+                    events,
+                    signals: Vec::new(),
+                });
             }
             if self.rx.changed().await.is_err() {
                 return Err(LogError::Internal("org log dropped".into()));
@@ -244,7 +249,7 @@ mod tests {
         });
         let mut seen = Vec::new();
         while seen.len() < 150 {
-            seen.extend(tail.next().await.unwrap().iter().map(|e| e.seq));
+            seen.extend(tail.next().await.unwrap().events.iter().map(|e| e.seq));
         }
         assert_eq!(
             seen,

@@ -85,13 +85,23 @@ pub struct LogUsage {
     pub recovered_reset_orgs: u64,
 }
 
+/// What a follower returns: new events and, from a shared log, org signals.
+#[derive(Debug, Default)]
+pub struct Tailed {
+    /// In seq order.
+    pub events: Vec<Arc<Event>>,
+    /// Short messages other nodes addressed to this org's followers (shared presence,
+    /// `crate::presence`), opaque to the log, in the order they were written.
+    pub signals: Vec<Bytes>,
+}
+
 /// A follower of one org's new events, for the hub's one upstream subscription per org.
 #[async_trait]
 pub trait Tail: Send {
-    /// Waits for events after the last ones returned and returns them in seq order. After an
+    /// Waits for events after the last ones returned (or signals) and returns them. After an
     /// epoch change or an eviction the follower jumps ahead: sessions notice the jump by seq
     /// and read the log to fill or reset.
-    async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError>;
+    async fn next(&mut self) -> Result<Tailed, LogError>;
 
     /// The last position returned (or the start position).
     fn position(&self) -> Position;
@@ -128,6 +138,11 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Short name for metrics and logs (`memory`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// The Redis connection of a shared log, for the other state nodes share (presence).
+    fn backbone(&self) -> Option<redis::Conn> {
+        None
+    }
 
     /// Orgs, events and bytes held on this node.
     fn usage(&self) -> LogUsage;

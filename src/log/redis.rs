@@ -29,7 +29,9 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 
-use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
+use super::{
+    Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail, Tailed,
+};
 use crate::event::Event;
 use crate::model::{Epoch, OrgId, Position};
 use crate::time::unix_ms;
@@ -106,9 +108,9 @@ enum Target {
 }
 
 /// A connection of either kind; commands and scripts run the same on both (a cluster routes
-/// each by its key's slot).
+/// each by its key's slot). Shared presence (`crate::presence::shared`) uses the log's.
 #[derive(Clone)]
-enum Conn {
+pub enum Conn {
     Managed(ConnectionManager),
     Multiplexed(redis::aio::MultiplexedConnection),
     Cluster(ClusterConnection),
@@ -155,6 +157,12 @@ fn meta_key(org: &OrgId) -> String {
 
 fn stream_key(org: &OrgId) -> String {
     format!("es:{{{org}}}:s")
+}
+
+/// The org's signal stream (entries with one field `d`), read by every node's follower beside
+/// the events; written by the shared presence scripts.
+pub(crate) fn signal_key(org: &OrgId) -> String {
+    format!("es:{{{org}}}:g")
 }
 
 fn idem_key(org: &OrgId, key: &str) -> String {
@@ -419,6 +427,37 @@ fn seq_of(id: &str) -> Option<u64> {
     id.split_once('-').map_or(id, |(s, _)| s).parse().ok()
 }
 
+/// Signal entries as (id, the `d` field).
+fn parse_signals(entries: Value) -> Result<Vec<(String, Bytes)>, LogError> {
+    let Value::Array(entries) = entries else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut pair) = entry else {
+            return Err(LogError::Internal("redis: malformed signal entry".into()));
+        };
+        if pair.len() != 2 {
+            return Err(LogError::Internal("redis: malformed signal entry".into()));
+        }
+        let Value::Array(fields) = pair.pop().expect("two") else {
+            return Err(LogError::Internal("redis: malformed signal fields".into()));
+        };
+        let id = as_string(&pair[0])?;
+        let data = fields
+            .chunks(2)
+            .find_map(|kv| match kv {
+                [k, Value::BulkString(v)] if as_string(k).is_ok_and(|k| k == "d") => {
+                    Some(Bytes::copy_from_slice(v))
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        out.push((id, data));
+    }
+    Ok(out)
+}
+
 /// Stream entries (`[[id, [field, value, ...]], ...]`) as events.
 fn parse_entries(org: &OrgId, entries: Value) -> Result<Vec<Arc<Event>>, LogError> {
     let Value::Array(entries) = entries else {
@@ -533,10 +572,25 @@ impl EventLog for RedisLog {
                 seq: state.head,
             },
         };
+        // Signals from now on (ids are time-based, so they keep growing across Redis restarts).
+        let mut meta = self.conn.clone();
+        let last: Vec<RawEntry> = redis::cmd("XREVRANGE")
+            .arg(signal_key(org))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut meta)
+            .await
+            .map_err(unavailable)?;
+        let signal_cursor = last
+            .first()
+            .map_or_else(|| "0-0".to_string(), |e| e.0.clone());
         let conn = self.blocking_conn().await?;
         Ok(Box::new(RedisTail {
             org: org.clone(),
             conn,
+            signal_cursor,
             meta: self.conn.clone(),
             state_read: self.state_read.clone(),
             cursor,
@@ -545,6 +599,10 @@ impl EventLog for RedisLog {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn backbone(&self) -> Option<Conn> {
+        Some(self.conn.clone())
     }
 
     fn usage(&self) -> LogUsage {
@@ -571,11 +629,15 @@ struct RedisTail {
     meta: Conn,
     state_read: Script,
     cursor: Position,
+    /// The last signal id read.
+    signal_cursor: String,
 }
 
 #[async_trait]
 impl Tail for RedisTail {
-    async fn next(&mut self) -> Result<Vec<Arc<Event>>, LogError> {
+    async fn next(&mut self) -> Result<Tailed, LogError> {
+        let events_key = stream_key(&self.org);
+        let signals_key = signal_key(&self.org);
         loop {
             let reply: Value = redis::cmd("XREAD")
                 .arg("COUNT")
@@ -583,27 +645,47 @@ impl Tail for RedisTail {
                 .arg("BLOCK")
                 .arg(BLOCK.as_millis() as u64)
                 .arg("STREAMS")
-                .arg(stream_key(&self.org))
+                .arg(&events_key)
+                .arg(&signals_key)
                 .arg(format!("{}-0", self.cursor.seq))
+                .arg(&self.signal_cursor)
                 .query_async(&mut self.conn)
                 .await
                 .map_err(unavailable)?;
-            // [[key, entries]] or nil on timeout.
-            let entries = match reply {
-                Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
-                    Value::Array(mut kv) if kv.len() == 2 => kv.pop().expect("two"),
-                    _ => Value::Nil,
-                },
-                Value::Map(mut m) if !m.is_empty() => m.swap_remove(0).1,
-                _ => Value::Nil,
+            // [[key, entries], ...] (a map in RESP3), or nil on timeout.
+            let streams: Vec<(Value, Value)> = match reply {
+                Value::Array(streams) => streams
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        Value::Array(mut kv) if kv.len() == 2 => {
+                            let entries = kv.pop().expect("two");
+                            Some((kv.pop().expect("one"), entries))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+                Value::Map(m) => m,
+                _ => Vec::new(),
             };
-            let events = parse_entries(&self.org, entries)?;
-            if let Some(last) = events.last() {
+            let mut out = Tailed::default();
+            for (key, entries) in streams {
+                if as_string(&key)? == signals_key {
+                    for (id, data) in parse_signals(entries)? {
+                        self.signal_cursor = id;
+                        out.signals.push(data);
+                    }
+                } else {
+                    out.events = parse_entries(&self.org, entries)?;
+                }
+            }
+            if let Some(last) = out.events.last() {
                 self.cursor = Position {
                     epoch: last.epoch.clone(),
                     seq: last.seq,
                 };
-                return Ok(events);
+            }
+            if !out.events.is_empty() || !out.signals.is_empty() {
+                return Ok(out);
             }
             // Quiet for a while: a new epoch (the org's keys were lost and recreated) restarts
             // seqs below the cursor, where XREAD would never look.

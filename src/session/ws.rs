@@ -401,7 +401,7 @@ impl WsStreamSession {
                 Ok(())
             }
             Frame::Join { org, room } => {
-                self.on_join(&org, &room, out);
+                self.on_join(&org, &room, out).await;
                 Ok(())
             }
             Frame::Leave { org, room } => {
@@ -473,7 +473,7 @@ impl WsStreamSession {
                 Ok(())
             }
             ClientMessage::Join { org, room } => {
-                self.on_join(&org, &room, out);
+                self.on_join(&org, &room, out).await;
                 Ok(())
             }
             ClientMessage::Leave { org, room } => {
@@ -626,14 +626,15 @@ impl WsStreamSession {
 
     /// JOIN: the room's members now, as PRESENCE messages; the others hear of it through the
     /// org's subscribers.
-    fn on_join(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
+    async fn on_join(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
         let grant = &self.token.as_ref().expect("started").grant;
         match super::room_of(grant, org, room) {
             Ok((org, room)) => {
                 if self.rooms.iter().any(|r| r.is(&org, &room)) {
                     return;
                 }
-                let (member, now) = self.env.presence.join(&org, &room, &grant.sub);
+                let sub = grant.sub.clone();
+                let (member, now) = self.env.presence.join(&org, &room, &sub).await;
                 self.rooms.push(member);
                 for note in now {
                     out.extend(self.encode_note(&note));

@@ -311,8 +311,11 @@ impl WtSession {
                         if self.rooms.iter().any(|r| r.is(&org, &room)) {
                             return Ok(());
                         }
-                        let (member, now) =
-                            self.env.presence.join(&org, &room, &self.token.grant.sub);
+                        let (member, now) = self
+                            .env
+                            .presence
+                            .join(&org, &room, &self.token.grant.sub)
+                            .await;
                         self.rooms.push(member);
                         for note in now {
                             if let Some(c) = self.control.as_mut() {
