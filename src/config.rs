@@ -134,6 +134,8 @@ serve_options! {
     max_upload_bytes: u64,
     /// Bytes of uploads one org may hold on this node [default: 1073741824]
     max_upload_bytes_per_org: u64,
+    /// Uploads one org may hold on this node [default: 10000]
+    max_uploads_per_org: usize,
     /// Replay log keeps at least this much history per org [default: 5m]
     replay_window: HumanDuration,
     /// Replay log cap in events per org [default: 100000]
@@ -328,6 +330,7 @@ impl Config {
                 dir,
                 max_bytes: a.max_upload_bytes.unwrap_or(100 << 20),
                 max_org_bytes: a.max_upload_bytes_per_org.unwrap_or(1 << 30),
+                max_org_uploads: a.max_uploads_per_org.unwrap_or(10_000),
             }),
             durable: match a.data_dir {
                 Some(dir) => Some(crate::log::durable::DurableConfig {

@@ -143,6 +143,7 @@ impl Server {
                         .join(format!("edgestream-dev-uploads-{}", std::process::id())),
                     max_bytes: 100 << 20,
                     max_org_bytes: 1 << 30,
+                    max_org_uploads: 10_000,
                 })
         });
         let uploads =

@@ -2,6 +2,11 @@
 //! bytes: a file under `--upload-dir` written as the bytes arrive (so memory stays at one
 //! chunk whatever the size), its SHA-256 computed on the way, renamed into place on
 //! completion, resumable from its offset for an hour after an interruption.
+//!
+//! Each upload has a record, `meta/<id>.json` (org, name, size, sender; once complete its
+//! SHA-256), written before its first byte and again at completion, so a restarted node knows
+//! its uploads: an interrupted one resumes from the bytes in `partial/<id>`, a complete one
+//! still shows (and counts against its org's limits).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,6 +30,20 @@ pub struct UploadConfig {
     pub max_bytes: u64,
     /// Bytes of uploads (stored and in progress) one org may hold.
     pub max_org_bytes: u64,
+    /// Uploads (stored and in progress) one org may hold.
+    pub max_org_uploads: usize,
+}
+
+/// What `meta/<id>.json` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    id: String,
+    org: String,
+    name: String,
+    size: u64,
+    from: String,
+    /// Set once complete.
+    sha256: Option<String>,
 }
 
 /// Why an upload cannot go on.
@@ -78,17 +97,98 @@ pub struct Uploads {
 }
 
 impl Uploads {
+    /// Opens the directory and the uploads recorded there by an earlier run.
     pub fn new(cfg: UploadConfig) -> std::io::Result<Arc<Self>> {
-        std::fs::create_dir_all(cfg.dir.join("partial"))?;
-        std::fs::create_dir_all(cfg.dir.join("done"))?;
-        Ok(Arc::new(Uploads {
+        for sub in ["partial", "done", "meta"] {
+            std::fs::create_dir_all(cfg.dir.join(sub))?;
+        }
+        let uploads = Uploads {
             cfg,
             entries: Mutex::new(HashMap::new()),
-        }))
+        };
+        let loaded = uploads.load()?;
+        if loaded > 0 {
+            tracing::info!(uploads = loaded, "uploads found in the upload directory");
+        }
+        Ok(Arc::new(uploads))
+    }
+
+    /// Reads `meta/`: records whose file is gone (or unreadable records) are removed.
+    fn load(&self) -> std::io::Result<usize> {
+        let mut entries = self.entries.lock();
+        for item in std::fs::read_dir(self.cfg.dir.join("meta"))? {
+            let path = item?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                let _ = std::fs::remove_file(&path); // a record write cut short
+                continue;
+            }
+            let record: Option<Record> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let Some(r) = record else {
+                tracing::warn!(path = %path.display(), "unreadable upload record removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let (file, state) = match r.sha256 {
+                Some(_) => (self.done(&r.id), "done"),
+                None => (self.partial(&r.id), "receiving"),
+            };
+            let Ok(len) = std::fs::metadata(&file).map(|m| m.len()) else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            entries.insert(
+                r.id.clone(),
+                Entry {
+                    view: UploadView {
+                        id: r.id,
+                        org: r.org,
+                        name: r.name,
+                        // Bytes written before a crash are on disk: the resume point.
+                        received: len.min(r.size),
+                        size: r.size,
+                        state,
+                        sha256: r.sha256,
+                        from: r.from,
+                    },
+                    active: false,
+                    touched: Instant::now(),
+                },
+            );
+        }
+        Ok(entries.len())
     }
 
     fn partial(&self, id: &str) -> PathBuf {
         self.cfg.dir.join("partial").join(id)
+    }
+
+    fn done(&self, id: &str) -> PathBuf {
+        self.cfg.dir.join("done").join(id)
+    }
+
+    fn meta(&self, id: &str) -> PathBuf {
+        self.cfg.dir.join("meta").join(format!("{id}.json"))
+    }
+
+    /// Writes an upload's record (temporary file, then rename).
+    async fn save(&self, view: &UploadView) -> std::io::Result<()> {
+        let record = Record {
+            id: view.id.clone(),
+            org: view.org.clone(),
+            name: view.name.clone(),
+            size: view.size,
+            from: view.from.clone(),
+            sha256: view.sha256.clone(),
+        };
+        let tmp = self.cfg.dir.join("meta").join(format!("{}.tmp", view.id));
+        tokio::fs::write(
+            &tmp,
+            serde_json::to_vec(&record).map_err(std::io::Error::other)?,
+        )
+        .await?;
+        tokio::fs::rename(&tmp, self.meta(&view.id)).await
     }
 
     /// Starts a new upload (`id` chosen by the client or, when `None`, by the server), or
@@ -200,11 +300,15 @@ impl Uploads {
                 let id = id.map_or_else(random_id, str::to_owned);
                 {
                     let mut entries = self.entries.lock();
-                    let held: u64 = entries
+                    let (held, count) = entries
                         .values()
                         .filter(|e| e.view.org == org.as_str() && e.view.state != "failed")
-                        .map(|e| e.view.size)
-                        .sum();
+                        .fold((0, 0), |(b, n), e| (b + e.view.size, n + 1));
+                    if count >= self.cfg.max_org_uploads {
+                        return Err(UploadError::TooLarge(format!(
+                            "org {org} holds {count} uploads, the limit"
+                        )));
+                    }
                     if held + size > self.cfg.max_org_bytes {
                         return Err(UploadError::TooLarge(format!(
                             "org {org} would hold {} bytes of uploads, over the limit of {}",
@@ -230,10 +334,17 @@ impl Uploads {
                         },
                     );
                 }
-                let file = match tokio::fs::File::create(self.partial(&id)).await {
+                let view = self.status(&id).expect("inserted above");
+                let created = async {
+                    let file = tokio::fs::File::create(self.partial(&id)).await?;
+                    self.save(&view).await?;
+                    Ok::<_, std::io::Error>(file)
+                };
+                let file = match created.await {
                     Ok(f) => f,
                     Err(e) => {
                         self.entries.lock().remove(&id);
+                        let _ = tokio::fs::remove_file(self.partial(&id)).await;
                         return Err(e.into());
                     }
                 };
@@ -274,6 +385,7 @@ impl Uploads {
             .map(|(id, _)| id.clone())
             .collect();
         for id in old {
+            let _ = std::fs::remove_file(self.meta(&id));
             let _ = std::fs::remove_file(self.partial(&id));
             self.entries.lock().remove(&id);
         }
@@ -349,15 +461,23 @@ impl UploadWriter {
             });
         }
         self.file.sync_all().await?;
-        let done = self.uploads.cfg.dir.join("done").join(&self.id);
+        let done = self.uploads.done(&self.id);
         tokio::fs::rename(self.uploads.partial(&self.id), &done).await?;
         let sha = hex(&self.hasher.clone().finalize());
-        let mut entries = self.uploads.entries.lock();
-        let e = entries.get_mut(&self.id).ok_or(UploadError::NotFound)?;
-        e.view.state = "done";
-        e.view.sha256 = Some(sha);
-        e.active = false;
-        Ok(e.view.clone())
+        let view = {
+            let mut entries = self.uploads.entries.lock();
+            let e = entries.get_mut(&self.id).ok_or(UploadError::NotFound)?;
+            e.view.state = "done";
+            e.view.sha256 = Some(sha);
+            e.active = false;
+            e.view.clone()
+        };
+        // The file is complete; a lost record write would only make it unknown after a
+        // restart, so it is logged rather than failing the upload.
+        if let Err(e) = self.uploads.save(&view).await {
+            tracing::warn!(id = %view.id, error = %e, "upload record not updated");
+        }
+        Ok(view)
     }
 }
 

@@ -220,7 +220,7 @@ async fn over_the_limit_is_refused_with_413_and_leaves_no_file() {
     assert_eq!(r.status(), 413);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("limit"), "{v}");
-    for sub in ["partial", "done"] {
+    for sub in ["partial", "done", "meta"] {
         assert_eq!(
             std::fs::read_dir(dir.path().join(sub)).unwrap().count(),
             0,
@@ -565,5 +565,85 @@ async fn a_websocket_upload_in_chunks_resumes_after_a_dropped_socket() {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+/// A node killed in the middle of an upload: the next process on the same directory knows
+/// it, resumes it from the bytes on disk, and still knows it once complete; the per-org count
+/// limit holds across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_survives_a_restart_of_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let flags = ["--upload-dir", &d, "--max-uploads-per-org", "2"];
+    let mut node = support::node::Node::spawn(&flags).await;
+    let tok = support::token_for("ann", &["acme"], "upload");
+    let put = |node: &support::node::Node| {
+        reqwest::Client::new()
+            .put(format!(
+                "http://{}/v1/orgs/acme/uploads?name=doc.pdf",
+                node.http
+            ))
+            .bearer_auth(&tok)
+    };
+    let size: u64 = 4 << 20;
+    let _ = put(&node)
+        .header("content-length", size)
+        .header("upload-id", "doc-1")
+        .body(body(0, size, Some(size / 2)))
+        .send()
+        .await;
+    let deadline = std::time::Instant::now() + support::HANG_GUARD;
+    while node
+        .api
+        .get("/v1/uploads/doc-1", Some(&tok))
+        .await
+        .unwrap()
+        .1["received"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no bytes arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.kill().await;
+
+    let mut node = support::node::Node::spawn(&flags).await;
+    let (status, st) = node.api.get("/v1/uploads/doc-1", Some(&tok)).await.unwrap();
+    assert_eq!(status, 200, "{st}");
+    assert_eq!(st["state"], "receiving", "{st}");
+    let received = st["received"].as_u64().unwrap();
+    assert!(received > 0 && received <= size / 2, "{st}");
+    let r = put(&node)
+        .header("upload-id", "doc-1")
+        .header("upload-offset", received)
+        .header("content-length", size - received)
+        .body(body(received, size, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["sha256"], sha_of(size), "{v}");
+    node.kill().await;
+
+    let node = support::node::Node::spawn(&flags).await;
+    let (_, st) = node.api.get("/v1/uploads/doc-1", Some(&tok)).await.unwrap();
+    assert_eq!(
+        (st["state"].as_str(), st["sha256"].as_str()),
+        (Some("done"), Some(sha_of(size).as_str())),
+        "{st}"
+    );
+    // doc-1 counts: one more upload fits, the next is over the org's limit of 2.
+    for (id, status) in [("a", 201), ("b", 413)] {
+        let r = put(&node)
+            .header("upload-id", id)
+            .header("content-length", 1)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{id}");
     }
 }
