@@ -170,6 +170,8 @@ serve_options! {
     key: PathBuf,
     /// A WebTransport client silent this long (no packet) is dropped [default: 15s]
     quic_idle_timeout: HumanDuration,
+    /// A QUIC connection must complete its handshake and open its WebTransport session within this, or it is closed [default: 10s]
+    quic_handshake_timeout: HumanDuration,
     /// QUIC address validation: auto (Retry under handshake load), always or never [default: auto]
     quic_retry: crate::webtransport::RetryPolicy,
     /// Kernel buffer (SO_RCVBUF, SO_SNDBUF) for the QUIC socket, in bytes [default: 4194304]
@@ -361,6 +363,7 @@ impl Config {
                     .quic_listen
                     .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
                 idle_timeout: dur(a.quic_idle_timeout, 15),
+                handshake_timeout: dur(a.quic_handshake_timeout, 10),
                 retry: a.quic_retry.unwrap_or_default(),
                 socket_buffer: positive(a.quic_socket_buffer, 4 << 20, "quic-socket-buffer")?,
                 server_id: a

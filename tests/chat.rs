@@ -261,23 +261,24 @@ fn p(room: &str, user: &str, joined: bool, online: u64) -> (String, String, bool
     (room.into(), user.into(), joined, online)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_in_orgs_and_rooms_across_transports() {
-    let s = TestServer::start().await;
-    let ann_tok = s.token_for("ann", &["acme"], "subscribe chat");
-    let bob_tok = s.token_for("bob", &["acme"], "subscribe chat");
-    let mut ann = ws_user(&s, &ann_tok).await;
+/// ann (WebSocket at `ws_url`) and bob (WebTransport at `wt_url`) subscribe to acme and join
+/// its lobby; checks every PRESENCE each gets on the way (the same on one node or on two).
+async fn ann_and_bob_join_the_lobby(
+    ws_url: &str,
+    wt_url: &str,
+    cert_hash: &str,
+) -> (WsClient, edgestream_testkit::wt::WtClient) {
+    let mut ann = WsClient::connect(ws_url).await.unwrap();
+    subscribed(&mut ann).await;
     assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
-    let mut bob = edgestream_testkit::wt::connect(
-        &s.wt_url(&format!("access_token={bob_tok}&orgs=acme")),
-        &s.cert_hash().await,
-    )
-    .await
-    .unwrap();
+    let mut bob = edgestream_testkit::wt::connect(wt_url, cert_hash)
+        .await
+        .unwrap();
     assert!(matches!(
         bob.next_frame().await.unwrap(),
         Frame::Subscribed { .. }
     ));
+    // Each hears of bob with the combined figure, whichever node he is on.
     assert_eq!(ws_presence(&mut ann).await, p("", "bob", true, 2));
     assert_eq!(wt_presence(&mut bob).await, p("", "bob", true, 2));
 
@@ -297,6 +298,20 @@ async fn presence_in_orgs_and_rooms_across_transports() {
     );
     assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", true, 2));
     assert_eq!(wt_presence(&mut bob).await, p("lobby", "ann", true, 2));
+    (ann, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_in_orgs_and_rooms_across_transports() {
+    let s = TestServer::start().await;
+    let ann_tok = s.token_for("ann", &["acme"], "subscribe chat");
+    let bob_tok = s.token_for("bob", &["acme"], "subscribe chat");
+    let (mut ann, bob) = ann_and_bob_join_the_lobby(
+        &s.ws_url(&format!("access_token={ann_tok}&orgs=acme")),
+        &s.wt_url(&format!("access_token={bob_tok}&orgs=acme")),
+        &s.cert_hash().await,
+    )
+    .await;
 
     // The HTTP views and the metrics.
     ann.send_frame(&chat("acme", "lobby", "m-1", json!("hello")))
@@ -411,40 +426,15 @@ async fn users_on_two_nodes_share_order_and_presence_and_a_dead_nodes_users_leav
     let ann_tok = a.token_for("ann", &["acme"], "subscribe chat");
     let bob_tok = a.token_for("bob", &["acme"], "subscribe chat");
 
-    let mut ann = ws_user(&a, &ann_tok).await;
-    assert_eq!(ws_presence(&mut ann).await, p("", "ann", true, 1));
-    let mut bob = edgestream_testkit::wt::connect(
+    let (mut ann, mut bob) = ann_and_bob_join_the_lobby(
+        &a.ws_url(&format!("access_token={ann_tok}&orgs=acme")),
         &format!(
             "https://{}/v1/stream?access_token={bob_tok}&orgs=acme",
             b.quic
         ),
         &b.cert_hash().await,
     )
-    .await
-    .unwrap();
-    assert!(matches!(
-        bob.next_frame().await.unwrap(),
-        Frame::Subscribed { .. }
-    ));
-    // Each hears of bob with the combined figure, whichever node he is on.
-    assert_eq!(ws_presence(&mut ann).await, p("", "bob", true, 2));
-    assert_eq!(wt_presence(&mut bob).await, p("", "bob", true, 2));
-
-    bob.send_control(&room_frame(true, "lobby")).await.unwrap();
-    assert!(matches!(bob.next_control().await.unwrap(),
-        Frame::Presence { ref room, ref user, joined: true, online: 1, .. } if room == "lobby" && user == "bob"));
-    assert_eq!(ws_presence(&mut ann).await, p("lobby", "bob", true, 1));
-    assert_eq!(wt_presence(&mut bob).await, p("lobby", "bob", true, 1));
-    // ann's JOIN on A answers with the members on both nodes.
-    ann.send_frame(&room_frame(true, "lobby")).await.unwrap();
-    let mut members = vec![ws_presence(&mut ann).await, ws_presence(&mut ann).await];
-    members.sort();
-    assert_eq!(
-        members,
-        [p("lobby", "ann", true, 2), p("lobby", "bob", true, 2)]
-    );
-    assert_eq!(ws_presence(&mut ann).await, p("lobby", "ann", true, 2));
-    assert_eq!(wt_presence(&mut bob).await, p("lobby", "ann", true, 2));
+    .await;
 
     // Messages from both nodes, one order for both.
     ann.send_frame(&chat("acme", "lobby", "a-1", json!("hi bob")))

@@ -129,6 +129,21 @@ async fn a_50_mib_upload_completes_with_its_sha256_in_bounded_memory() {
     assert_eq!(e["sha256"], sha_of(size));
 }
 
+/// Sends the rest of upload `doc-1` from `received`; it completes with the whole file's hash.
+async fn resume_doc_1(put: reqwest::RequestBuilder, received: u64, size: u64) {
+    let r = put
+        .header("upload-id", "doc-1")
+        .header("upload-offset", received)
+        .header("content-length", size - received)
+        .body(body(received, size, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["sha256"], sha_of(size), "the resumed file is whole: {v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_upload_resumes_from_its_offset() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,17 +202,7 @@ async fn an_interrupted_upload_resumes_from_its_offset() {
             .contains(&format!("offset {received}")),
         "{v}"
     );
-    let r = put(&s, &tok, "doc.pdf")
-        .header("upload-id", "doc-1")
-        .header("upload-offset", received)
-        .header("content-length", size - received)
-        .body(body(received, size, None))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["sha256"], sha_of(size), "the resumed file is whole");
+    resume_doc_1(put(&s, &tok, "doc.pdf"), received, size).await;
     assert_eq!(
         std::fs::metadata(dir.path().join("done").join("doc-1"))
             .unwrap()
@@ -615,17 +620,7 @@ async fn an_upload_survives_a_restart_of_the_node() {
     assert_eq!(st["state"], "receiving", "{st}");
     let received = st["received"].as_u64().unwrap();
     assert!(received > 0 && received <= size / 2, "{st}");
-    let r = put(&node)
-        .header("upload-id", "doc-1")
-        .header("upload-offset", received)
-        .header("content-length", size - received)
-        .body(body(received, size, None))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["sha256"], sha_of(size), "{v}");
+    resume_doc_1(put(&node), received, size).await;
     node.kill().await;
 
     let node = support::node::Node::spawn(&flags).await;

@@ -59,19 +59,25 @@ pub struct Connector {
 /// default (about 208 KiB) drops datagrams under a fan-out burst.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// TLS 1.3 with ALPN h3, trusting exactly the certificate with this base64 SHA-256 (tests
+/// that speak raw QUIC start from it).
+pub fn client_crypto(cert_sha256_b64: &str) -> anyhow::Result<rustls::ClientConfig> {
+    use base64::Engine as _;
+    let hash = base64::engine::general_purpose::STANDARD.decode(cert_sha256_b64)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CertHash { hash, provider }))
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+    Ok(crypto)
+}
+
 impl Connector {
     pub fn new(cert_sha256_b64: &str) -> anyhow::Result<Self> {
-        use base64::Engine as _;
-        let hash = base64::engine::general_purpose::STANDARD.decode(cert_sha256_b64)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut crypto = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(CertHash { hash, provider }))
-            .with_no_client_auth();
-        crypto.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
         let config = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto(cert_sha256_b64)?)?,
         ));
         let socket = socket2::Socket::new(
             socket2::Domain::IPV4,
