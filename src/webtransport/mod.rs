@@ -210,7 +210,7 @@ pub fn endpoint(cfg: &QuicConfig, certs: Arc<Certificates>) -> anyhow::Result<qu
     t.max_concurrent_bidi_streams(8u32.into());
     t.stream_receive_window((256u32 * 1024).into());
     t.receive_window((1024u32 * 1024).into());
-    t.send_window(8 * 1024 * 1024);
+    t.send_window(2 * 1024 * 1024);
     t.datagram_receive_buffer_size(Some(64 * 1024));
     t.datagram_send_buffer_size(256 * 1024);
     server.transport_config(Arc::new(t));

@@ -24,8 +24,10 @@ struct Faults {
     /// Client packets forwarded before the rest are dropped (`u64::MAX`: no limit).
     client_packets_left: AtomicU64,
     from_client_bytes: AtomicU64,
+    to_server_bytes: AtomicU64,
     from_server_bytes: AtomicU64,
-    /// Bytes the server sent before it received a client packet after the first one.
+    /// Packets dropped by the loss setting.
+    lost: AtomicU64,
     rng: Mutex<u64>,
 }
 
@@ -40,7 +42,11 @@ impl Faults {
         *s ^= *s << 13;
         *s ^= *s >> 7;
         *s ^= *s << 17;
-        *s % 10_000 < loss
+        let lose = *s % 10_000 < loss;
+        if lose {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+        lose
     }
 }
 
@@ -104,6 +110,7 @@ impl Relay {
                             })
                             .is_ok();
                         if allowed && !f.blackhole.load(Ordering::Relaxed) && !f.lose() {
+                            f.to_server_bytes.fetch_add(n as u64, Ordering::Relaxed);
                             let dest = *to.lock().unwrap();
                             forward(&back, &a[..n], dest, f.delay_ms.load(Ordering::Relaxed));
                         }
@@ -168,6 +175,16 @@ impl Relay {
             self.faults.from_client_bytes.load(Ordering::Relaxed),
             self.faults.from_server_bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Packets dropped by [`Self::loss`] so far.
+    pub fn lost(&self) -> u64 {
+        self.faults.lost.load(Ordering::Relaxed)
+    }
+
+    /// Bytes forwarded to the server so far.
+    pub fn forwarded_to_server(&self) -> u64 {
+        self.faults.to_server_bytes.load(Ordering::Relaxed)
     }
 
     /// Moves the server-facing side to a new socket on `ip` (a new port, and a new address
