@@ -122,6 +122,8 @@ serve_options! {
     redis_cluster: List,
     /// With --redis or --redis-cluster: a node refreshes its presence entries every third of this; a node silent this long (dead, cut off) has its users leave [default: 15s]
     presence_ttl: HumanDuration,
+    /// With --redis and --server-id: a node refreshes its entry in the node registry every third of this; a node silent this long counts as dead, and only then do its peers answer its connections with stateless resets [default: 3s]
+    node_ttl: HumanDuration,
     /// Keep the embedded log on disk in this directory: a restart keeps epochs, seqs and the replay window [default: in memory only]
     data_dir: PathBuf,
     /// With --data-dir: always (sync per request), batch (group commit) or never (page cache only; a power loss loses the last moments) [default: batch]
@@ -215,6 +217,8 @@ pub struct Config {
     pub redis: Option<RedisTarget>,
     /// How long a node's shared presence entries live without a refresh.
     pub presence_ttl: Duration,
+    /// How long a node stays in the node registry without a refresh.
+    pub node_ttl: Duration,
     /// The embedded log's directory and sync policy; `None`: in memory.
     pub durable: Option<crate::log::durable::DurableConfig>,
     /// Where uploads go; `None`: uploads are refused (503).
@@ -324,6 +328,10 @@ impl Config {
                 (None, Some(_)) => return Err("--redis-cluster needs at least one node".into()),
                 (None, None) => None,
             },
+            node_ttl: a
+                .node_ttl
+                .map_or(Duration::from_secs(3), |d| d.0)
+                .max(Duration::from_millis(300)),
             presence_ttl: a
                 .presence_ttl
                 .map_or(Duration::from_secs(15), |d| d.0)
@@ -374,6 +382,12 @@ impl Config {
                 reset_key: match a.reset_key {
                     Some(k) if k.len() < 32 => {
                         return Err("--reset-key must be at least 32 bytes".into())
+                    }
+                    Some(_) if a.server_id.is_none() => {
+                        return Err("--reset-key needs --server-id: with random connection \
+                                    IDs a shared key would let any node reset any peer's \
+                                    connections"
+                            .into())
                     }
                     k => k.map(String::into_bytes),
                 },

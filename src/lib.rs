@@ -26,6 +26,7 @@ pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod peers;
 pub mod presence;
 pub mod server;
 pub mod session;

@@ -106,8 +106,12 @@ impl Server {
             &config.quic,
             webtransport::dev_cert_names(config.quic.listen),
         )?);
-        let quic = webtransport::endpoint(&config.quic, certs.clone())
+        let peers = webtransport::lb::Peers::new();
+        let quic = webtransport::endpoint(&config.quic, certs.clone(), peers.clone())
             .with_context(|| format!("cannot listen on udp {}", config.quic.listen))?;
+        if let (Some(redis), Some(id)) = (log.backbone(), &config.quic.server_id) {
+            crate::peers::start(redis, id.clone(), config.node_ttl, &peers);
+        }
         let quic_addr = quic.local_addr()?;
         let (auth_config, dev_secret) = match &config.auth {
             AuthMode::Keyed(c) => (c.clone(), None),

@@ -11,9 +11,27 @@ use support::relay::Relay;
 const RESET_KEY: &str = "edge-test-reset-key-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_nodes_client_is_reset_by_a_peer_with_the_shared_key() {
-    let mut a = Node::spawn(&["--server-id", "0a01", "--reset-key", RESET_KEY]).await;
-    let b = Node::spawn(&["--server-id", "0a02", "--reset-key", RESET_KEY]).await;
+async fn a_dead_nodes_client_is_reset_by_a_peer_with_the_shared_key_and_a_live_ones_is_not() {
+    let redis = support::redis::RedisServer::start();
+    let url = redis.url();
+    let node = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            Node::spawn(&[
+                "--server-id",
+                id,
+                "--reset-key",
+                RESET_KEY,
+                "--redis",
+                &url,
+                "--node-ttl",
+                "1s",
+            ])
+            .await
+        }
+    };
+    let mut a = node("0a01").await;
+    let b = node("0a02").await;
     let relay = Relay::start(a.quic).await;
     let token = support::token(&["acme"]);
     let url = format!(
@@ -46,18 +64,49 @@ async fn a_dead_nodes_client_is_reset_by_a_peer_with_the_shared_key() {
 
     let cid = pkt[1..1 + cid_len].to_vec();
 
+    // The reset oracle (RFC 9000 section 21.11): while a is alive, b must not answer a's CIDs
+    // with a reset, or anyone could learn the token that ends a's connections. Packets of
+    // a's connection sent to b get nothing back, and the connection carries on with a.
+    relay.retarget(b.quic);
+    for _ in 0..5 {
+        client
+            .send_datagram(&Frame::Ping(bytes::Bytes::from_static(b"to b")))
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        relay.bytes_from(b.quic),
+        0,
+        "b answered packets of a live peer's connection"
+    );
+    relay.retarget(a.quic);
+    client
+        .send_datagram(&Frame::Ping(bytes::Bytes::from_static(b"still a")))
+        .unwrap();
+    loop {
+        if let Frame::Pong(b) = client.next_datagram().await.unwrap() {
+            if &b[..] == b"still a" {
+                break;
+            }
+        }
+    }
+
     // a dies; the balancer sends the client's packets to b, which does not know the
     // connection and, sharing the key, answers with a stateless reset for a's CID: its last
     // 16 bytes are the token HMAC-SHA256(key, CID) that a would have given (RFC 9000 10.3).
+    // Once a's entry in the node registry has expired (node ttl 1 s), b resets it.
     a.kill().await;
     relay.retarget(b.quic);
-    client
-        .send_datagram(&Frame::Ping(bytes::Bytes::from_static(b"y")))
-        .unwrap();
     let quic: &quinn::Connection = &client.session;
-    tokio::time::timeout(support::HANG_GUARD, quic.closed())
-        .await
-        .expect("the client's connection ends");
+    let deadline = std::time::Instant::now() + support::HANG_GUARD;
+    while quic.close_reason().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's connection ends"
+        );
+        let _ = client.send_datagram(&Frame::Ping(bytes::Bytes::from_static(b"y")));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let reset = relay.last_from_server();
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, RESET_KEY.as_bytes());
     let token = ring::hmac::sign(&key, &cid);

@@ -11,11 +11,22 @@
 //! With a shared `--reset-key`, every node derives the same stateless-reset token for a CID,
 //! so a node that receives a packet for a connection it does not know (its owner died and the
 //! balancer sent the packet elsewhere) resets it at once, and the client reconnects instead of
-//! waiting for its idle timeout. Which CIDs a node answers that way is [`LbCidGenerator`]'s
-//! `validate`: CIDs of this format (any server id); see docs/DEPLOYMENT.md for why.
+//! waiting for its idle timeout.
+//!
+//! That makes every node an oracle for its peers' tokens (RFC 9000 section 21.11): anyone who
+//! sends node B a packet with a CID of live node A gets back the token that ends A's
+//! connection. So which CIDs a node resets ([`LbCidGenerator`]'s `validate`, which quinn asks
+//! before answering an unknown CID) is: its own server id (a CID-aware balancer routes those
+//! here; unknown ones are connections of an earlier run), or the server id of a peer known to
+//! be dead: [`Peers`] holds the server ids alive in the shared registry (`crate::peers`,
+//! Redis), and a CID of any of them is never reset. Without a registry, or while it cannot be
+//! read, only the node's own CIDs are.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::RwLock;
 
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, InvalidCid};
 use rand::RngCore as _;
@@ -26,21 +37,48 @@ pub const NONCE_LEN: usize = 8;
 /// The config rotation codepoint written in the first octet.
 const CONFIG_ROTATION: u8 = 0;
 
+/// The server ids of the peers alive now, as the shared registry last said (`None`: no
+/// registry, or it could not be read lately).
+#[derive(Debug, Default)]
+pub struct Peers {
+    alive: RwLock<Option<HashSet<Vec<u8>>>>,
+}
+
+impl Peers {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Peers::default())
+    }
+
+    /// What the registry says now (`None`: it could not be read).
+    pub fn set(&self, alive: Option<HashSet<Vec<u8>>>) {
+        *self.alive.write() = alive;
+    }
+
+    /// Whether `server_id` is known to be dead (or unknown) rather than alive or unsure.
+    fn may_reset(&self, server_id: &[u8]) -> bool {
+        self.alive
+            .read()
+            .as_ref()
+            .is_some_and(|alive| !alive.contains(server_id))
+    }
+}
+
 /// Generates QUIC-LB plaintext CIDs for one server id.
 #[derive(Debug, Clone)]
 pub struct LbCidGenerator {
     server_id: Vec<u8>,
+    peers: Arc<Peers>,
 }
 
 impl LbCidGenerator {
     /// `server_id`: 1 to 11 bytes (the CID stays within QUIC's 20 bytes).
-    pub fn new(server_id: Vec<u8>) -> anyhow::Result<Self> {
+    pub fn new(server_id: Vec<u8>, peers: Arc<Peers>) -> anyhow::Result<Self> {
         anyhow::ensure!(
             (1..=11).contains(&server_id.len()),
             "server id must be 1 to 11 bytes, got {}",
             server_id.len()
         );
-        Ok(LbCidGenerator { server_id })
+        Ok(LbCidGenerator { server_id, peers })
     }
 
     fn len(&self) -> usize {
@@ -66,10 +104,11 @@ impl ConnectionIdGenerator for LbCidGenerator {
         ConnectionId::new(&b[..len])
     }
 
+    /// Whether an unknown connection with this CID may be reset (the oracle rule above).
     fn validate(&self, cid: &ConnectionId) -> Result<(), InvalidCid> {
         match Self::server_id_of(cid, self.server_id.len()) {
-            Some(_) => Ok(()),
-            None => Err(InvalidCid),
+            Some(id) if id == self.server_id.as_slice() || self.peers.may_reset(id) => Ok(()),
+            _ => Err(InvalidCid),
         }
     }
 
@@ -87,7 +126,13 @@ impl ConnectionIdGenerator for LbCidGenerator {
 pub fn endpoint_config(
     server_id: Option<&[u8]>,
     reset_key: Option<&[u8]>,
+    peers: Arc<Peers>,
 ) -> anyhow::Result<quinn::EndpointConfig> {
+    // A shared key with random CIDs would reset every peer's connections on request.
+    anyhow::ensure!(
+        reset_key.is_none() || server_id.is_some(),
+        "a shared reset key needs a server id"
+    );
     let mut config = match reset_key {
         Some(k) => {
             anyhow::ensure!(k.len() >= 32, "the reset key must be at least 32 bytes");
@@ -96,7 +141,7 @@ pub fn endpoint_config(
         None => quinn::EndpointConfig::default(),
     };
     if let Some(id) = server_id {
-        let generator = LbCidGenerator::new(id.to_vec())?;
+        let generator = LbCidGenerator::new(id.to_vec(), peers)?;
         config.cid_generator(move || Box::new(generator.clone()));
     }
     Ok(config)
@@ -122,7 +167,7 @@ mod tests {
 
     #[test]
     fn cids_carry_the_length_and_the_server_id_and_random_nonces() {
-        let mut g = LbCidGenerator::new(vec![0x0a, 0x01]).unwrap();
+        let mut g = LbCidGenerator::new(vec![0x0a, 0x01], Peers::new()).unwrap();
         let (a, b) = (g.generate_cid(), g.generate_cid());
         assert_eq!(a.len(), 1 + 2 + NONCE_LEN);
         assert_eq!(
@@ -143,12 +188,32 @@ mod tests {
     }
 
     #[test]
+    fn a_peers_cids_are_reset_only_once_the_registry_says_it_is_dead() {
+        let peers = Peers::new();
+        let g = LbCidGenerator::new(vec![0x0a, 0x01], peers.clone()).unwrap();
+        let mut other = LbCidGenerator::new(vec![0x0a, 0x02], Peers::new()).unwrap();
+        let theirs = other.generate_cid();
+        assert!(g.validate(&theirs).is_err(), "no registry: own CIDs only");
+        peers.set(Some([vec![0x0a, 0x01], vec![0x0a, 0x02]].into()));
+        assert!(g.validate(&theirs).is_err(), "a live peer's CID");
+        peers.set(Some([vec![0x0a, 0x01]].into()));
+        assert!(g.validate(&theirs).is_ok(), "a dead peer's CID");
+        peers.set(None);
+        assert!(g.validate(&theirs).is_err(), "registry unreadable");
+        let own = LbCidGenerator::new(vec![0x0a, 0x01], Peers::new())
+            .unwrap()
+            .generate_cid();
+        assert!(g.validate(&own).is_ok(), "own CIDs always");
+        assert!(endpoint_config(None, Some(&[7; 32]), Peers::new()).is_err());
+    }
+
+    #[test]
     fn server_ids_parse_from_hex() {
         assert_eq!(parse_server_id("0a01"), Ok(vec![0x0a, 0x01]));
         assert!(parse_server_id("").is_err());
         assert!(parse_server_id("abc").is_err());
         assert!(parse_server_id("zz").is_err());
         assert!(parse_server_id(&"00".repeat(12)).is_err());
-        assert!(LbCidGenerator::new(vec![0; 12]).is_err());
+        assert!(LbCidGenerator::new(vec![0; 12], Peers::new()).is_err());
     }
 }

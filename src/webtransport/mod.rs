@@ -191,7 +191,12 @@ pub fn dev_cert_names(listen: SocketAddr) -> Vec<String> {
 }
 
 /// Builds the quinn endpoint: TLS 1.3 only, ALPN h3, no 0-RTT, limits fit for a push server.
-pub fn endpoint(cfg: &QuicConfig, certs: Arc<Certificates>) -> anyhow::Result<quinn::Endpoint> {
+/// `peers`: who is alive, for the stateless-reset rule (`lb`).
+pub fn endpoint(
+    cfg: &QuicConfig,
+    certs: Arc<Certificates>,
+    peers: Arc<lb::Peers>,
+) -> anyhow::Result<quinn::Endpoint> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -217,7 +222,7 @@ pub fn endpoint(cfg: &QuicConfig, certs: Arc<Certificates>) -> anyhow::Result<qu
     let socket = udp_socket(cfg.listen, cfg.socket_buffer)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;
     Ok(quinn::Endpoint::new(
-        lb::endpoint_config(cfg.server_id.as_deref(), cfg.reset_key.as_deref())?,
+        lb::endpoint_config(cfg.server_id.as_deref(), cfg.reset_key.as_deref(), peers)?,
         Some(server),
         socket,
         runtime,

@@ -28,6 +28,8 @@ struct Faults {
     from_server_bytes: AtomicU64,
     /// Packets dropped by the loss setting.
     lost: AtomicU64,
+    /// Bytes received per server address.
+    by_server: Mutex<std::collections::HashMap<SocketAddr, u64>>,
     rng: Mutex<u64>,
 }
 
@@ -117,8 +119,9 @@ impl Relay {
                     }
                     r = back.recv_from(&mut b) => {
                         // Refused sends (a dead server's port) surface here as errors: ignore.
-                        let Ok((n, _)) = r else { continue };
+                        let Ok((n, from)) = r else { continue };
                         f.from_server_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        *f.by_server.lock().unwrap().entry(from).or_default() += n as u64;
                         *last_s.lock().unwrap() = b[..n].to_vec();
                         if let (Some(c), false) = (client, f.blackhole.load(Ordering::Relaxed)) {
                             if !f.lose() {
@@ -175,6 +178,12 @@ impl Relay {
             self.faults.from_client_bytes.load(Ordering::Relaxed),
             self.faults.from_server_bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Bytes received from this server address so far.
+    pub fn bytes_from(&self, server: SocketAddr) -> u64 {
+        let by = self.faults.by_server.lock().unwrap();
+        by.get(&server).copied().unwrap_or(0)
     }
 
     /// Packets dropped by [`Self::loss`] so far.
