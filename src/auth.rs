@@ -59,6 +59,8 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("refreshed token names another subject")]
     SubjectChanged,
+    #[error("unknown token key id (kid)")]
+    UnknownKeyId,
 }
 
 /// Why an authenticated request is not allowed (close code 4003 / HTTP 403).
@@ -79,6 +81,8 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
+    /// The key's id: a token that names another `kid` is refused (one without is accepted).
+    pub kid: Option<String>,
 }
 
 impl fmt::Debug for AuthConfig {
@@ -89,6 +93,7 @@ impl fmt::Debug for AuthConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
+            .field("kid", &self.kid)
             .finish()
     }
 }
@@ -178,6 +183,7 @@ pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
     leeway_secs: u64,
+    kid: Option<String>,
 }
 
 impl Authenticator {
@@ -212,6 +218,7 @@ impl Authenticator {
             key,
             validation,
             leeway_secs: cfg.leeway_secs,
+            kid: cfg.kid.clone(),
         })
     }
 
@@ -220,13 +227,19 @@ impl Authenticator {
         self.leeway_secs
     }
 
-    /// Verifies a token: signature, algorithm, `exp`, `nbf`, `iss`, `aud`, `sub`.
+    /// Verifies a token: size, `kid`, signature, algorithm, `exp`, `nbf`, `iss`, `aud`, `sub`.
     pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TooLarge);
+        }
+        if let Some(kid) = &self.kid {
+            let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+            if header.kid.is_some_and(|k| &k != kid) {
+                return Err(AuthError::UnknownKeyId);
+            }
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| map_error(e.kind()))?;
@@ -306,6 +319,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_secs: 30,
+            kid: None,
         })
         .unwrap()
     }

@@ -114,6 +114,8 @@ serve_options! {
     jwt_issuer: String,
     /// Required `aud` claim
     jwt_audience: String,
+    /// The key's id: tokens naming another `kid` in their header are refused (tokens without one are accepted) [default: any kid]
+    jwt_kid: String,
     /// Clock skew tolerated on exp/nbf [default: 30s]
     jwt_leeway: HumanDuration,
     /// Share the sequencer and replay log with other nodes through Redis Streams at this URL (redis://host:port/db) [default: the embedded in-memory log]
@@ -283,6 +285,7 @@ impl Config {
                     issuer: a.jwt_issuer,
                     audience: a.jwt_audience,
                     leeway_secs: leeway.as_secs(),
+                    kid: a.jwt_kid,
                 })
             }
             (None, Some(path)) => {
@@ -300,6 +303,7 @@ impl Config {
                     issuer: a.jwt_issuer,
                     audience: a.jwt_audience,
                     leeway_secs: leeway.as_secs(),
+                    kid: a.jwt_kid,
                 })
             }
             (None, None) => AuthMode::Development,

@@ -94,8 +94,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGESTREAM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // web-transport-quinn logs CONNECT URLs, access_token included, at debug: never below info.
-        .add_directive("web_transport_quinn=info".parse().expect("valid directive"));
+        // Libraries that write secrets when asked for detail are capped, whatever the filter:
+        // web-transport-quinn logs CONNECT URLs (access_token included) at debug, tungstenite
+        // dumps every frame's payload (REFRESH tokens included) at trace. tests/secrets.rs
+        // checks a trace-level run for tokens.
+        .add_directive("web_transport_quinn=info".parse().expect("valid directive"))
+        .add_directive("tungstenite=debug".parse().expect("valid directive"))
+        .add_directive("tokio_tungstenite=debug".parse().expect("valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

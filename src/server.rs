@@ -130,6 +130,7 @@ impl Server {
                     issuer: None,
                     audience: None,
                     leeway_secs: config.leeway.as_secs(),
+                    kid: None,
                 };
                 (c, Some(secret))
             }

@@ -479,3 +479,59 @@ async fn token_expiry_closes_with_4009_unless_refreshed() {
         Msg::Frame(Frame::Pong(b"still".to_vec().into()))
     );
 }
+
+/// `kid`: with `--jwt-kid` a token naming another key id is refused (a token without one is
+/// taken); without it the id is a label and the signature decides. Hostile ids (paths, huge
+/// ones) are never looked up anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_ids_are_checked_when_configured() {
+    let claims = token::claims("alice", &["acme"], "subscribe publish");
+    let with_kid = |kid: &str| token::hs256_with_kid(SECRET.as_bytes(), kid, &claims);
+    let s = TestServer::start_with(|a| a.jwt_kid = Some("k1".into())).await;
+    for (tok, want, why) in [
+        (with_kid("k1"), 201, "the configured kid"),
+        (token::hs256(SECRET.as_bytes(), &claims), 201, "no kid"),
+        (with_kid("k2"), 401, "an unknown kid"),
+        (with_kid("../../../etc/passwd"), 401, "a path as kid"),
+        (with_kid(&"k".repeat(4000)), 401, "a 4 KB kid"),
+    ] {
+        assert_eq!(publish_status(&s, &tok).await, want, "http: {why}");
+        if want == 401 {
+            assert_eq!(close_code(&s, &tok).await, 4001, "websocket: {why}");
+        }
+    }
+    let open = TestServer::start().await;
+    assert_eq!(
+        publish_status(&open, &with_kid("whatever")).await,
+        201,
+        "no --jwt-kid: the signature decides"
+    );
+    let forged = token::hs256_with_kid(b"another-secret-of-enough-length", "k1", &claims);
+    assert_eq!(
+        publish_status(&s, &forged).await,
+        401,
+        "the right kid, a bad signature"
+    );
+}
+
+/// A token that expires during a WebTransport session closes it with 4009, as on WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_closes_a_webtransport_session_with_4009() {
+    let s = TestServer::start_with(|a| a.jwt_leeway = Some("0s".parse().unwrap())).await;
+    let mut c = token::claims("alice", &["acme"], "subscribe");
+    c["exp"] = json!(token::now() + 2);
+    let short = token::hs256(SECRET.as_bytes(), &c);
+    let mut wt = edgestream_testkit::wt::connect(
+        &s.wt_url(&format!("access_token={short}&orgs=acme")),
+        &s.cert_hash().await,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        wt.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+    assert_eq!(wt.closed().await.unwrap().0, 4009);
+    let m = s.metrics().await;
+    assert_eq!(m["sessions_closed"]["4009"], 1, "{m}");
+}

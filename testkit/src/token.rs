@@ -57,3 +57,10 @@ pub fn tampered(token: &str) -> String {
     t.replace_range(dot..dot + 1, replacement);
     t
 }
+
+/// Signs with HS256 and a `kid` in the header.
+pub fn hs256_with_kid(secret: &[u8], kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret)).expect("sign")
+}

@@ -28,17 +28,31 @@ fn free_udp() -> u16 {
 impl Node {
     /// Starts a node with the test secret and `extra` flags; waits until it is healthy.
     pub async fn spawn(extra: &[&str]) -> Node {
+        Self::spawn_logging(extra, "warn", None).await
+    }
+
+    /// Like [`Self::spawn`], logging at `level` (`EDGESTREAM_LOG`) into `log` (stdout and
+    /// stderr) when given.
+    pub async fn spawn_logging(extra: &[&str], level: &str, log: Option<&std::path::Path>) -> Node {
         let (http, quic): (SocketAddr, SocketAddr) = (
             format!("127.0.0.1:{}", free_tcp()).parse().unwrap(),
             format!("127.0.0.1:{}", free_udp()).parse().unwrap(),
         );
+        let (stdout, stderr) = match log {
+            Some(path) => {
+                let f = std::fs::File::create(path).expect("log file");
+                (f.try_clone().unwrap().into(), f.into())
+            }
+            None => (std::process::Stdio::null(), std::process::Stdio::inherit()),
+        };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
             .args(["serve", "--http-listen", &http.to_string()])
             .args(["--quic-listen", &quic.to_string()])
             .args(extra)
             .env("EDGESTREAM_JWT_SECRET", SECRET)
-            .env("EDGESTREAM_LOG", "warn")
-            .stdout(std::process::Stdio::null())
+            .env("EDGESTREAM_LOG", level)
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn edgestream");
