@@ -21,6 +21,8 @@ pub mod auth;
 pub mod close;
 pub mod config;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod log;

@@ -202,22 +202,9 @@ impl Uploads {
         id: Option<&str>,
         offset: u64,
     ) -> Result<UploadWriter, UploadError> {
-        if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) {
-            return Err(UploadError::Invalid(
-                "name: 1 to 255 bytes without / \\ or NUL".into(),
-            ));
-        }
+        check_name(name)?;
         if let Some(id) = id {
-            let ok = !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok {
-                return Err(UploadError::Invalid(
-                    "upload id: 1 to 64 of [A-Za-z0-9_-]".into(),
-                ));
-            }
+            check_id(id)?;
         }
         let existing = id.and_then(|id| {
             self.entries
@@ -389,6 +376,77 @@ impl Uploads {
             let _ = std::fs::remove_file(self.partial(&id));
             self.entries.lock().remove(&id);
         }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), UploadError> {
+    if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) {
+        return Err(UploadError::Invalid(
+            "name: 1 to 255 bytes without / \\ or NUL".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_id(id: &str) -> Result<(), UploadError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(UploadError::Invalid(
+            "upload id: 1 to 64 of [A-Za-z0-9_-]".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What an HTTP upload request names, from its untrusted query and headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRequest {
+    pub name: String,
+    pub id: Option<String>,
+    pub offset: u64,
+    /// `Content-Length`: the size of a new upload, the rest of a resumed one.
+    pub length: Option<u64>,
+}
+
+impl UploadRequest {
+    /// Parses `name` (query) and the `Upload-Id`, `Upload-Offset` and `Content-Length` header
+    /// values; a malformed one is `Invalid` (400).
+    pub fn parse(
+        name: Option<&str>,
+        id: Option<&[u8]>,
+        offset: Option<&[u8]>,
+        length: Option<&[u8]>,
+    ) -> Result<Self, UploadError> {
+        let number = |what: &str, v: Option<&[u8]>| -> Result<Option<u64>, UploadError> {
+            v.map(|v| {
+                std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| UploadError::Invalid(format!("bad {what}")))
+            })
+            .transpose()
+        };
+        let name = name.unwrap_or_default();
+        check_name(name)?;
+        let id = match id {
+            Some(raw) => {
+                let id = std::str::from_utf8(raw)
+                    .map_err(|_| UploadError::Invalid("bad upload-id".into()))?;
+                check_id(id)?;
+                Some(id.to_string())
+            }
+            None => None,
+        };
+        Ok(UploadRequest {
+            name: name.to_string(),
+            id,
+            offset: number("upload-offset", offset)?.unwrap_or(0),
+            length: number("content-length", length)?,
+        })
     }
 }
 

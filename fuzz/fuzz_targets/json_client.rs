@@ -1,11 +1,7 @@
-//! Fuzzes the parser of JSON-format client messages.
+//! Fuzzes the JSON control messages: `edgestream::fuzzing::json_client` (the same harness replays the seeds
+//! and corpus in `tests/fuzz_corpus.rs`).
 #![no_main]
 
-use edgestream_codec::json::ClientMessage;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = ClientMessage::parse(text);
-    }
-});
+fuzz_target!(|data: &[u8]| edgestream::fuzzing::json_client(data));

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::{authenticate, org_param, ApiError};
 use crate::close::Refusal;
 use crate::server::App;
-use crate::upload::{UploadError, Uploads};
+use crate::upload::{UploadError, UploadRequest, Uploads};
 
 #[derive(Deserialize)]
 pub(super) struct UploadQuery {
@@ -46,18 +46,6 @@ fn uploads(app: &App) -> Result<&Arc<Uploads>, ApiError> {
     })
 }
 
-fn header_u64(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
-    headers
-        .get(name)
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("bad {name}")))
-        })
-        .transpose()
-}
-
 pub(super) async fn put(
     State(app): State<Arc<App>>,
     Path(org): Path<String>,
@@ -69,10 +57,14 @@ pub(super) async fn put(
     let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
     grant.check_upload(&org).map_err(Refusal::from)?;
     let uploads = uploads(&app)?;
-    let id = headers.get("upload-id").and_then(|v| v.to_str().ok());
-    let offset = header_u64(&headers, "upload-offset")?.unwrap_or(0);
-    let length = header_u64(&headers, "content-length")?;
-    let name = q.name.as_deref().unwrap_or_default();
+    let header = |name: &str| headers.get(name).map(|v| v.as_bytes());
+    let req = UploadRequest::parse(
+        q.name.as_deref(),
+        header("upload-id"),
+        header("upload-offset"),
+        header("content-length"),
+    )?;
+    let (id, offset, length, name) = (req.id.as_deref(), req.offset, req.length, &req.name);
     // A new upload's size is its Content-Length; a resumed one's is known already.
     let size = if offset == 0 { length } else { None };
     if offset == 0 && size.is_none() {

@@ -1,0 +1,7 @@
+//! Fuzzes JWT header and claims handling: `edgestream::fuzzing::jwt` (the same harness replays the seeds
+//! and corpus in `tests/fuzz_corpus.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| edgestream::fuzzing::jwt(data));

@@ -1,0 +1,7 @@
+//! Fuzzes HTTP upload headers: `edgestream::fuzzing::upload_request` (the same harness replays the seeds
+//! and corpus in `tests/fuzz_corpus.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| edgestream::fuzzing::upload_request(data));

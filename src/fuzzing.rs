@@ -1,0 +1,117 @@
+//! The parsers of untrusted input as the fuzz targets (`fuzz/`) drive them, and as
+//! `tests/fuzz_corpus.rs` replays their seeds and corpus: one copy of each harness. Each
+//! takes arbitrary bytes and must neither panic nor hang; where a result can be checked
+//! (a re-encoding, an invariant of what was accepted), it is.
+
+use std::sync::OnceLock;
+
+use bytes::{Bytes, BytesMut};
+use edgestream_codec::json::ClientMessage;
+use edgestream_codec::Frame;
+
+use crate::auth::{AuthConfig, Authenticator, JwtAlg};
+use crate::model::OrgId;
+use crate::session::ConnectParams;
+use crate::upload::UploadRequest;
+
+/// Binary frames: as one message and as a stream; what decodes re-encodes to the same frame.
+pub fn frame(data: &[u8]) {
+    if let Ok(frame) = Frame::decode_exact(Bytes::copy_from_slice(data), 64 * 1024) {
+        let again =
+            Frame::decode_exact(frame.to_bytes(), 64 * 1024).expect("a re-encoded frame decodes");
+        assert_eq!(again, frame);
+    }
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = Frame::decode(&mut buf, 4096) {}
+}
+
+/// JSON control messages of the `format=json` WebSocket.
+pub fn json_client(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = ClientMessage::parse(text);
+    }
+}
+
+/// The `/v1/stream` query (orgs, since lists, enc, format): what is accepted is valid.
+pub fn connect_query(data: &[u8]) {
+    let query = String::from_utf8_lossy(data);
+    if let Ok(p) = ConnectParams::parse(&query, None) {
+        for org in p
+            .orgs
+            .iter()
+            .flatten()
+            .chain(p.since.iter().map(|(o, _)| o))
+        {
+            assert!(OrgId::parse(org.as_str()).is_ok(), "accepted org {org:?}");
+        }
+    }
+}
+
+const SECRET: &[u8] = b"fuzzing-secret-0123456789abcdef";
+
+fn authenticator() -> &'static Authenticator {
+    static AUTH: OnceLock<Authenticator> = OnceLock::new();
+    AUTH.get_or_init(|| {
+        Authenticator::new(&AuthConfig {
+            alg: JwtAlg::HS256,
+            key: SECRET.to_vec(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+            kid: Some("k1".into()),
+        })
+        .expect("valid config")
+    })
+}
+
+/// JWT handling: the bytes as a token (headers, base64, signatures), and, when they are a
+/// JSON value, as claims signed with the right key (so claim handling past the signature is
+/// reached): whatever is accepted names a subject and only valid orgs.
+pub fn jwt(data: &[u8]) {
+    let auth = authenticator();
+    let _ = auth.verify(&String::from_utf8_lossy(data));
+    if let Ok(claims) = serde_json::from_slice::<serde_json::Value>(data) {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = claims
+            .get("kid")
+            .and_then(|k| k.as_str())
+            .map(str::to_owned);
+        let Ok(token) = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        ) else {
+            return;
+        };
+        if let Ok(grant) = auth.verify(&token) {
+            assert!(!grant.sub.is_empty());
+            for org in grant.orgs() {
+                assert!(OrgId::parse(org.as_str()).is_ok());
+            }
+        }
+    }
+}
+
+/// HTTP upload requests: `name`, `Upload-Id`, `Upload-Offset`, `Content-Length`, as the bytes
+/// split at NUL; what is accepted has a usable name and id.
+pub fn upload_request(data: &[u8]) {
+    let mut parts = data.splitn(4, |b| *b == 0);
+    let name = parts.next().map(String::from_utf8_lossy);
+    let (id, offset, length) = (parts.next(), parts.next(), parts.next());
+    if let Ok(r) = UploadRequest::parse(name.as_deref(), id, offset, length) {
+        assert!(!r.name.is_empty() && !r.name.contains('/'));
+        assert!(r.id.is_none_or(|id| !id.contains(['/', '.'])));
+    }
+}
+
+/// A harness: arbitrary bytes in, a panic on a finding.
+pub type Harness = fn(&[u8]);
+
+/// The harness of each fuzz target, by its name.
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("frame_decode", frame),
+    ("json_client", json_client),
+    ("connect_query", connect_query),
+    ("jwt", jwt),
+    ("upload_request", upload_request),
+];
