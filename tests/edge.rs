@@ -149,20 +149,6 @@ impl Seen {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
-
 /// One client through the balancer until it has `total` events: reconnects with its position
 /// whenever its node goes away, and checks every seq.
 async fn run_client(
@@ -268,15 +254,7 @@ async fn a_node_killed_behind_nginx_loses_duplicates_and_reorders_nothing() {
     use std::time::Duration;
     let redis = support::redis::RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let cert = edgestream::tls::DevCertificate::generate(
-        &["127.0.0.1".into(), "localhost".into()],
-        time::OffsetDateTime::now_utc(),
-        time::Duration::days(10),
-    )
-    .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, pem("CERTIFICATE", &cert.cert_der)).unwrap();
-    std::fs::write(&key_path, pem("PRIVATE KEY", &cert.key_der)).unwrap();
+    let (cert_path, key_path, hash) = support::node::cert_files(dir.path());
     let url = redis.url();
     let common = |id: &'static str| -> Vec<String> {
         [
@@ -308,7 +286,6 @@ async fn a_node_killed_behind_nginx_loses_duplicates_and_reorders_nothing() {
     const CLIENTS: usize = 100;
     const TOTAL: u64 = 300;
     let epoch = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let hash = cert.sha256_base64();
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
         let (hash, epoch) = (hash.clone(), epoch.clone());

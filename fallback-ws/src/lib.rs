@@ -59,7 +59,11 @@ impl WsConfig {
         tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_size)
             .write_buffer_size(self.write_buffer_size)
-            .max_write_buffer_size(self.write_buffer_size.saturating_mul(4).max(1 << 20))
+            // No cap of its own: tokio-tungstenite flushes before it takes a message once the
+            // buffer is past `write_buffer_size`, so it holds at most that plus one message.
+            // (A fixed cap of 1 MiB failed every message larger than it, whatever the event
+            // size the server allows; Autobahn section 9 found it.)
+            .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_frame_size))
     }

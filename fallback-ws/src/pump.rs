@@ -142,8 +142,11 @@ where
                         Message::Text(t) => session.on_message(Incoming::Text(t), &mut out).await,
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
                         Message::Close(frame) => {
-                            // tungstenite queued the close reply; flush it and stop.
-                            let _ = timeout(cfg.close_timeout, ws.close(None)).await;
+                            // tungstenite queued the close reply (echoing the code): flush it,
+                            // then drop the TCP connection, as the server should first (RFC
+                            // 6455, section 7.1.1). `close()` here would fail (the state is
+                            // closing already) without sending the reply.
+                            let _ = timeout(cfg.close_timeout, ws.flush()).await;
                             return End::PeerClosed(frame.map(|f| u16::from(f.code)));
                         }
                     }

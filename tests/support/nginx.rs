@@ -1,6 +1,6 @@
 //! A real nginx (Debian's, with its stream module) as the edge balancer for a test: UDP for
 //! QUIC and TCP for HTTP/WebSocket, round robin over the nodes, a node that refuses (dead)
-//! marked down after one failure. Runs in the foreground in a temporary directory; killed when
+//! marked down for 10 s after one failure. Runs in the foreground in a temporary directory; killed when
 //! dropped.
 
 use std::net::SocketAddr;
@@ -35,7 +35,7 @@ impl Nginx {
         let servers = |addrs: &[SocketAddr]| {
             addrs
                 .iter()
-                .map(|a| format!("    server {a} max_fails=1 fail_timeout=60s;\n"))
+                .map(|a| format!("    server {a} max_fails=1 fail_timeout=10s;\n"))
                 .collect::<String>()
         };
         let d = dir.path().display();

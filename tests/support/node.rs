@@ -13,6 +13,7 @@ pub struct Node {
     pub quic: SocketAddr,
     pub api: Api,
     child: Option<tokio::process::Child>,
+    args: Vec<String>,
 }
 
 fn free_tcp() -> u16 {
@@ -34,10 +35,20 @@ impl Node {
     /// Like [`Self::spawn`], logging at `level` (`EDGESTREAM_LOG`) into `log` (stdout and
     /// stderr) when given.
     pub async fn spawn_logging(extra: &[&str], level: &str, log: Option<&std::path::Path>) -> Node {
-        let (http, quic): (SocketAddr, SocketAddr) = (
-            format!("127.0.0.1:{}", free_tcp()).parse().unwrap(),
-            format!("127.0.0.1:{}", free_udp()).parse().unwrap(),
-        );
+        let mut node = Node {
+            http: format!("127.0.0.1:{}", free_tcp()).parse().unwrap(),
+            quic: format!("127.0.0.1:{}", free_udp()).parse().unwrap(),
+            api: Api::new(String::new()),
+            child: None,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.api = Api::new(format!("http://{}", node.http));
+        node.start(level, log).await;
+        node
+    }
+
+    /// Starts the process (again, after [`Self::kill`]) on the node's addresses and flags.
+    async fn start(&mut self, level: &str, log: Option<&std::path::Path>) {
         let (stdout, stderr) = match log {
             Some(path) => {
                 let f = std::fs::File::create(path).expect("log file");
@@ -46,9 +57,9 @@ impl Node {
             None => (std::process::Stdio::null(), std::process::Stdio::inherit()),
         };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
-            .args(["serve", "--http-listen", &http.to_string()])
-            .args(["--quic-listen", &quic.to_string()])
-            .args(extra)
+            .args(["serve", "--http-listen", &self.http.to_string()])
+            .args(["--quic-listen", &self.quic.to_string()])
+            .args(&self.args)
             .env("EDGESTREAM_JWT_SECRET", SECRET)
             .env("EDGESTREAM_LOG", level)
             .stdout(stdout)
@@ -56,21 +67,26 @@ impl Node {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn edgestream");
-        let api = Api::new(format!("http://{http}"));
+        self.child = Some(child);
         let start = Instant::now();
-        while !matches!(api.get("/healthz", None).await, Ok((200, _))) {
+        while !matches!(self.api.get("/healthz", None).await, Ok((200, _))) {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "node did not start"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Node {
-            http,
-            quic,
-            api,
-            child: Some(child),
-        }
+    }
+
+    /// Starts a killed node again, same addresses and flags.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.start("warn", None).await;
+    }
+
+    /// Whether the process runs.
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
     }
 
     pub async fn cert_hash(&self) -> String {
@@ -89,4 +105,33 @@ impl Node {
             let _ = c.kill().await;
         }
     }
+}
+
+/// A development certificate written as PEM files in `dir` (for `--cert`/`--key`, so that
+/// several nodes serve one certificate); returns the paths and the certificate's hash.
+pub fn cert_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let cert = edgestream::tls::DevCertificate::generate(
+        &["127.0.0.1".into(), "localhost".into()],
+        time::OffsetDateTime::now_utc(),
+        time::Duration::days(10),
+    )
+    .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, pem("CERTIFICATE", &cert.cert_der)).unwrap();
+    std::fs::write(&key_path, pem("PRIVATE KEY", &cert.key_der)).unwrap();
+    (cert_path, key_path, cert.sha256_base64())
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
 }
