@@ -178,6 +178,8 @@ serve_options! {
     quic_handshake_timeout: HumanDuration,
     /// QUIC address validation: auto (Retry under handshake load), always or never [default: auto]
     quic_retry: crate::webtransport::RetryPolicy,
+    /// With --quic-retry auto: new connections per second above which clients must prove their address with a Retry (as must all while 256 handshakes are in flight) [default: 200]
+    quic_retry_above_rate: u32,
     /// Kernel buffer (SO_RCVBUF, SO_SNDBUF) for the QUIC socket, in bytes [default: 4194304]
     quic_socket_buffer: usize,
     /// This node's server id in its QUIC connection IDs (QUIC-LB plaintext), 1 to 11 bytes in hex, e.g. 0a01 [default: random CIDs]
@@ -377,6 +379,7 @@ impl Config {
                 idle_timeout: dur(a.quic_idle_timeout, 15),
                 handshake_timeout: dur(a.quic_handshake_timeout, 10),
                 retry: a.quic_retry.unwrap_or_default(),
+                retry_above_rate: a.quic_retry_above_rate.unwrap_or(200),
                 socket_buffer: positive(a.quic_socket_buffer, 4 << 20, "quic-socket-buffer")?,
                 server_id: a
                     .server_id

@@ -458,3 +458,33 @@ async fn five_percent_loss_still_delivers_everything_in_order() {
         relay.lost()
     );
 }
+
+/// `--quic-retry auto` asks for address validation once new connections come faster than
+/// `--quic-retry-above-rate` a second: in a burst of connections at a limit of 1 a second, the
+/// first gets no Retry and a later one does, and both connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_is_asked_above_a_handshake_rate() {
+    let s = TestServer::start_with(|a| a.quic_retry_above_rate = Some(1)).await;
+    let hash = s.cert_hash().await;
+    let token = s.token(&["acme"]);
+    let mut relays = Vec::new();
+    for _ in 0..4 {
+        let relay = Relay::start(s.quic_addr).await;
+        let url = format!(
+            "https://{}/v1/stream?access_token={token}&orgs=acme",
+            relay.addr
+        );
+        let mut c = wt::connect(&url, &hash).await.unwrap();
+        subscribed(&mut c).await;
+        relays.push((relay, c));
+    }
+    let retries: Vec<u64> = relays.iter().map(|(r, _)| r.retries()).collect();
+    assert_eq!(
+        retries[0], 0,
+        "the first connection of the second: {retries:?}"
+    );
+    assert!(
+        retries[1..].iter().any(|n| *n > 0),
+        "a connection over the rate was asked to retry: {retries:?}"
+    );
+}

@@ -50,6 +50,8 @@ pub struct QuicConfig {
     pub retry: RetryPolicy,
     /// Handshakes in flight above which `Auto` sends Retry.
     pub retry_above: usize,
+    /// New connections per second above which `Auto` sends Retry.
+    pub retry_above_rate: u32,
     /// PEM certificate chain and key; `None`: a self-signed development certificate.
     pub cert_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Validity of the development certificate (at most 14 days).
@@ -71,6 +73,7 @@ impl Default for QuicConfig {
             handshake_timeout: Duration::from_secs(10),
             retry: RetryPolicy::Auto,
             retry_above: 256,
+            retry_above_rate: 200,
             cert_files: None,
             dev_cert_validity: Duration::from_secs(10 * 24 * 3600),
             socket_buffer: 4 << 20,
@@ -271,6 +274,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let handshaking = Arc::new(AtomicUsize::new(0));
+    let mut rate = HandshakeRate::default();
     let origins = Arc::new(origins);
     loop {
         let incoming = tokio::select! {
@@ -283,7 +287,11 @@ pub async fn serve(
         let retry = match cfg.retry {
             RetryPolicy::Always => true,
             RetryPolicy::Never => false,
-            RetryPolicy::Auto => handshaking.load(Ordering::Relaxed) >= cfg.retry_above,
+            RetryPolicy::Auto => {
+                let per_second = rate.count(std::time::Instant::now());
+                handshaking.load(Ordering::Relaxed) >= cfg.retry_above
+                    || per_second > cfg.retry_above_rate
+            }
         };
         if retry && !incoming.remote_address_validated() && incoming.may_retry() {
             let _ = incoming.retry();
@@ -314,6 +322,29 @@ pub async fn serve(
     }
     // The endpoint stays open: sessions are closing with 4503 and their capsules must get
     // out. The server closes it once they are done.
+}
+
+/// New connections in the current one-second window (for `RetryPolicy::Auto`).
+#[derive(Debug, Default)]
+struct HandshakeRate {
+    window: Option<std::time::Instant>,
+    count: u32,
+}
+
+impl HandshakeRate {
+    /// Counts one new connection at `now`; returns the count in its window.
+    fn count(&mut self, now: std::time::Instant) -> u32 {
+        match self.window {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
+                self.count = self.count.saturating_add(1)
+            }
+            _ => {
+                self.window = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count
+    }
 }
 
 /// Handshake and CONNECT: the session and its query, or `None` when refused.

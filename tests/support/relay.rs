@@ -28,6 +28,8 @@ struct Faults {
     from_server_bytes: AtomicU64,
     /// Packets dropped by the loss setting.
     lost: AtomicU64,
+    /// QUIC v1 Retry packets from the server.
+    retries: AtomicU64,
     /// Bytes received per server address.
     by_server: Mutex<std::collections::HashMap<SocketAddr, u64>>,
     rng: Mutex<u64>,
@@ -122,6 +124,10 @@ impl Relay {
                         let Ok((n, from)) = r else { continue };
                         f.from_server_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         *f.by_server.lock().unwrap().entry(from).or_default() += n as u64;
+                        // Long header (bit 7), packet type 3 (bits 4-5): Retry.
+                        if b[0] & 0x80 != 0 && (b[0] >> 4) & 0x3 == 3 {
+                            f.retries.fetch_add(1, Ordering::Relaxed);
+                        }
                         *last_s.lock().unwrap() = b[..n].to_vec();
                         if let (Some(c), false) = (client, f.blackhole.load(Ordering::Relaxed)) {
                             if !f.lose() {
@@ -178,6 +184,11 @@ impl Relay {
             self.faults.from_client_bytes.load(Ordering::Relaxed),
             self.faults.from_server_bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Retry packets the server sent so far.
+    pub fn retries(&self) -> u64 {
+        self.faults.retries.load(Ordering::Relaxed)
     }
 
     /// Bytes received from this server address so far.
