@@ -57,6 +57,11 @@ struct ClientSeen {
     epoch: BTreeMap<String, String>,
     /// From noticing the loss to the SUBSCRIBED of the new session, per reconnect.
     resume_ms: Vec<u128>,
+    /// What the client is (transport, relayed), for the report's slowest resumes.
+    kind: String,
+    /// Failed connection attempts, per reconnect (for the report's slowest resumes).
+    attempts: Vec<u32>,
+    pending_attempts: u32,
     errors: Vec<String>,
 }
 
@@ -105,7 +110,14 @@ type Heads = Arc<Mutex<Option<HashMap<String, u64>>>>;
 
 /// One client: connects, reads, and on any loss reconnects with its positions.
 async fn run_client(plan: ClientPlan, heads: Heads, stop: Arc<AtomicBool>) -> ClientSeen {
-    let mut seen = ClientSeen::default();
+    let mut seen = ClientSeen {
+        kind: match (plan.webtransport, plan.relay.is_some()) {
+            (true, true) => "webtransport, relayed".into(),
+            (true, false) => "webtransport".into(),
+            _ => "websocket".into(),
+        },
+        ..ClientSeen::default()
+    };
     for org in &plan.orgs {
         seen.orgs.insert(org.clone(), OrgSeen::default());
     }
@@ -144,6 +156,7 @@ async fn run_client(plan: ClientPlan, heads: Heads, stop: Arc<AtomicBool>) -> Cl
             let addr = plan.relay.as_ref().map_or(plan.nginx.0, |r| r.addr);
             let url = format!("https://{addr}/v1/stream?{query}");
             let Ok(mut c) = edgestream_testkit::wt::connect(&url, &plan.cert_hash).await else {
+                seen.pending_attempts += 1;
                 lost_at.get_or_insert_with(Instant::now);
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
@@ -176,6 +189,7 @@ async fn run_client(plan: ClientPlan, heads: Heads, stop: Arc<AtomicBool>) -> Cl
         } else {
             let url = format!("ws://{}/v1/stream?{query}", plan.nginx.1);
             let Ok(mut c) = WsClient::connect(&url).await else {
+                seen.pending_attempts += 1;
                 lost_at.get_or_insert_with(Instant::now);
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
@@ -234,6 +248,8 @@ fn on_frame(
             if *resubscribed == seen.orgs.len() {
                 if let Some(t) = lost_at.take() {
                     seen.resume_ms.push(t.elapsed().as_millis());
+                    seen.attempts.push(seen.pending_attempts);
+                    seen.pending_attempts = 0;
                 }
             }
         }
@@ -411,6 +427,7 @@ async fn chaos_soak_loses_duplicates_and_reorders_nothing() {
     });
     let (mut delivered, mut lost, mut duplicated, mut reordered) = (0u64, 0u64, 0u64, 0u64);
     let mut resume_ms = Vec::new();
+    let mut slowest: Vec<(u128, String, u32)> = Vec::new();
     let mut errors = Vec::new();
     let heads_now = heads.lock().unwrap().clone().unwrap();
     for t in tasks {
@@ -421,6 +438,9 @@ async fn chaos_soak_loses_duplicates_and_reorders_nothing() {
             reordered += o.reordered;
             let owed = heads_now[org] - o.start.unwrap_or(heads_now[org]);
             lost += owed.saturating_sub(o.delivered);
+        }
+        for (ms, attempts) in s.resume_ms.iter().zip(&s.attempts) {
+            slowest.push((*ms, s.kind.clone(), *attempts));
         }
         resume_ms.extend(s.resume_ms);
         errors.extend(s.errors);
@@ -445,6 +465,10 @@ async fn chaos_soak_loses_duplicates_and_reorders_nothing() {
         "errors": errors.len(),
     });
     eprintln!("chaos report: {report}");
+    slowest.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    for (ms, kind, attempts) in slowest.iter().take(5) {
+        eprintln!("chaos slowest resume: {ms} ms, {kind}, {attempts} failed connection attempts");
+    }
     if let Ok(path) = std::env::var("EDGESTREAM_CHAOS_REPORT") {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     }
