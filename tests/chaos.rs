@@ -465,7 +465,7 @@ async fn chaos_soak_loses_duplicates_and_reorders_nothing() {
         "errors": errors.len(),
     });
     eprintln!("chaos report: {report}");
-    slowest.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    slowest.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
     for (ms, kind, attempts) in slowest.iter().take(5) {
         eprintln!("chaos slowest resume: {ms} ms, {kind}, {attempts} failed connection attempts");
     }

@@ -36,6 +36,16 @@ pub enum Outgoing {
     Text(Utf8Bytes),
 }
 
+/// The same message sent back (echo servers, tests).
+impl From<Incoming> for Outgoing {
+    fn from(m: Incoming) -> Self {
+        match m {
+            Incoming::Binary(b) => Outgoing::Binary(b),
+            Incoming::Text(t) => Outgoing::Text(t),
+        }
+    }
+}
+
 /// A close code and reason to end the connection with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close {

@@ -31,10 +31,7 @@ impl WsSession for Echo {
     }
 
     async fn on_message(&mut self, m: Incoming, out: &mut Vec<Outgoing>) -> Result<(), Close> {
-        out.push(match m {
-            Incoming::Binary(b) => Outgoing::Binary(b),
-            Incoming::Text(t) => Outgoing::Text(t),
-        });
+        out.push(m.into());
         Ok(())
     }
 
