@@ -440,13 +440,15 @@ async fn a_ten_second_blackhole_ends_without_loss() {
     );
 }
 
-/// 5% of packets lost each way: every event still arrives, once, in order.
+/// 5% of packets lost each way, on a link with 20 ms of delay each way: every event still
+/// arrives, once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_loss_still_delivers_everything_in_order() {
     let s = TestServer::start().await;
     let relay = Relay::start(s.quic_addr).await;
     let (mut c, _, _) = via_relay(&s, &relay, None).await;
     relay.loss(0.05);
+    relay.delay(Duration::from_millis(20));
     publish_range(&s, 0..1000, 2000).await;
     assert_eq!(
         seqs(&c.events(1000).await.unwrap()),
