@@ -1,36 +1,17 @@
 //! The parsers of untrusted input as the fuzz targets (`fuzz/`) drive them, and as
-//! `tests/fuzz_corpus.rs` replays their seeds and corpus: one copy of each harness. Each
+//! `tests/fuzz_corpus.rs` replays their seeds and corpus: one copy of each harness (the
+//! codec's are in `edgestream_codec::fuzzing`, so its targets build without the server). Each
 //! takes arbitrary bytes and must neither panic nor hang; where a result can be checked
 //! (a re-encoding, an invariant of what was accepted), it is.
 
 use std::sync::OnceLock;
 
-use bytes::{Bytes, BytesMut};
-use edgestream_codec::json::ClientMessage;
-use edgestream_codec::Frame;
+pub use edgestream_codec::fuzzing::{frame, json_client};
 
 use crate::auth::{AuthConfig, Authenticator, JwtAlg};
 use crate::model::OrgId;
 use crate::session::ConnectParams;
 use crate::upload::UploadRequest;
-
-/// Binary frames: as one message and as a stream; what decodes re-encodes to the same frame.
-pub fn frame(data: &[u8]) {
-    if let Ok(frame) = Frame::decode_exact(Bytes::copy_from_slice(data), 64 * 1024) {
-        let again =
-            Frame::decode_exact(frame.to_bytes(), 64 * 1024).expect("a re-encoded frame decodes");
-        assert_eq!(again, frame);
-    }
-    let mut buf = BytesMut::from(data);
-    while let Ok(Some(_)) = Frame::decode(&mut buf, 4096) {}
-}
-
-/// JSON control messages of the `format=json` WebSocket.
-pub fn json_client(data: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = ClientMessage::parse(text);
-    }
-}
 
 /// The `/v1/stream` query (orgs, since lists, enc, format): what is accepted is valid.
 pub fn connect_query(data: &[u8]) {

@@ -9,6 +9,8 @@
 //! - [`json`]: the JSON text format of the WebSocket transport.
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod json;
 pub mod varint;
 

@@ -1,7 +1,7 @@
-//! Fuzzes the binary frame decoder: `edgestream::fuzzing::frame` (the same harness replays the seeds
-//! and corpus in `tests/fuzz_corpus.rs`).
+//! Fuzzes the binary frame decoder: `edgestream_codec::fuzzing::frame` (the same harness
+//! replays the seeds and corpus in `tests/fuzz_corpus.rs`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| edgestream::fuzzing::frame(data));
+fuzz_target!(|data: &[u8]| edgestream_codec::fuzzing::frame(data));
