@@ -427,23 +427,27 @@ fn seq_of(id: &str) -> Option<u64> {
     id.split_once('-').map_or(id, |(s, _)| s).parse().ok()
 }
 
-/// Signal entries as (id, the `d` field).
-fn parse_signals(entries: Value) -> Result<Vec<(String, Bytes)>, LogError> {
+/// Stream entries (`[[id, [field, value, ...]], ...]`) as (id, fields) pairs.
+fn stream_entries(entries: Value) -> Result<Vec<(String, Vec<Value>)>, LogError> {
     let Value::Array(entries) = entries else {
         return Ok(Vec::new());
     };
-    let mut out = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let Value::Array(mut pair) = entry else {
-            return Err(LogError::Internal("redis: malformed signal entry".into()));
-        };
-        if pair.len() != 2 {
-            return Err(LogError::Internal("redis: malformed signal entry".into()));
-        }
-        let Value::Array(fields) = pair.pop().expect("two") else {
-            return Err(LogError::Internal("redis: malformed signal fields".into()));
-        };
-        let id = as_string(&pair[0])?;
+    entries
+        .into_iter()
+        .map(|entry| match entry {
+            Value::Array(pair) => match <[Value; 2]>::try_from(pair) {
+                Ok([id, Value::Array(fields)]) => Ok((as_string(&id)?, fields)),
+                _ => Err(LogError::Internal("redis: malformed stream entry".into())),
+            },
+            _ => Err(LogError::Internal("redis: malformed stream entry".into())),
+        })
+        .collect()
+}
+
+/// Signal entries as (id, the `d` field).
+fn parse_signals(entries: Value) -> Result<Vec<(String, Bytes)>, LogError> {
+    let mut out = Vec::new();
+    for (id, fields) in stream_entries(entries)? {
         let data = fields
             .chunks(2)
             .find_map(|kv| match kv {
@@ -458,25 +462,12 @@ fn parse_signals(entries: Value) -> Result<Vec<(String, Bytes)>, LogError> {
     Ok(out)
 }
 
-/// Stream entries (`[[id, [field, value, ...]], ...]`) as events.
+/// Stream entries as events.
 fn parse_entries(org: &OrgId, entries: Value) -> Result<Vec<Arc<Event>>, LogError> {
-    let Value::Array(entries) = entries else {
-        return Ok(Vec::new());
-    };
+    let entries = stream_entries(entries)?;
     let mut out = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let Value::Array(mut pair) = entry else {
-            return Err(LogError::Internal("redis: malformed stream entry".into()));
-        };
-        if pair.len() != 2 {
-            return Err(LogError::Internal("redis: malformed stream entry".into()));
-        }
-        let fields = pair.pop().expect("two");
-        let id = as_string(&pair[0])?;
+    for (id, fields) in entries {
         let seq = seq_of(&id).ok_or_else(|| LogError::Internal(format!("redis: id {id}")))?;
-        let Value::Array(fields) = fields else {
-            return Err(LogError::Internal("redis: malformed stream fields".into()));
-        };
         let (mut epoch, mut ts, mut payload) = (None, 0, None);
         for kv in fields.chunks(2) {
             let [k, v] = kv else { break };
