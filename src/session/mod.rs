@@ -133,6 +133,36 @@ pub async fn upload_completed(
     Ok(())
 }
 
+/// JOIN for a session holding `rooms`: checks the org and room, joins unless already in,
+/// and returns the room's members to send (none when already joined).
+pub async fn join_room(
+    env: &SessionEnv,
+    rooms: &mut Vec<crate::presence::RoomMember>,
+    grant: &Grant,
+    org: &str,
+    room: &str,
+) -> Result<Vec<Arc<crate::presence::PresenceNote>>, Refusal> {
+    let (org, room) = room_of(grant, org, room)?;
+    if rooms.iter().any(|r| r.is(&org, &room)) {
+        return Ok(Vec::new());
+    }
+    let (member, notes) = env.presence.join(&org, &room, &grant.sub).await;
+    rooms.push(member);
+    Ok(notes)
+}
+
+/// LEAVE for a session holding `rooms` (a room not joined is a no-op).
+pub fn leave_room(
+    rooms: &mut Vec<crate::presence::RoomMember>,
+    grant: &Grant,
+    org: &str,
+    room: &str,
+) -> Result<(), Refusal> {
+    let (org, room) = room_of(grant, org, room)?;
+    rooms.retain(|r| !r.is(&org, &room));
+    Ok(())
+}
+
 /// JOIN / LEAVE checks: the org granted to the session (for subscribing, chatting or
 /// publishing) and a valid room name.
 pub fn room_of(grant: &Grant, org: &str, room: &str) -> Result<(OrgId, String), Refusal> {

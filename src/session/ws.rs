@@ -628,15 +628,9 @@ impl WsStreamSession {
     /// org's subscribers.
     async fn on_join(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
         let grant = &self.token.as_ref().expect("started").grant;
-        match super::room_of(grant, org, room) {
-            Ok((org, room)) => {
-                if self.rooms.iter().any(|r| r.is(&org, &room)) {
-                    return;
-                }
-                let sub = grant.sub.clone();
-                let (member, now) = self.env.presence.join(&org, &room, &sub).await;
-                self.rooms.push(member);
-                for note in now {
+        match super::join_room(&self.env, &mut self.rooms, grant, org, room).await {
+            Ok(notes) => {
+                for note in notes {
                     out.extend(self.encode_note(&note));
                 }
             }
@@ -646,9 +640,8 @@ impl WsStreamSession {
 
     fn on_leave(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
         let grant = &self.token.as_ref().expect("started").grant;
-        match super::room_of(grant, org, room) {
-            Ok((org, room)) => self.rooms.retain(|r| !r.is(&org, &room)),
-            Err(r) => out.push(self.encode_error(r.code, &r.reason)),
+        if let Err(r) = super::leave_room(&mut self.rooms, grant, org, room) {
+            out.push(self.encode_error(r.code, &r.reason));
         }
     }
 

@@ -306,18 +306,17 @@ impl WtSession {
                 }
             }
             Frame::Join { org, room } => {
-                match crate::session::room_of(&self.token.grant, &org, &room) {
-                    Ok((org, room)) => {
-                        if self.rooms.iter().any(|r| r.is(&org, &room)) {
-                            return Ok(());
-                        }
-                        let (member, now) = self
-                            .env
-                            .presence
-                            .join(&org, &room, &self.token.grant.sub)
-                            .await;
-                        self.rooms.push(member);
-                        for note in now {
+                let joined = crate::session::join_room(
+                    &self.env,
+                    &mut self.rooms,
+                    &self.token.grant,
+                    &org,
+                    &room,
+                )
+                .await;
+                match joined {
+                    Ok(notes) => {
+                        for note in notes {
                             if let Some(c) = self.control.as_mut() {
                                 c.write_all(&note.binary).await.map_err(|_| {
                                     Refusal::new(CloseCode::Protocol, "control stream closed")
@@ -330,11 +329,8 @@ impl WtSession {
                 }
             }
             Frame::Leave { org, room } => {
-                match crate::session::room_of(&self.token.grant, &org, &room) {
-                    Ok((org, room)) => {
-                        self.rooms.retain(|r| !r.is(&org, &room));
-                        Ok(())
-                    }
+                match crate::session::leave_room(&mut self.rooms, &self.token.grant, &org, &room) {
+                    Ok(()) => Ok(()),
                     Err(r) => self.error(r.code, &r.reason).await,
                 }
             }
