@@ -14,13 +14,32 @@ use crate::model::OrgId;
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-/// Which signature algorithm tokens must use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// Which signature algorithm tokens must use. Written with its JOSE name (`HS256`, `RS256`,
+/// `ES256`, `EdDSA`), in any case, on the command line, in the environment and in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum JwtAlg {
     HS256,
     RS256,
     ES256,
     EdDSA,
+}
+
+impl std::str::FromStr for JwtAlg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [JwtAlg::HS256, JwtAlg::RS256, JwtAlg::ES256, JwtAlg::EdDSA]
+            .into_iter()
+            .find(|a| format!("{a:?}").eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown JWT algorithm {s:?}: HS256, RS256, ES256 or EdDSA"))
+    }
+}
+
+impl<'de> Deserialize<'de> for JwtAlg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl JwtAlg {
@@ -61,6 +80,41 @@ pub enum AuthError {
     SubjectChanged,
     #[error("unknown token key id (kid)")]
     UnknownKeyId,
+    #[error("token lifetime over the maximum (--jwt-max-lifetime)")]
+    LifetimeTooLong,
+    #[error("two different access tokens in one request")]
+    Conflicting,
+}
+
+/// The token of a request: its `Authorization: Bearer` header and every `access_token`
+/// parameter of its query (browsers cannot set headers on WebSocket and WebTransport) must
+/// agree; none at all is an empty token ([`AuthError::Missing`] at verification). One rule for
+/// HTTP, WebSocket and WebTransport.
+pub fn request_token(bearer: Option<&str>, query: &str) -> Result<String, AuthError> {
+    let params: Vec<std::borrow::Cow<'_, str>> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "access_token")
+        .map(|(_, v)| v)
+        .collect();
+    Ok(
+        one_token(bearer.into_iter().chain(params.iter().map(|v| v.as_ref())))?
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// The one token of a request that may carry several (an `Authorization: Bearer` header and
+/// `access_token` query parameters): the same token everywhere, or [`AuthError::Conflicting`].
+pub fn one_token<'a>(
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Result<Option<&'a str>, AuthError> {
+    let mut found: Option<&str> = None;
+    for t in candidates {
+        match found {
+            Some(f) if f != t => return Err(AuthError::Conflicting),
+            _ => found = Some(t),
+        }
+    }
+    Ok(found)
 }
 
 /// Why an authenticated request is not allowed (close code 4003 / HTTP 403).
@@ -83,6 +137,8 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
     /// The key's id: a token that names another `kid` is refused (one without is accepted).
     pub kid: Option<String>,
+    /// Tokens whose `exp` lies further ahead than this (plus the leeway) are refused.
+    pub max_lifetime_secs: Option<u64>,
 }
 
 impl fmt::Debug for AuthConfig {
@@ -94,6 +150,7 @@ impl fmt::Debug for AuthConfig {
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
             .field("kid", &self.kid)
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
             .finish()
     }
 }
@@ -112,7 +169,15 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// The `aud` claim: one audience or several (RFC 7519 section 4.1.3 allows both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// What a verified token allows.
@@ -162,6 +227,32 @@ impl Grant {
         self.check_org(org)
     }
 
+    /// Reading who is in an org or its rooms (the presence routes, JOIN's member list) needs
+    /// the org named by the token (`*` only publishes, PROTOCOL.md section 8) and the
+    /// `subscribe` or `chat` scope.
+    pub fn check_presence(&self, org: &OrgId) -> Result<(), Forbidden> {
+        if !(self.subscribe || self.chat) {
+            return Err(Forbidden::Scope("subscribe"));
+        }
+        self.check_named(org)
+    }
+
+    /// Reading an upload record needs the org named by the token (`*` only publishes,
+    /// PROTOCOL.md section 8) and the `subscribe`, `upload` or `publish` scope.
+    pub fn check_upload_record(&self, org: &OrgId) -> Result<(), Forbidden> {
+        if !(self.subscribe || self.upload || self.publish) {
+            return Err(Forbidden::Scope("upload"));
+        }
+        self.check_named(org)
+    }
+
+    fn check_named(&self, org: &OrgId) -> Result<(), Forbidden> {
+        if !self.orgs.contains(org) {
+            return Err(Forbidden::Org(org.clone()));
+        }
+        Ok(())
+    }
+
     fn check_org(&self, org: &OrgId) -> Result<(), Forbidden> {
         if !(self.all_orgs || self.orgs.contains(org)) {
             return Err(Forbidden::Org(org.clone()));
@@ -184,6 +275,7 @@ pub struct Authenticator {
     validation: Validation,
     leeway_secs: u64,
     kid: Option<String>,
+    max_lifetime_secs: Option<u64>,
 }
 
 impl Authenticator {
@@ -219,6 +311,7 @@ impl Authenticator {
             validation,
             leeway_secs: cfg.leeway_secs,
             kid: cfg.kid.clone(),
+            max_lifetime_secs: cfg.max_lifetime_secs,
         })
     }
 
@@ -247,8 +340,18 @@ impl Authenticator {
         if c.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));
         }
+        if let Some(max) = self.max_lifetime_secs {
+            let limit = crate::time::unix_secs()
+                .saturating_add(max)
+                .saturating_add(self.leeway_secs);
+            if c.exp > limit {
+                return Err(AuthError::LifetimeTooLong);
+            }
+        }
+        // Scopes are separated by ASCII spaces only (RFC 8693 section 4.2): a tab or a
+        // non-breaking space is part of a (so unknown) scope, never a separator.
         let scopes: HashSet<&str> = match &c.scope {
-            Some(s) => s.split_whitespace().collect(),
+            Some(s) => s.split(' ').filter(|x| !x.is_empty()).collect(),
             None => HashSet::from(["subscribe"]),
         };
         let all_orgs = c.orgs.iter().any(|o| o == "*");
@@ -320,6 +423,7 @@ mod tests {
             audience: None,
             leeway_secs: 30,
             kid: None,
+            max_lifetime_secs: None,
         })
         .unwrap()
     }

@@ -82,17 +82,23 @@ macro_rules! serve_options {
             /// TOML file with these options (keys as the flags, e.g. `http-listen = "..."`).
             #[arg(long)]
             pub config: Option<PathBuf>,
+            /// Development mode: no JWT key; tokens are signed with a random secret and served
+            /// at /v1/dev/token to loopback clients, every origin is allowed, uploads go to a
+            /// temporary directory. Only on loopback listeners; never with a JWT key
+            #[arg(long)]
+            pub dev: bool,
             $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
         }
 
         /// The `--config` file: the same options, all optional, unknown keys refused.
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-        pub struct FileOptions { $( pub $name: Option<$ty>, )* }
+        pub struct FileOptions { pub dev: Option<bool>, $( pub $name: Option<$ty>, )* }
 
         impl ServeArgs {
             /// Fills what flags and environment left unset from the file.
             pub fn merge_file(&mut self, file: FileOptions) {
+                self.dev |= file.dev.unwrap_or(false);
                 $( if self.$name.is_none() { self.$name = file.$name; } )*
             }
         }
@@ -118,6 +124,8 @@ serve_options! {
     jwt_kid: String,
     /// Clock skew tolerated on exp/nbf [default: 30s]
     jwt_leeway: HumanDuration,
+    /// Refuse tokens whose `exp` lies further ahead than this (plus the leeway), e.g. 24h, so that no token opens an endless session [default: no maximum]
+    jwt_max_lifetime: HumanDuration,
     /// Share the sequencer and replay log with other nodes through Redis Streams at this URL (redis://host:port/db) [default: the embedded in-memory log]
     redis: String,
     /// Or share it through a Redis Cluster: seed nodes, comma-separated (redis://host:port,...)
@@ -168,6 +176,14 @@ serve_options! {
     drain_timeout: HumanDuration,
     /// A WebSocket client silent this long is closed [default: 30s]
     ws_idle_timeout: HumanDuration,
+    /// TCP connections served at once on the HTTP listener, WebSocket sessions included; past it a few more are accepted for /healthz, /readyz and the metrics, the rest closed [default: 100000, at most the open-file limit less 256]
+    max_connections: usize,
+    /// A request's headers must arrive within this (counted from when the connection is ready for the request) [default: 10s]
+    http_header_timeout: HumanDuration,
+    /// A request's body must arrive within this; an upload's body may take longer but never pause longer than this [default: 30s]
+    http_body_timeout: HumanDuration,
+    /// An HTTP connection with no request in flight and no traffic for this long is closed [default: 30s]
+    http_idle_timeout: HumanDuration,
     /// PEM certificate chain for the QUIC listener [default: a self-signed development certificate]
     cert: PathBuf,
     /// PEM private key for --cert
@@ -238,14 +254,20 @@ pub struct Config {
     pub max_orgs_per_session: usize,
     pub drain_timeout: Duration,
     pub ws_idle_timeout: Duration,
+    pub http: crate::http::listener::HttpLimits,
     pub quic: crate::webtransport::QuicConfig,
     pub public_webtransport_url: Option<String>,
     pub public_websocket_url: Option<String>,
 }
 
 impl Default for Config {
+    /// The defaults in development mode (the only mode that needs no key).
     fn default() -> Self {
-        Config::resolve(ServeArgs::default()).expect("defaults are valid")
+        Config::resolve(ServeArgs {
+            dev: true,
+            ..Default::default()
+        })
+        .expect("defaults are valid")
     }
 }
 
@@ -273,7 +295,19 @@ impl Config {
             d.map_or(Duration::from_secs(default), |h| h.0)
         };
         let leeway = dur(a.jwt_leeway, 30);
+        let max_lifetime_secs = a.jwt_max_lifetime.map(|d| d.0.as_secs());
+        let http_listen = a
+            .http_listen
+            .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid"));
+        let quic_listen = a
+            .quic_listen
+            .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid"));
         let auth = match (a.jwt_secret, a.jwt_public_key) {
+            (Some(_), _) | (_, Some(_)) if a.dev => {
+                return Err("--dev signs tokens with a random secret: it excludes \
+                            --jwt-secret and --jwt-public-key"
+                    .into())
+            }
             (Some(_), Some(_)) => {
                 return Err("give either --jwt-secret or --jwt-public-key, not both".into())
             }
@@ -288,6 +322,7 @@ impl Config {
                     audience: a.jwt_audience,
                     leeway_secs: leeway.as_secs(),
                     kid: a.jwt_kid,
+                    max_lifetime_secs,
                 })
             }
             (None, Some(path)) => {
@@ -306,9 +341,24 @@ impl Config {
                     audience: a.jwt_audience,
                     leeway_secs: leeway.as_secs(),
                     kid: a.jwt_kid,
+                    max_lifetime_secs,
                 })
             }
-            (None, None) => AuthMode::Development,
+            (None, None) if a.dev => {
+                if !(http_listen.ip().is_loopback() && quic_listen.ip().is_loopback()) {
+                    return Err(format!(
+                        "--dev serves tokens to anyone who can reach it, so it listens on \
+                         loopback only (not http {http_listen}, quic {quic_listen})"
+                    ));
+                }
+                AuthMode::Development
+            }
+            (None, None) => {
+                return Err("no JWT key configured: give --jwt-secret (better: the \
+                            EDGESTREAM_JWT_SECRET variable) or --jwt-public-key with \
+                            --jwt-alg; for a local trial without keys, --dev"
+                    .into())
+            }
         };
         let heartbeat = dur(a.heartbeat, 5);
         if heartbeat < Duration::from_millis(100) {
@@ -320,9 +370,7 @@ impl Config {
             None => Ok(default),
         };
         Ok(Config {
-            http_listen: a
-                .http_listen
-                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
+            http_listen,
             auth,
             leeway,
             redis: match (a.redis, a.redis_cluster) {
@@ -372,10 +420,18 @@ impl Config {
             max_orgs_per_session: positive(a.max_orgs_per_session, 64, "max-orgs-per-session")?,
             drain_timeout: dur(a.drain_timeout, 10),
             ws_idle_timeout: dur(a.ws_idle_timeout, 30),
+            http: crate::http::listener::HttpLimits {
+                max_connections: positive(
+                    a.max_connections,
+                    default_max_connections(),
+                    "max-connections",
+                )?,
+                header_timeout: dur(a.http_header_timeout, 10),
+                body_timeout: dur(a.http_body_timeout, 30),
+                idle_timeout: dur(a.http_idle_timeout, 30),
+            },
             quic: crate::webtransport::QuicConfig {
-                listen: a
-                    .quic_listen
-                    .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid")),
+                listen: quic_listen,
                 idle_timeout: dur(a.quic_idle_timeout, 15),
                 handshake_timeout: dur(a.quic_handshake_timeout, 10),
                 retry: a.quic_retry.unwrap_or_default(),
@@ -415,6 +471,13 @@ impl Config {
     }
 }
 
+/// 100,000 connections, or fewer when the open-file limit is lower: it less 256 for the log,
+/// the QUIC socket, Redis and files.
+fn default_max_connections() -> usize {
+    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    nofile.saturating_sub(256).clamp(64, 100_000) as usize
+}
+
 /// Adds `EDGESTREAM_<FLAG>` environment fallbacks to every long flag of a command.
 pub fn with_env(cmd: clap::Command) -> clap::Command {
     cmd.mut_args(|a| match a.get_long() {
@@ -447,6 +510,7 @@ mod tests {
         .unwrap();
         let mut args = ServeArgs {
             heartbeat: Some("7s".parse().unwrap()),
+            dev: true,
             ..Default::default()
         };
         args.merge_file(file);
@@ -479,5 +543,44 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(a).is_err());
+    }
+
+    #[test]
+    fn development_mode_is_explicit_and_local() {
+        let e = Config::resolve(ServeArgs::default()).unwrap_err();
+        assert!(e.contains("--dev"), "{e}");
+        let dev = |f: fn(&mut ServeArgs)| {
+            let mut a = ServeArgs {
+                dev: true,
+                ..Default::default()
+            };
+            f(&mut a);
+            Config::resolve(a)
+        };
+        assert!(dev(|_| {}).unwrap().is_development());
+        assert!(dev(|a| a.http_listen = Some("0.0.0.0:8080".parse().unwrap())).is_err());
+        assert!(dev(|a| a.quic_listen = Some("[::]:4433".parse().unwrap())).is_err());
+        assert!(dev(|a| a.http_listen = Some("[::1]:8080".parse().unwrap())).is_ok());
+        assert!(dev(|a| a.jwt_secret = Some("x".repeat(32))).is_err());
+        let file: FileOptions = toml::from_str("dev = true").unwrap();
+        let mut a = ServeArgs::default();
+        a.merge_file(file);
+        assert!(Config::resolve(a).unwrap().is_development());
+    }
+
+    #[test]
+    fn jwt_algorithms_by_their_jose_names() {
+        for (text, alg) in [
+            ("RS256", JwtAlg::RS256),
+            ("rs256", JwtAlg::RS256),
+            ("EdDSA", JwtAlg::EdDSA),
+            ("eddsa", JwtAlg::EdDSA),
+            ("ES256", JwtAlg::ES256),
+        ] {
+            assert_eq!(text.parse::<JwtAlg>(), Ok(alg));
+            let file: FileOptions = toml::from_str(&format!("jwt-alg = \"{text}\"")).unwrap();
+            assert_eq!(file.jwt_alg, Some(alg));
+        }
+        assert!("none".parse::<JwtAlg>().is_err());
     }
 }

@@ -16,13 +16,9 @@ use crate::upload::UploadRequest;
 /// The `/v1/stream` query (orgs, since lists, enc, format): what is accepted is valid.
 pub fn connect_query(data: &[u8]) {
     let query = String::from_utf8_lossy(data);
-    if let Ok(p) = ConnectParams::parse(&query, None) {
-        for org in p
-            .orgs
-            .iter()
-            .flatten()
-            .chain(p.since.iter().map(|(o, _)| o))
-        {
+    if let Ok((orgs, since)) = ConnectParams::parse(&query, None).and_then(|p| p.lists(64)) {
+        assert!(orgs.as_ref().is_none_or(|o| o.len() <= 64) && since.len() <= 64);
+        for org in orgs.iter().flatten().chain(since.iter().map(|(o, _)| o)) {
             assert!(OrgId::parse(org.as_str()).is_ok(), "accepted org {org:?}");
         }
     }
@@ -40,6 +36,7 @@ fn authenticator() -> &'static Authenticator {
             audience: None,
             leeway_secs: 30,
             kid: Some("k1".into()),
+            max_lifetime_secs: Some(86_400),
         })
         .expect("valid config")
     })

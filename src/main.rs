@@ -56,9 +56,17 @@ struct TokenArgs {
 fn main() -> anyhow::Result<()> {
     let mut cmd = Cli::command();
     cmd = cmd.mut_subcommand("serve", with_env);
+    // Every variable `serve` reads, so a misspelt one (EDGESTREAM_JWT_SECERT) is reported.
+    let known: Vec<String> = cmd
+        .find_subcommand("serve")
+        .into_iter()
+        .flat_map(|c| c.get_arguments())
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+        .chain(["EDGESTREAM_LOG".to_owned()])
+        .collect();
     let cli = Cli::from_arg_matches(&cmd.get_matches())?;
     match cli.command {
-        Command::Serve(args) => serve(*args),
+        Command::Serve(args) => serve(*args, &known),
         Command::Token(t) => {
             let exp = edgestream::time::unix_secs() + t.ttl.0.as_secs();
             let claims = Claims {
@@ -68,7 +76,7 @@ fn main() -> anyhow::Result<()> {
                 orgs: t.orgs,
                 scope: Some(t.scope),
                 iss: t.issuer,
-                aud: t.audience,
+                aud: t.audience.map(edgestream::auth::Audience::One),
             };
             println!("{}", mint_hs256(t.secret.as_bytes(), &claims));
             Ok(())
@@ -76,9 +84,22 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs, known_env: &[String]) -> anyhow::Result<()> {
+    let unknown: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("EDGESTREAM_") && !known_env.contains(k))
+        .collect();
+    // Every connection is a file descriptor: take the hard limit (as Go's runtime and nginx's
+    // worker_rlimit_nofile do); --max-connections defaults below it.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX);
     let config = Config::load(args).map_err(anyhow::Error::msg)?;
     init_logging(config.log_format);
+    if let Err(e) = nofile {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
+    for var in unknown {
+        tracing::warn!(%var, "unknown EDGESTREAM_ variable ignored (misspelt? `edgestream serve --help` lists every flag and its variable)");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -92,21 +113,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGESTREAM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // Libraries that write secrets when asked for detail are capped, whatever the filter:
-        // web-transport-quinn logs CONNECT URLs (access_token included) at debug, tungstenite
-        // dumps every frame's payload (REFRESH tokens included) at trace. tests/secrets.rs
-        // checks a trace-level run for tokens.
-        .add_directive("web_transport_quinn=info".parse().expect("valid directive"))
-        .add_directive("tungstenite=debug".parse().expect("valid directive"))
-        .add_directive("tokio_tungstenite=debug".parse().expect("valid directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Libraries that write secrets when asked for detail are capped, whatever the filter
+    // (a second filter: an event passes only if both let it through, so a cap never raises
+    // a level): web-transport-quinn logs CONNECT URLs (access_token included) at debug,
+    // tungstenite dumps every frame's payload (REFRESH tokens included) at trace.
+    // tests/secrets.rs checks a trace-level run for tokens, and a default run for these crates.
+    let caps = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("web_transport_quinn", LevelFilter::INFO)
+        .with_target("tungstenite", LevelFilter::DEBUG)
+        .with_target("tokio_tungstenite", LevelFilter::DEBUG);
+    let registry = tracing_subscriber::registry().with(filter).with(caps);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
 }
 

@@ -85,6 +85,12 @@ pub struct Metrics {
     pub publish_requests: Counter,
     pub publish_duplicates: Counter,
     pub publish_rejected: Counter,
+    /// HTTP connections open (requests and keep-alive; upgraded WebSockets end here).
+    pub http_connections: Gauge,
+    /// Connections over `--max-connections` (served on the health reserve or closed).
+    pub http_connections_refused: Counter,
+    /// Failed accepts (e.g. out of file descriptors), each followed by a back-off.
+    pub http_accept_errors: Counter,
     closes: Mutex<BTreeMap<u16, u64>>,
 }
 
@@ -187,6 +193,27 @@ impl Metrics {
                 "Publish requests refused (4xx/5xx).",
                 "",
                 one(self.publish_rejected.get()),
+            ),
+            Family::new(
+                "http_connections",
+                "gauge",
+                "HTTP connections open (an upgraded WebSocket leaves this count).",
+                "",
+                one(self.http_connections.get()),
+            ),
+            Family::new(
+                "http_connections_refused_total",
+                "counter",
+                "HTTP connections over --max-connections (answered 503 or closed).",
+                "",
+                one(self.http_connections_refused.get()),
+            ),
+            Family::new(
+                "http_accept_errors_total",
+                "counter",
+                "Failed accepts on the HTTP listener (each followed by a back-off).",
+                "",
+                one(self.http_accept_errors.get()),
             ),
             Family::new(
                 "sessions_closed_total",

@@ -15,6 +15,8 @@ pub enum ModelError {
     Position(String),
     #[error("invalid since entry {0:?}: expected org:epoch:seq")]
     Since(String),
+    #[error("more than {0} entries in a list (at most {0} orgs per session)")]
+    TooMany(usize),
 }
 
 /// An org (tenant) id: 1 to 64 bytes of `[A-Za-z0-9_.-]`. Cheap to clone.
@@ -161,17 +163,28 @@ fn parse_seq(s: &str) -> Option<u64> {
         .filter(|v| *v <= edgestream_codec::varint::MAX)
 }
 
-/// Parses a `since` list: comma-separated `org:epoch:seq`. Empty entries are skipped; an org
-/// named twice is an error.
-pub fn parse_since_list(s: &str) -> Result<Vec<(OrgId, Position)>, ModelError> {
+/// Checks that a comma-separated list has at most `max` non-empty entries, without parsing
+/// any of them (the count stops at `max + 1`).
+fn bounded_entries(s: &str, max: usize) -> Result<impl Iterator<Item = &str>, ModelError> {
+    let entries = || s.split(',').map(str::trim).filter(|e| !e.is_empty());
+    if entries().nth(max).is_some() {
+        return Err(ModelError::TooMany(max));
+    }
+    Ok(entries())
+}
+
+/// Parses a `since` list: comma-separated `org:epoch:seq`, at most `max` entries. Empty
+/// entries are skipped; an org named twice is an error.
+pub fn parse_since_list(s: &str, max: usize) -> Result<Vec<(OrgId, Position)>, ModelError> {
     let mut out: Vec<(OrgId, Position)> = Vec::new();
-    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    let mut seen = std::collections::HashSet::new();
+    for entry in bounded_entries(s, max)? {
         let (org, pos) = entry
             .split_once(':')
             .ok_or_else(|| ModelError::Since(truncate(entry)))?;
         let org = OrgId::parse(org)?;
         let pos = Position::parse(pos).map_err(|_| ModelError::Since(truncate(entry)))?;
-        if out.iter().any(|(o, _)| *o == org) {
+        if !seen.insert(org.clone()) {
             return Err(ModelError::Since(truncate(entry)));
         }
         out.push((org, pos));
@@ -179,12 +192,14 @@ pub fn parse_since_list(s: &str) -> Result<Vec<(OrgId, Position)>, ModelError> {
     Ok(out)
 }
 
-/// Parses a comma-separated org list, keeping the first occurrence of each.
-pub fn parse_org_list(s: &str) -> Result<Vec<OrgId>, ModelError> {
+/// Parses a comma-separated org list of at most `max` entries, keeping the first occurrence
+/// of each.
+pub fn parse_org_list(s: &str, max: usize) -> Result<Vec<OrgId>, ModelError> {
     let mut out: Vec<OrgId> = Vec::new();
-    for o in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    let mut seen = std::collections::HashSet::new();
+    for o in bounded_entries(s, max)? {
         let org = OrgId::parse(o)?;
-        if !out.contains(&org) {
+        if seen.insert(org.clone()) {
             out.push(org);
         }
     }
@@ -233,13 +248,15 @@ mod tests {
 
     #[test]
     fn since_lists() {
-        let l = parse_since_list("acme:k3x9:41, beta:zz:0,").unwrap();
+        let l = parse_since_list("acme:k3x9:41, beta:zz:0,", 64).unwrap();
         assert_eq!(l.len(), 2);
         assert_eq!(l[1].0.as_str(), "beta");
-        assert!(parse_since_list("acme:k3x9").is_err());
-        assert!(parse_since_list("acme:k3x9:1,acme:k3x9:2").is_err());
-        assert!(parse_since_list("").unwrap().is_empty());
-        assert_eq!(parse_org_list("a,b,a").unwrap().len(), 2);
-        assert!(parse_org_list("a,b c").is_err());
+        assert!(parse_since_list("acme:k3x9", 64).is_err());
+        assert!(parse_since_list("acme:k3x9:1,acme:k3x9:2", 64).is_err());
+        assert!(parse_since_list("", 64).unwrap().is_empty());
+        assert_eq!(parse_org_list("a,b,a", 64).unwrap().len(), 2);
+        assert!(parse_org_list("a,b c", 64).is_err());
+        assert_eq!(parse_org_list("a,b,c", 2), Err(ModelError::TooMany(2)));
+        assert_eq!(parse_org_list("a,,b,", 2).unwrap().len(), 2);
     }
 }

@@ -4,14 +4,13 @@
 //! [`Server::bind`] takes the listeners (port 0 works, for tests); [`Server::run`] takes the
 //! shutdown signal as a future, so a test can stop the server at will.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use edgestream_ws::{OriginPolicy, WsConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -131,6 +130,7 @@ impl Server {
                     audience: None,
                     leeway_secs: config.leeway.as_secs(),
                     kid: None,
+                    max_lifetime_secs: None,
                 };
                 (c, Some(secret))
             }
@@ -192,6 +192,9 @@ impl Server {
         let ws = WsConfig {
             ping_interval: config.heartbeat,
             idle_timeout: config.ws_idle_timeout,
+            // The largest message a session sends: an event (binary or JSON, payload plus
+            // framing) or a member list; at least 1 MiB.
+            max_send_message: (2 * config.max_event_bytes + 4096).max(1 << 20),
             ..WsConfig::default()
         };
         let app = Arc::new(App {
@@ -264,21 +267,13 @@ impl Server {
         ));
         let stop_http = CancellationToken::new();
         let router = crate::http::router(app.clone());
-        let mut http = tokio::spawn(
-            axum::serve(
-                // Events are small writes that must leave at once: no Nagle delay (with it, a
-                // frame written while an earlier one awaits its ACK waited for delayed ACKs,
-                // tens of milliseconds on loopback).
-                self.http.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY not set");
-                    }
-                }),
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
-            .into_future(),
-        );
+        let mut http = tokio::spawn(crate::http::listener::serve(
+            self.http,
+            router,
+            app.config.http,
+            app.env.metrics.clone(),
+            stop_http.clone(),
+        ));
         tracing::info!(
             http = %app.http_addr,
             quic = %app.quic_addr,
@@ -292,7 +287,8 @@ impl Server {
                 sweeper.abort();
                 rotation.abort();
                 quic_accept.abort();
-                return r.context("http server task")?.context("http server");
+                r.context("http server task")?;
+                anyhow::bail!("the http listener stopped");
             }
         }
         tracing::info!(sessions = app.env.open_sessions(), "draining");
@@ -317,6 +313,16 @@ impl Server {
         rotation.abort();
         quic.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), quic.wait_idle()).await;
+        // Development mode's temporary upload directory goes with the process.
+        if let (true, None, Some(u)) = (
+            app.config.is_development(),
+            &app.config.uploads,
+            &app.env.uploads,
+        ) {
+            if let Err(e) = std::fs::remove_dir_all(u.dir()) {
+                tracing::warn!(dir = %u.dir().display(), error = %e, "cannot remove the development upload directory");
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     }

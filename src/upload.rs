@@ -356,6 +356,11 @@ impl Uploads {
     }
 
     /// An upload's state, for its org only.
+    /// The directory uploads are written to.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.cfg.dir
+    }
+
     pub fn status(&self, id: &str) -> Option<UploadView> {
         self.entries.lock().get(id).map(|e| e.view.clone())
     }
@@ -380,9 +385,13 @@ impl Uploads {
 }
 
 fn check_name(name: &str) -> Result<(), UploadError> {
-    if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) {
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains(['/', '\\'])
+        || name.contains(char::is_control)
+    {
         return Err(UploadError::Invalid(
-            "name: 1 to 255 bytes without / \\ or NUL".into(),
+            "name: 1 to 255 bytes without / \\ or control characters".into(),
         ));
     }
     Ok(())

@@ -60,6 +60,7 @@ async fn run_node(script: &str, args: &[String], mut on_line: impl FnMut(&Value)
 async fn dev_server() -> TestServer {
     TestServer::start_with(|a| {
         a.jwt_secret = None;
+        a.dev = true;
         a.heartbeat = Some("1s".parse().unwrap());
     })
     .await
@@ -74,6 +75,7 @@ async fn chromium_receives_events_heartbeats_and_close_codes_over_webtransport()
     // Development mode: the page's origin is allowed and tokens come from /v1/dev/token.
     let s = TestServer::start_with(|a| {
         a.jwt_secret = None;
+        a.dev = true;
         a.heartbeat = Some("200ms".parse().unwrap());
     })
     .await;
@@ -176,6 +178,7 @@ async fn client_falls_back_when_the_quic_address_is_unreachable() {
     );
     let s = TestServer::start_with(move |a| {
         a.jwt_secret = None;
+        a.dev = true;
         a.heartbeat = Some("1s".parse().unwrap());
         a.public_webtransport_url = Some(url);
     })
@@ -230,6 +233,7 @@ async fn client_does_not_retry_a_4001() {
 async fn client_refreshes_its_token_on_4009_and_resumes() {
     let s = TestServer::start_with(|a| {
         a.jwt_secret = None;
+        a.dev = true;
         a.jwt_leeway = Some("0s".parse().unwrap());
         a.heartbeat = Some("1s".parse().unwrap());
     })

@@ -178,7 +178,11 @@ async fn health_info_metrics_and_unknown_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn development_mode_serves_tokens_to_loopback_clients() {
-    let s = TestServer::start_with(|a| a.jwt_secret = None).await;
+    let s = TestServer::start_with(|a| {
+        a.jwt_secret = None;
+        a.dev = true;
+    })
+    .await;
     let (st, v) = s
         .api
         .get(

@@ -45,6 +45,7 @@ async fn main() -> std::io::Result<()> {
     if let Some(max) = std::env::args().nth(2).and_then(|m| m.parse().ok()) {
         cfg.max_message_size = max;
         cfg.max_frame_size = max;
+        cfg.max_send_message = max;
     }
     loop {
         let (tcp, _) = listener.accept().await?;

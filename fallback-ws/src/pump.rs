@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::{
@@ -131,6 +131,10 @@ where
     tokio::pin!(interrupt);
     let mut out: Vec<Outgoing> = Vec::new();
     let mut last_rx = Instant::now();
+    // Pings received since the socket last took everything written to it (the pongs
+    // included): past PING_BURST the socket is checked, and a client whose pongs cannot be
+    // written (it pings but never reads) is closed as a slow consumer.
+    let mut pings = 0u32;
     let mut ticks = interval(cfg.ping_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticks.reset();
@@ -150,7 +154,26 @@ where
                     match msg {
                         Message::Binary(b) => session.on_message(Incoming::Binary(b), &mut out).await,
                         Message::Text(t) => session.on_message(Incoming::Text(t), &mut out).await,
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+                        Message::Ping(_) => {
+                            pings += 1;
+                            if pings <= PING_BURST {
+                                Ok(())
+                            } else {
+                                // One poll: ready when the socket took every byte queued.
+                                match ws.flush().now_or_never() {
+                                    Some(Ok(())) => {
+                                        pings = 0;
+                                        Ok(())
+                                    }
+                                    Some(Err(e)) => return End::Failed(e.to_string()),
+                                    None => Err(Close::new(
+                                        4008,
+                                        "slow consumer: pings sent while their pongs are not read",
+                                    )),
+                                }
+                            }
+                        }
+                        Message::Pong(_) | Message::Frame(_) => Ok(()),
                         Message::Close(frame) => {
                             // tungstenite queued the close reply (echoing the code): flush it,
                             // then drop the TCP connection, as the server should first (RFC
@@ -169,8 +192,11 @@ where
                     Err(Close::new(1001, "idle timeout"))
                 } else {
                     if silent >= cfg.ping_interval {
-                        ws.feed(Message::Ping(Bytes::new())).await.ok();
-                        ws.flush().await.ok();
+                        // Never waits: on a socket that takes nothing the ping is skipped and
+                        // the idle timeout above ends the connection.
+                        if let Some(Ok(())) = ws.feed(Message::Ping(Bytes::new())).now_or_never() {
+                            let _ = ws.flush().now_or_never();
+                        }
                     }
                     Ok(())
                 }
@@ -194,8 +220,13 @@ where
             };
             match written {
                 Err(c) => break c,
+                // The buffer's cap (WsConfig::max_write_buffer) was reached: the client does
+                // not read what it is sent.
+                Ok(Err(tungstenite::Error::WriteBufferFull(_))) => {
+                    break Close::new(4008, "slow consumer: write buffer full")
+                }
                 Ok(Err(e)) => return End::Failed(e.to_string()),
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => pings = 0,
             }
             out.clear();
         }
@@ -207,6 +238,9 @@ where
     close_with(&mut ws, &close, cfg.close_timeout).await;
     End::Closed(close)
 }
+
+/// Pings a client may send while the socket holds unwritten data before it is checked.
+const PING_BURST: u32 = 32;
 
 /// Maps a read error to the close to send, or to the end when nothing more can be sent.
 fn read_error(e: tungstenite::Error) -> Result<Close, End> {

@@ -4,15 +4,18 @@
 //! history, and hands upgraded WebSocket connections to [`crate::session::ws`]. Never logs a
 //! token: request logging redacts `access_token`.
 
+mod cors;
+pub mod listener;
 mod publish;
 mod upload;
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -103,8 +106,62 @@ pub fn router(app: Arc<App>) -> Router {
         r = r.route("/v1/dev/token", get(dev_token));
     }
     r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(app.clone(), timed_bodies))
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(app.clone(), cors::cors))
         .layer(middleware::from_fn(log_request))
         .with_state(app)
+}
+
+/// Request bodies must arrive within `--http-body-timeout` (uploads: never pause longer).
+async fn timed_bodies(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let upload = req.uri().path().ends_with("/uploads");
+    let limit = app.config.http.body_timeout;
+    next.run(req.map(|b| listener::timed_body(b, limit, upload)))
+        .await
+}
+
+/// An error reading a request body: 408 when it did not arrive in time, else 400.
+pub(crate) fn body_error(context: &str, e: &(dyn std::error::Error + 'static)) -> ApiError {
+    if listener::is_body_timeout(e) {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("{context}: body not received within the time limit (--http-body-timeout)"),
+        )
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("{context}: {e}"))
+    }
+}
+
+/// Every error answer is `{"error": "..."}`: the ones axum makes itself (a query or path it
+/// cannot parse, 405, a body it refused) carry plain text, which is wrapped here.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase(),
+        t => t.to_string(),
+    };
+    let mut res = ApiError::new(status, message).into_response();
+    // Keep what the answer said besides its body (`Allow` on a 405, for example).
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            res.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    res
 }
 
 /// Logs each request with `access_token` redacted.
@@ -117,23 +174,18 @@ async fn log_request(req: Request, next: Next) -> Response {
     res
 }
 
-/// The bearer token of a request: `Authorization: Bearer`, else `access_token` in the query.
+/// The `Authorization: Bearer` token of a request (the scheme is case-insensitive).
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn authenticate(
-    app: &App,
-    headers: &HeaderMap,
-    query_token: Option<&str>,
-) -> Result<Grant, ApiError> {
-    let token = bearer(headers).or(query_token).unwrap_or_default();
-    Ok(app.env.auth.verify(token).map_err(Refusal::from)?)
+/// Verifies the request's token ([`crate::auth::request_token`]: header and query agree).
+fn authenticate(app: &App, headers: &HeaderMap, query: Option<&str>) -> Result<Grant, ApiError> {
+    let token =
+        crate::auth::request_token(bearer(headers), query.unwrap_or("")).map_err(Refusal::from)?;
+    Ok(app.env.auth.verify(&token).map_err(Refusal::from)?)
 }
 
 fn org_param(org: &str) -> Result<OrgId, ApiError> {
@@ -144,30 +196,16 @@ fn org_param(org: &str) -> Result<OrgId, ApiError> {
 struct HistoryQuery {
     since: Option<String>,
     limit: Option<usize>,
-    access_token: Option<String>,
 }
 
 /// Most events one history read returns.
 const HISTORY_MAX: usize = 1000;
 
-/// A token in the query (browsers) for the presence routes.
-#[derive(serde::Deserialize)]
-struct TokenQuery {
-    access_token: Option<String>,
-}
-
-/// The org named by a token that may subscribe to, chat in or publish to it.
-fn granted_org(
-    app: &App,
-    org: &str,
-    headers: &HeaderMap,
-    token: Option<&str>,
-) -> Result<OrgId, ApiError> {
+/// The org, for a token that may read its presence (named, not `*`; subscribe or chat).
+fn granted_org(app: &App, org: &str, headers: &HeaderMap, uri: &Uri) -> Result<OrgId, ApiError> {
     let org = org_param(org)?;
-    let grant = authenticate(app, headers, token)?;
-    if grant.check_subscribe(&org).is_err() {
-        grant.check_chat(&org).map_err(Refusal::from)?;
-    }
+    let grant = authenticate(app, headers, uri.query())?;
+    grant.check_presence(&org).map_err(Refusal::from)?;
     Ok(org)
 }
 
@@ -176,9 +214,9 @@ async fn org_presence(
     State(app): State<Arc<App>>,
     Path(org): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    uri: Uri,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let org = granted_org(&app, &org, &headers, q.access_token.as_deref())?;
+    let org = granted_org(&app, &org, &headers, &uri)?;
     let users = app.env.presence.org_users(&org).await;
     Ok(Json(json!({
         "org": org.as_str(),
@@ -192,9 +230,9 @@ async fn room_view(
     State(app): State<Arc<App>>,
     Path((org, room)): Path<(String, String)>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    uri: Uri,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let org = granted_org(&app, &org, &headers, q.access_token.as_deref())?;
+    let org = granted_org(&app, &org, &headers, &uri)?;
     if OrgId::parse(&room).is_err() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -215,12 +253,15 @@ async fn history(
     State(app): State<Arc<App>>,
     Path(org): Path<String>,
     headers: HeaderMap,
+    uri: Uri,
     Query(q): Query<HistoryQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let org = org_param(&org)?;
-    let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
+    let grant = authenticate(&app, &headers, uri.query())?;
     grant.check_subscribe(&org).map_err(Refusal::from)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, HISTORY_MAX);
+    // `limit=0` answers the position (epoch, head, reset) with no events.
+    let want = q.limit.unwrap_or(100).min(HISTORY_MAX);
+    let limit = want.max(1);
     let since = q
         .since
         .as_deref()
@@ -240,27 +281,32 @@ async fn history(
             events => (false, Ok(events)),
         },
     };
-    let (state, events) = match outcome.map_err(Refusal::from)? {
+    let (state, mut events) = match outcome.map_err(Refusal::from)? {
         ReadOutcome::Events { state, events } => (state, events),
         ReadOutcome::Unusable { state } => (state, Vec::new()),
     };
-    let events: Vec<serde_json::Value> = events
-        .iter()
-        .map(|e| {
-            let data: Box<serde_json::value::RawValue> = serde_json::from_slice(&e.payload)
-                .unwrap_or_else(|_| {
-                    serde_json::value::RawValue::from_string("null".into()).expect("valid")
-                });
-            json!({"seq": e.seq, "ts": e.ts, "data": data})
-        })
-        .collect();
-    Ok(Json(json!({
-        "org": org.as_str(),
-        "epoch": state.epoch.as_str(),
-        "head": state.head,
-        "reset": reset,
-        "events": events,
-    })))
+    events.truncate(want);
+    // Built by hand: payloads are embedded verbatim, never re-parsed (a stored payload may be
+    // valid JSON that serde_json cannot hold as a value, e.g. `1e99999` or a lone surrogate).
+    let mut body =
+        String::with_capacity(96 + events.iter().map(|e| e.payload.len() + 48).sum::<usize>());
+    let _ = write!(
+        body,
+        r#"{{"org":{},"epoch":{},"head":{},"reset":{reset},"events":["#,
+        json!(org.as_str()),
+        json!(state.epoch.as_str()),
+        state.head
+    );
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        // Logged payloads were validated as JSON text, so they are UTF-8.
+        let data = std::str::from_utf8(&e.payload).unwrap_or("null");
+        let _ = write!(body, r#"{{"seq":{},"ts":{},"data":{data}}}"#, e.seq, e.ts);
+    }
+    body.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /v1/stream`: the WebSocket transport. The `Origin` check is the only refusal before
@@ -280,7 +326,13 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
     };
     let env = app.env.clone();
     let ws_config = app.ws.clone();
+    // The TCP connection's permit (--max-connections) stays with it for the session's life.
+    let permit = req
+        .extensions()
+        .get::<listener::ConnectionPermit>()
+        .and_then(|p| p.take());
     app.sessions.spawn(async move {
+        let _permit = permit;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
@@ -334,26 +386,51 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-/// `GET /v1/info`: how a client reaches this node.
-async fn info(State(app): State<Arc<App>>, headers: HeaderMap) -> Json<serde_json::Value> {
-    // The host the client used, with this node's ports.
+/// The host part of a `Host` header when it is a plain DNS name or IP literal (anything else,
+/// e.g. a header crafted to inject into the URLs below, is not used).
+fn plain_host(host: &str) -> Option<&str> {
+    let name = match host.strip_prefix('[') {
+        Some(_) => host.split_once(']').map(|(a, _)| &host[..a.len() + 1])?,
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && (name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            || (name.starts_with('[')
+                && name[1..name.len() - 1]
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok()));
+    ok.then_some(name)
+}
+
+/// `GET /v1/info`: how a client reaches this node: the configured public URLs, else the host
+/// the client used (when it is a plain name or address) with this node's ports. Never cached,
+/// since it may depend on the request's `Host`.
+async fn info(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
-        .unwrap_or_else(|| app.http_addr.ip().to_string());
+        .and_then(plain_host)
+        .map(str::to_owned)
+        .unwrap_or_else(|| match app.http_addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        });
     let cert_hash = app
         .certs
         .dev_hash()
         .map(|h| json!({"algorithm": "sha-256", "value": h}));
-    Json(json!({
+    let body = Json(json!({
         "webtransport": app.config.public_webtransport_url.clone()
             .unwrap_or_else(|| format!("https://{host}:{}/v1/stream", app.quic_addr.port())),
         "websocket": app.config.public_websocket_url.clone()
             .unwrap_or_else(|| format!("ws://{host}:{}/v1/stream", app.http_addr.port())),
         "cert_hash": cert_hash,
         "heartbeat_ms": app.env.limits.heartbeat.as_millis() as u64,
-    }))
+    }));
+    ([(header::CACHE_CONTROL, "no-store")], body).into_response()
 }
 
 /// `GET /v1/cert-hash`: the development certificate's hash (404 with a configured one).
@@ -367,6 +444,52 @@ async fn cert_hash(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plain_hosts() {
+        use super::plain_host;
+        assert_eq!(
+            plain_host("edge.example.com:8080"),
+            Some("edge.example.com")
+        );
+        assert_eq!(plain_host("[::1]:8080"), Some("[::1]"));
+        assert_eq!(plain_host("10.0.0.1"), Some("10.0.0.1"));
+        for bad in ["evil.com/x?", "a b", "evil.com\"", "[zz]:1", "", "a@b"] {
+            assert_eq!(plain_host(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.",
+            "app.localhost:1",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:8080",
+        ] {
+            assert!(super::is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1",
+            "[::2]",
+            "",
+            "[::1",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!super::is_loopback_host(h), "{h}");
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct DevTokenQuery {
     sub: Option<String>,
@@ -375,23 +498,57 @@ struct DevTokenQuery {
     ttl: Option<String>,
 }
 
-/// `GET /v1/dev/token`: development mode only, loopback clients only.
+/// Whether a `Host` header names this machine: `localhost` (or a name under it), a loopback
+/// IPv4 address or `[::1]`, with or without a port. A page on another name that resolves here
+/// (DNS rebinding) sends its own name.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(a, _)| a),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// Headers a forwarding proxy adds: a request that carries one came from elsewhere.
+const FORWARDING_HEADERS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-real-ip",
+    "via",
+];
+
+/// `GET /v1/dev/token`: development mode only, for clients on this machine only: a loopback
+/// peer (IPv4-mapped included), a loopback `Host` and no forwarding headers.
 async fn dev_token(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Query(q): Query<DevTokenQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !peer.ip().is_loopback() {
+    let local_host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(is_loopback_host);
+    let forwarded = FORWARDING_HEADERS.iter().any(|h| headers.contains_key(*h));
+    if !peer.ip().to_canonical().is_loopback() || !local_host || forwarded {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "development tokens are for loopback clients only",
+            "development tokens are for clients on this machine only (loopback peer and Host, \
+             no forwarding headers)",
         ));
     }
     let secret = app
         .dev_secret
         .as_ref()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such route"))?;
-    let orgs = parse_org_list(q.orgs.as_deref().unwrap_or("")).map_err(Refusal::from)?;
+    let orgs = parse_org_list(q.orgs.as_deref().unwrap_or(""), app.env.limits.max_orgs)
+        .map_err(Refusal::from)?;
     let ttl = match q.ttl.as_deref() {
         Some(t) => humantime::parse_duration(t)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?,
@@ -401,9 +558,12 @@ async fn dev_token(
         .sub
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "dev".into());
+    let exp = unix_secs()
+        .checked_add(ttl.as_secs())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "ttl: too large"))?;
     let claims = Claims {
         sub,
-        exp: unix_secs() + ttl.as_secs(),
+        exp,
         nbf: None,
         orgs: orgs.iter().map(|o| o.to_string()).collect(),
         scope: Some(q.scope.unwrap_or_else(|| "subscribe publish".into())),

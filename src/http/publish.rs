@@ -37,7 +37,7 @@ pub(super) async fn publish(
 async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, ApiError> {
     let org = org_param(org)?;
     let (parts, body) = req.into_parts();
-    let grant = authenticate(app, &parts.headers, None)?;
+    let grant = authenticate(app, &parts.headers, parts.uri.query())?;
     grant.check_publish(&org).map_err(Refusal::from)?;
     let key = match parts.headers.get("idempotency-key") {
         None => None,
@@ -99,7 +99,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
                 format!("request body over {limit} bytes"),
             )
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+            super::body_error("cannot read body", &e)
         }
     })
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
@@ -15,13 +15,13 @@ use serde_json::json;
 
 use super::{authenticate, org_param, ApiError};
 use crate::close::Refusal;
+use crate::model::OrgId;
 use crate::server::App;
 use crate::upload::{UploadError, UploadRequest, Uploads};
 
 #[derive(Deserialize)]
 pub(super) struct UploadQuery {
     name: Option<String>,
-    access_token: Option<String>,
 }
 
 impl From<UploadError> for ApiError {
@@ -50,11 +50,12 @@ pub(super) async fn put(
     State(app): State<Arc<App>>,
     Path(org): Path<String>,
     headers: HeaderMap,
+    uri: Uri,
     Query(q): Query<UploadQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let org = org_param(&org)?;
-    let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
+    let grant = authenticate(&app, &headers, uri.query())?;
     grant.check_upload(&org).map_err(Refusal::from)?;
     let uploads = uploads(&app)?;
     let header = |name: &str| headers.get(name).map(|v| v.as_bytes());
@@ -77,7 +78,10 @@ pub(super) async fn put(
         .begin(&org, name, size, &grant.sub, id, offset)
         .await?;
     if let Some(len) = length {
-        if offset + len > writer.size() {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > writer.size())
+        {
             return Err(UploadError::TooLarge(format!(
                 "{} bytes from offset {offset} exceed the upload's {}",
                 len,
@@ -88,9 +92,7 @@ pub(super) async fn put(
     }
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}"))
-        })?;
+        let chunk = chunk.map_err(|e| super::body_error("upload interrupted", &e))?;
         writer.write(&chunk).await?;
     }
     let view = writer.finish().await?;
@@ -100,24 +102,17 @@ pub(super) async fn put(
     Ok((StatusCode::CREATED, Json(json!(view))).into_response())
 }
 
-#[derive(Deserialize)]
-pub(super) struct TokenQuery {
-    access_token: Option<String>,
-}
-
 pub(super) async fn status(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    uri: Uri,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = authenticate(&app, &headers, q.access_token.as_deref())?;
+    let grant = authenticate(&app, &headers, uri.query())?;
+    // An upload of an org the token does not name reads as missing: ids are not an oracle.
     let view = uploads(&app)?
         .status(&id)
+        .filter(|v| OrgId::parse(&v.org).is_ok_and(|org| grant.check_upload_record(&org).is_ok()))
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such upload"))?;
-    let org = org_param(&view.org)?;
-    if grant.check_upload(&org).is_err() {
-        grant.check_subscribe(&org).map_err(Refusal::from)?;
-    }
     Ok(Json(json!(view)))
 }

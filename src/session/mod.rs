@@ -80,15 +80,21 @@ pub async fn chat(
             format!("chat body over {} bytes", env.limits.max_event_bytes),
         ));
     }
-    let body: serde_json::Value = serde_json::from_slice(body)
+    // Validated, then carried verbatim: never re-serialised through a value (which would
+    // round big numbers and refuse some valid JSON).
+    let body: &serde_json::value::RawValue = serde_json::from_slice(body)
         .map_err(|e| Refusal::new(CloseCode::Protocol, format!("chat body is not JSON: {e}")))?;
     grant
         .check_chat(&org)
         .map_err(|f| Refusal::new(CloseCode::Forbidden, f.to_string()))?;
-    let event = serde_json::json!({
-        "type": "chat.message", "room": room, "from": grant.sub, "id": id, "body": body,
-    });
-    let payload = bytes::Bytes::from(serde_json::to_vec(&event).expect("a JSON value"));
+    let quoted = |s: &str| serde_json::Value::from(s).to_string();
+    let payload = bytes::Bytes::from(format!(
+        r#"{{"type":"chat.message","room":{},"from":{},"id":{},"body":{}}}"#,
+        quoted(room),
+        quoted(&grant.sub),
+        quoted(id),
+        body.get()
+    ));
     // The key names the sender: two users' ids never collide.
     let key = format!("chat\u{1f}{}\u{1f}{id}", grant.sub);
     let appended = env
@@ -163,8 +169,8 @@ pub fn leave_room(
     Ok(())
 }
 
-/// JOIN / LEAVE checks: the org granted to the session (for subscribing, chatting or
-/// publishing) and a valid room name.
+/// JOIN / LEAVE checks: the org named by the session's token for subscribing or chatting (a
+/// `*` grant reads no member list) and a valid room name.
 pub fn room_of(grant: &Grant, org: &str, room: &str) -> Result<(OrgId, String), Refusal> {
     let org = OrgId::parse(org)?;
     if OrgId::parse(room).is_err() {
@@ -173,12 +179,9 @@ pub fn room_of(grant: &Grant, org: &str, room: &str) -> Result<(OrgId, String), 
             "invalid room: 1 to 64 bytes of [A-Za-z0-9_.-]",
         ));
     }
-    if grant.check_subscribe(&org).is_err() && grant.check_chat(&org).is_err() {
-        return Err(Refusal::new(
-            CloseCode::Forbidden,
-            format!("org {org} not granted"),
-        ));
-    }
+    grant
+        .check_presence(&org)
+        .map_err(|f| Refusal::new(CloseCode::Forbidden, f.to_string()))?;
     Ok((org, room.to_string()))
 }
 
@@ -254,31 +257,38 @@ pub enum Format {
     Json,
 }
 
-/// The `/v1/stream` query, parsed and validated (nothing is authorized yet).
+/// The `/v1/stream` query. Only its scalars are parsed when it arrives; the `orgs` and `since`
+/// lists, whose length the client chooses, are parsed by [`ConnectParams::plan`] after the
+/// token is verified, and refused unparsed when longer than the per-session org limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectParams {
     pub token: String,
-    pub orgs: Option<Vec<OrgId>>,
-    pub since: Vec<(OrgId, Position)>,
+    /// The raw `orgs` list, if given.
+    pub orgs: Option<String>,
+    /// The raw `since` list, if given.
+    pub since: Option<String>,
     pub brotli: bool,
     pub format: Format,
 }
 
+/// The initial subscriptions a query asks for, parsed.
+pub type Lists = (Option<Vec<OrgId>>, Vec<(OrgId, Position)>);
+
 impl ConnectParams {
-    /// Parses the query string; `bearer` is the `Authorization: Bearer` token, if any.
+    /// Parses the query string; `bearer` is the `Authorization: Bearer` token, if any (it and
+    /// every `access_token` parameter must agree, [`crate::auth::request_token`]).
     pub fn parse(query: &str, bearer: Option<&str>) -> Result<Self, Refusal> {
         let mut p = ConnectParams {
-            token: bearer.unwrap_or_default().to_owned(),
+            token: crate::auth::request_token(bearer, query)?,
             orgs: None,
-            since: Vec::new(),
+            since: None,
             brotli: false,
             format: Format::Binary,
         };
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
-                "access_token" => p.token = v.into_owned(),
-                "orgs" => p.orgs = Some(parse_org_list(&v)?),
-                "since" => p.since = parse_since_list(&v)?,
+                "orgs" => p.orgs = Some(v.into_owned()),
+                "since" => p.since = Some(v.into_owned()),
                 "enc" => p.brotli = v.split(',').any(|e| e.trim() == "br"),
                 "format" => {
                     p.format = match &*v {
@@ -295,20 +305,36 @@ impl ConnectParams {
                         }
                     }
                 }
-                _ => {} // unknown parameters are ignored, for forward compatibility
+                _ => {} // access_token above; unknown parameters are ignored, for forward compatibility
             }
         }
         Ok(p)
     }
 
-    /// Authorizes the initial subscriptions: the orgs asked for (default: those the token
-    /// names), each granted, each `since` naming one of them.
+    /// Parses the `orgs` and `since` lists, each refused before parsing when it has more
+    /// than `max_orgs` entries.
+    pub fn lists(&self, max_orgs: usize) -> Result<Lists, Refusal> {
+        let orgs = self
+            .orgs
+            .as_deref()
+            .map(|l| parse_org_list(l, max_orgs))
+            .transpose()?;
+        let since = match self.since.as_deref() {
+            Some(l) => parse_since_list(l, max_orgs)?,
+            None => Vec::new(),
+        };
+        Ok((orgs, since))
+    }
+
+    /// Authorizes the initial subscriptions (call after the token is verified): the orgs asked
+    /// for (default: those the token names), each granted, each `since` naming one of them.
     pub fn plan(
         &self,
         grant: &Grant,
         max_orgs: usize,
     ) -> Result<Vec<(OrgId, Option<Position>)>, Refusal> {
-        let orgs = self.orgs.clone().unwrap_or_else(|| grant.orgs().to_vec());
+        let (asked, mut since) = self.lists(max_orgs)?;
+        let orgs = asked.unwrap_or_else(|| grant.orgs().to_vec());
         if orgs.len() > max_orgs {
             return Err(Refusal::new(
                 CloseCode::Protocol,
@@ -318,7 +344,8 @@ impl ConnectParams {
         for org in &orgs {
             grant.check_subscribe(org)?;
         }
-        if let Some((org, _)) = self.since.iter().find(|(o, _)| !orgs.contains(o)) {
+        // Both lists hold at most `max_orgs` entries: these scans are bounded by its square.
+        if let Some((org, _)) = since.iter().find(|(o, _)| !orgs.contains(o)) {
             return Err(Refusal::new(
                 CloseCode::Protocol,
                 format!("since names org {org}, which is not subscribed"),
@@ -327,12 +354,8 @@ impl ConnectParams {
         Ok(orgs
             .into_iter()
             .map(|o| {
-                let since = self
-                    .since
-                    .iter()
-                    .find(|(s, _)| *s == o)
-                    .map(|(_, p)| p.clone());
-                (o, since)
+                let p = since.iter().position(|(s, _)| *s == o);
+                (o, p.map(|i| since.swap_remove(i).1))
             })
             .collect())
     }
@@ -362,8 +385,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.token, "t");
-        assert_eq!(p.orgs.as_ref().unwrap().len(), 2);
-        assert_eq!(p.since[0].1.seq, 5);
+        let (orgs, since) = p.lists(64).unwrap();
+        assert_eq!(orgs.unwrap().len(), 2);
+        assert_eq!(since[0].1.seq, 5);
         assert!(p.brotli);
         assert_eq!(p.format, Format::Json);
         let p = ConnectParams::parse("", Some("bearer-tok")).unwrap();
@@ -371,18 +395,44 @@ mod tests {
             (p.token.as_str(), p.format, p.brotli),
             ("bearer-tok", Format::Binary, false)
         );
-        for bad in [
-            "orgs=a%20b",
-            "since=acme:e1",
-            "format=xml",
-            "since=acme:e1:x",
+        assert_eq!(
+            ConnectParams::parse("format=xml", None).unwrap_err().code,
+            CloseCode::Protocol
+        );
+        for bad in ["orgs=a%20b", "since=acme:e1", "since=acme:e1:x"] {
+            let p = ConnectParams::parse(bad, None).expect("lists are parsed later");
+            assert_eq!(p.lists(64).unwrap_err().code, CloseCode::Protocol, "{bad}");
+        }
+        // Tokens: the header and every query parameter agree, or the request is refused.
+        assert_eq!(
+            ConnectParams::parse("access_token=a&access_token=a", Some("a"))
+                .unwrap()
+                .token,
+            "a"
+        );
+        for (q, b) in [
+            ("access_token=a&access_token=b", None),
+            ("access_token=a", Some("b")),
         ] {
             assert_eq!(
-                ConnectParams::parse(bad, None).unwrap_err().code,
-                CloseCode::Protocol,
-                "{bad}"
+                ConnectParams::parse(q, b).unwrap_err().code,
+                CloseCode::Unauthorized,
+                "{q} {b:?}"
             );
         }
+    }
+
+    #[test]
+    fn long_lists_are_refused_before_parsing() {
+        // 17,000 names: over the limit, refused without parsing any of them.
+        let many = vec!["x"; 17_000].join(",");
+        let p = ConnectParams::parse(&format!("orgs={many}&since={many}"), None).unwrap();
+        let e = p.lists(64).unwrap_err();
+        assert_eq!(e.code, CloseCode::Protocol);
+        assert!(e.reason.contains("at most 64"), "{}", e.reason);
+        // At the limit, duplicates are kept once.
+        let p = ConnectParams::parse("orgs=a,b,a", None).unwrap();
+        assert_eq!(p.lists(3).unwrap().0.unwrap().len(), 2);
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl WsStreamSession {
             Ok(p) => ConnectParams {
                 token: std::mem::take(&mut p.token),
                 orgs: p.orgs.take(),
-                since: std::mem::take(&mut p.since),
+                since: p.since.take(),
                 brotli: p.brotli,
                 format: p.format,
             },
