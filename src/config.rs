@@ -154,6 +154,8 @@ serve_options! {
     replay_max_events: usize,
     /// Replay log cap in bytes per org [default: 67108864]
     replay_max_bytes: usize,
+    /// Embedded log: an org with nothing retained, no subscriber and no idempotency key leaves memory, keeping only its epoch and head (so a caught-up client still resumes `recovered`) for at most this many orgs, oldest forgotten first [default: 100000]
+    max_idle_orgs: usize,
     /// Heartbeat interval [default: 5s]
     heartbeat: HumanDuration,
     /// Browser origins allowed to connect, comma-separated [default: all in development mode, none otherwise]
@@ -408,6 +410,7 @@ impl Config {
                 window_ms: dur(a.replay_window, 300).as_millis() as u64,
                 max_events: positive(a.replay_max_events, 100_000, "replay-max-events")?,
                 max_bytes: positive(a.replay_max_bytes, 64 << 20, "replay-max-bytes")?,
+                max_idle_orgs: a.max_idle_orgs.unwrap_or(100_000),
             },
             heartbeat,
             allowed_origins: a.allowed_origins.unwrap_or_default().0,

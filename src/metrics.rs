@@ -225,9 +225,16 @@ impl Metrics {
             Family::new(
                 "log_orgs",
                 "gauge",
-                "Orgs in the replay log.",
+                "Orgs held in memory by the replay log.",
                 "",
                 one(log.orgs),
+            ),
+            Family::new(
+                "log_idle_orgs",
+                "gauge",
+                "Idle orgs an embedded log remembers by epoch and head only (--max-idle-orgs).",
+                "",
+                one(log.idle_orgs),
             ),
             Family::new(
                 "log_events",

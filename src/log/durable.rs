@@ -36,10 +36,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::memory::{org_slot, usage, WindowSlot};
+use super::memory::{OrgSlot, OrgTable, WindowSlot};
 use super::window::OrgWindow;
 use super::{Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail};
 use crate::event::Event;
@@ -105,6 +105,16 @@ impl Slot {
     }
 }
 
+impl OrgSlot for Slot {
+    fn window(&self) -> &WindowSlot {
+        &self.win
+    }
+
+    fn is_idle(&self) -> bool {
+        self.win.is_idle() && self.reserve.lock().pending.is_empty()
+    }
+}
+
 struct Reserve {
     head: u64,
     pending: HashMap<String, Appended>,
@@ -159,7 +169,7 @@ struct Segments {
 
 /// The durable [`EventLog`].
 pub struct DurableLog {
-    orgs: Arc<RwLock<HashMap<OrgId, Arc<Slot>>>>,
+    orgs: OrgTable<Slot>,
     retention: Retention,
     tx: mpsc::UnboundedSender<Job>,
     segments: Arc<Mutex<Segments>>,
@@ -287,7 +297,7 @@ impl DurableLog {
             .into_iter()
             .map(|(org, w)| (org, Arc::new(Slot::new(w))))
             .collect();
-        let orgs = Arc::new(RwLock::new(orgs));
+        let orgs = OrgTable::new(orgs);
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
         let disk_bytes = Arc::new(AtomicU64::new(0));
@@ -324,20 +334,20 @@ impl DurableLog {
     }
 
     fn slot(&self, org: &OrgId) -> Arc<Slot> {
-        org_slot(&self.orgs, org, Slot::new)
+        self.orgs.slot(org, Slot::new)
     }
 
     /// Writes every org's epoch and the seq its kept history starts after to the checkpoint
     /// (temporary file, sync, rename).
     fn checkpoint(&self) -> anyhow::Result<()> {
         let mut orgs = serde_json::Map::new();
-        for (org, slot) in self.orgs.read().iter() {
-            // The seq before the oldest retained event: everything after it stays on disk, in
-            // segments this sweep keeps, and is replayed after it at the next start.
-            let s = slot.win.state();
+        // Live and idle orgs, each with the seq before its oldest retained event: everything
+        // after it stays on disk, in segments this sweep keeps, and is replayed after it at
+        // the next start.
+        for (org, epoch, head) in self.orgs.positions() {
             orgs.insert(
                 org.to_string(),
-                serde_json::json!({"epoch": s.epoch.as_str(), "head": s.first - 1}),
+                serde_json::json!({"epoch": epoch.as_str(), "head": head}),
             );
         }
         let dir = self.segments.lock().dir.clone();
@@ -802,23 +812,23 @@ impl EventLog for DurableLog {
             recovered_torn_bytes: self.recovery.torn_bytes,
             recovered_corrupt_segments: self.recovery.corrupt_segments,
             recovered_reset_orgs: self.recovery.reset_orgs.len() as u64,
-            ..usage(self.orgs.read().values().map(|s| &s.win))
+            ..self.orgs.usage()
         }
     }
 
     fn sweep(&self, now_ms: u64) {
-        let slots: Vec<Arc<Slot>> = self.orgs.read().values().cloned().collect();
-        for s in slots {
+        for (_, s) in self.orgs.slots() {
             s.win.window.lock().evict(now_ms, &self.retention);
         }
+        self.orgs.retire_idle(self.retention.max_idle_orgs);
         let cutoff = now_ms.saturating_sub(self.retention.window_ms);
         // A closed segment is deleted once nothing in it is needed: all older than the
         // window, or every event evicted by the count or byte caps and no key still live.
         let firsts: HashMap<OrgId, u64> = self
             .orgs
-            .read()
-            .iter()
-            .map(|(o, s)| (o.clone(), s.win.window.lock().first()))
+            .slots()
+            .into_iter()
+            .map(|(o, s)| (o, s.win.window.lock().first()))
             .collect();
         let old: Vec<u64> = self
             .segments
@@ -831,7 +841,8 @@ impl EventLog for DurableLog {
                         && sum
                             .last_seq
                             .iter()
-                            .all(|(org, last)| firsts.get(org).is_some_and(|f| last < f)))
+                            // An org no longer in memory retains nothing.
+                            .all(|(org, last)| firsts.get(org).is_none_or(|f| last < f)))
             })
             .map(|(id, _)| *id)
             .collect();

@@ -1,7 +1,7 @@
 //! The embedded, in-process log: one [`OrgWindow`] per org behind a short lock, and a `watch`
 //! channel per org that wakes tails. Lost on restart: every org gets a new epoch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -76,51 +76,201 @@ impl WindowSlot {
     }
 }
 
-/// The org's slot, made (with a new epoch) on first use.
-pub(super) fn org_slot<S>(
-    orgs: &RwLock<HashMap<OrgId, Arc<S>>>,
-    org: &OrgId,
-    make: impl FnOnce(OrgWindow) -> S,
-) -> Arc<S> {
-    if let Some(s) = orgs.read().get(org) {
-        return s.clone();
+/// What an embedded log keeps of each org's slot, generic over the slot (the in-memory log's
+/// [`WindowSlot`], the durable log's with its sequencer).
+pub(super) trait OrgSlot: Send + Sync {
+    fn window(&self) -> &WindowSlot;
+    /// Whether the slot holds nothing but its epoch and head (no retained event, key, follower
+    /// or write in flight); called with the table's write lock held.
+    fn is_idle(&self) -> bool {
+        self.window().is_idle()
     }
-    orgs.write()
-        .entry(org.clone())
-        .or_insert_with(|| Arc::new(make(OrgWindow::new(org.clone(), Epoch::random()))))
-        .clone()
 }
 
-/// Orgs, retained events and bytes over some windows.
-pub(super) fn usage<'a>(windows: impl ExactSizeIterator<Item = &'a WindowSlot>) -> LogUsage {
-    let mut u = LogUsage {
-        orgs: windows.len() as u64,
-        ..Default::default()
-    };
-    for s in windows {
-        let w = s.window.lock();
-        u.events += w.len() as u64;
-        u.bytes += w.bytes() as u64;
+impl OrgSlot for WindowSlot {
+    fn window(&self) -> &WindowSlot {
+        self
     }
-    u
+}
+
+impl WindowSlot {
+    /// No follower, no reader holding the window, nothing retained.
+    pub(super) fn is_idle(&self) -> bool {
+        self.head.receiver_count() == 0
+            && Arc::strong_count(&self.window) == 1
+            && self.window.lock().is_idle()
+    }
+}
+
+/// The orgs of an embedded log. An org that falls idle (nothing retained, no follower, no
+/// idempotency key) leaves memory at the next sweep, and a tombstone keeps its epoch and head,
+/// so a client that was caught up still resumes `recovered` when the org comes back. At most
+/// `Retention::max_idle_orgs` tombstones are kept, the oldest dropped first (a client resuming
+/// a forgotten org gets `reset`, as PROTOCOL.md section 1 allows). An idle org so costs about
+/// 100 bytes instead of its window, channel and locks (about 1 KiB), and a forgotten one nothing.
+pub(super) struct OrgTable<S> {
+    orgs: RwLock<HashMap<OrgId, Arc<S>>>,
+    tombstones: Mutex<Tombstones>,
+}
+
+#[derive(Default)]
+struct Tombstones {
+    /// Epoch, head and the generation of the entry in `order`.
+    map: HashMap<OrgId, (Epoch, u64, u64)>,
+    /// Oldest first; an entry whose generation differs from the map's is stale.
+    order: VecDeque<(OrgId, u64)>,
+    next: u64,
+}
+
+impl Tombstones {
+    fn bury(&mut self, org: OrgId, epoch: Epoch, head: u64, cap: usize) {
+        self.next += 1;
+        self.order.push_back((org.clone(), self.next));
+        self.map.insert(org, (epoch, head, self.next));
+        while self.map.len() > cap {
+            let Some((o, g)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&o).is_some_and(|(_, _, gen)| *gen == g) {
+                self.map.remove(&o);
+            }
+        }
+        // Orgs revived and buried again leave stale entries: compact when they dominate.
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order
+                .retain(|(o, g)| map.get(o).is_some_and(|(_, _, gen)| gen == g));
+        }
+    }
+
+    fn revive(&mut self, org: &OrgId) -> Option<(Epoch, u64)> {
+        self.map.remove(org).map(|(e, h, _)| (e, h))
+    }
+}
+
+impl<S: OrgSlot> OrgTable<S> {
+    pub(super) fn new(orgs: HashMap<OrgId, Arc<S>>) -> Self {
+        OrgTable {
+            orgs: RwLock::new(orgs),
+            tombstones: Mutex::new(Tombstones::default()),
+        }
+    }
+
+    /// The org's slot, made on first use: from its tombstone (same epoch and head) or new
+    /// (a new epoch).
+    pub(super) fn slot(&self, org: &OrgId, make: impl FnOnce(OrgWindow) -> S) -> Arc<S> {
+        if let Some(s) = self.orgs.read().get(org) {
+            return s.clone();
+        }
+        let mut orgs = self.orgs.write();
+        orgs.entry(org.clone())
+            .or_insert_with(|| {
+                let window = match self.tombstones.lock().revive(org) {
+                    Some((epoch, head)) => {
+                        let mut w = OrgWindow::new(org.clone(), epoch);
+                        w.restore_head(head);
+                        w
+                    }
+                    None => OrgWindow::new(org.clone(), Epoch::random()),
+                };
+                Arc::new(make(window))
+            })
+            .clone()
+    }
+
+    /// Moves idle orgs out of memory, keeping at most `cap` tombstones.
+    pub(super) fn retire_idle(&self, cap: usize) {
+        // Candidates under the read lock; each checked again under the write lock, where no
+        // one can take a new handle on a slot.
+        let candidates: Vec<OrgId> = self
+            .orgs
+            .read()
+            .iter()
+            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.is_idle())
+            .map(|(o, _)| o.clone())
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let mut orgs = self.orgs.write();
+        let mut tombstones = self.tombstones.lock();
+        for org in candidates {
+            let idle = orgs
+                .get(&org)
+                .is_some_and(|s| Arc::strong_count(s) == 1 && s.is_idle());
+            if idle {
+                if let Some(s) = orgs.remove(&org) {
+                    let state = s.window().state();
+                    tombstones.bury(org, state.epoch, state.head, cap);
+                }
+            }
+        }
+    }
+
+    /// Every org this table knows, live or idle, with its epoch and the seq before its oldest
+    /// retained event (for the durable log's checkpoint).
+    pub(super) fn positions(&self) -> Vec<(OrgId, Epoch, u64)> {
+        let mut out: Vec<(OrgId, Epoch, u64)> = self
+            .orgs
+            .read()
+            .iter()
+            .map(|(o, s)| {
+                let st = s.window().state();
+                (o.clone(), st.epoch, st.first - 1)
+            })
+            .collect();
+        out.extend(
+            self.tombstones
+                .lock()
+                .map
+                .iter()
+                .map(|(o, (e, h, _))| (o.clone(), e.clone(), *h)),
+        );
+        out
+    }
+
+    /// The live slots (a snapshot).
+    pub(super) fn slots(&self) -> Vec<(OrgId, Arc<S>)> {
+        self.orgs
+            .read()
+            .iter()
+            .map(|(o, s)| (o.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Live orgs, retained events and bytes, and idle orgs remembered.
+    pub(super) fn usage(&self) -> LogUsage {
+        let orgs = self.orgs.read();
+        let mut u = LogUsage {
+            orgs: orgs.len() as u64,
+            idle_orgs: self.tombstones.lock().map.len() as u64,
+            ..Default::default()
+        };
+        for s in orgs.values() {
+            let w = s.window().window.lock();
+            u.events += w.len() as u64;
+            u.bytes += w.bytes() as u64;
+        }
+        u
+    }
 }
 
 /// The in-memory [`EventLog`].
 pub struct MemoryLog {
-    orgs: RwLock<HashMap<OrgId, Arc<Slot>>>,
+    orgs: OrgTable<Slot>,
     retention: Retention,
 }
 
 impl MemoryLog {
     pub fn new(retention: Retention) -> Self {
         MemoryLog {
-            orgs: RwLock::new(HashMap::new()),
+            orgs: OrgTable::new(HashMap::new()),
             retention,
         }
     }
 
     fn slot(&self, org: &OrgId) -> Arc<Slot> {
-        org_slot(&self.orgs, org, Slot::new)
+        self.orgs.slot(org, Slot::new)
     }
 }
 
@@ -165,14 +315,14 @@ impl EventLog for MemoryLog {
     }
 
     fn usage(&self) -> LogUsage {
-        usage(self.orgs.read().values().map(|s| &**s))
+        self.orgs.usage()
     }
 
     fn sweep(&self, now_ms: u64) {
-        let slots: Vec<Arc<Slot>> = self.orgs.read().values().cloned().collect();
-        for s in slots {
+        for (_, s) in self.orgs.slots() {
             s.window.lock().evict(now_ms, &self.retention);
         }
+        self.orgs.retire_idle(self.retention.max_idle_orgs);
     }
 }
 
@@ -227,6 +377,59 @@ impl Tail for MemoryTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn idle_orgs_leave_memory_and_come_back_with_their_epoch_and_head() {
+        let log = MemoryLog::new(Retention {
+            window_ms: 1000,
+            max_idle_orgs: 2,
+            ..Retention::default()
+        });
+        let orgs: Vec<OrgId> = (0..3)
+            .map(|i| OrgId::parse(&format!("o{i}")).unwrap())
+            .collect();
+        let mut states = Vec::new();
+        for org in &orgs {
+            log.append(org, vec![Bytes::from_static(b"{}"); 2], None)
+                .await
+                .unwrap();
+            states.push(log.state(org).await.unwrap());
+        }
+        // A follower keeps its org; the others stay while they retain events.
+        let tail = log.tail(&orgs[2], None).await.unwrap();
+        log.sweep(unix_ms());
+        assert_eq!(log.usage().orgs, 3);
+        // Past the window: nothing retained; o0 and o1 leave, o2 has a follower.
+        log.sweep(unix_ms() + 5_000);
+        let u = log.usage();
+        assert_eq!((u.orgs, u.idle_orgs, u.events), (1, 2, 0));
+        drop(tail);
+        log.sweep(unix_ms() + 5_000);
+        // Three idle orgs, two tombstones: the oldest (o0) is forgotten.
+        assert_eq!((log.usage().orgs, log.usage().idle_orgs), (0, 2));
+        for (i, org) in orgs.iter().enumerate() {
+            let st = log.state(org).await.unwrap();
+            if i == 0 {
+                assert_ne!(st.epoch, states[0].epoch, "a forgotten org gets a new epoch");
+                assert_eq!(st.head, 0);
+            } else {
+                assert_eq!((&st.epoch, st.head), (&states[i].epoch, 2), "{org}");
+                assert_eq!(st.first, 3, "nothing retained");
+                // A caught-up client resumes.
+                let at = Position {
+                    epoch: st.epoch.clone(),
+                    seq: 2,
+                };
+                assert_eq!(st.resume(Some(&at)), crate::log::Resume::Recovered);
+            }
+        }
+        // Revived orgs continue their sequence.
+        let a = log
+            .append(&orgs[1], vec![Bytes::from_static(b"{}")], None)
+            .await
+            .unwrap();
+        assert_eq!((a.epoch, a.first_seq), (states[1].epoch.clone(), 3));
+    }
 
     #[tokio::test]
     async fn tail_follows_appends_in_order() {

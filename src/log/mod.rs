@@ -74,7 +74,10 @@ pub enum LogError {
 /// What a log holds, for metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LogUsage {
+    /// Orgs held in memory (embedded logs; Redis: orgs followed here).
     pub orgs: u64,
+    /// Idle orgs of an embedded log remembered by epoch and head only.
+    pub idle_orgs: u64,
     pub events: u64,
     pub bytes: u64,
     /// Bytes on disk (durable log).

@@ -22,6 +22,10 @@ pub struct Retention {
     pub max_events: usize,
     /// At most this many bytes of events per org.
     pub max_bytes: usize,
+    /// Embedded logs: idle orgs (nothing retained, no follower, no idempotency key) leave
+    /// memory and keep only their epoch and head, for at most this many orgs (the oldest are
+    /// forgotten first; a client resuming one of those gets `reset`).
+    pub max_idle_orgs: usize,
 }
 
 impl Default for Retention {
@@ -30,6 +34,7 @@ impl Default for Retention {
             window_ms: 5 * 60 * 1000,
             max_events: 100_000,
             max_bytes: 64 << 20,
+            max_idle_orgs: 100_000,
         }
     }
 }
@@ -209,6 +214,11 @@ impl OrgWindow {
         self.events.is_empty()
     }
 
+    /// Nothing retained and no idempotency key to remember: only the epoch and head matter.
+    pub fn is_idle(&self) -> bool {
+        self.events.is_empty() && self.idempotency.map.is_empty()
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -271,6 +281,7 @@ mod tests {
         window_ms: u64::MAX,
         max_events: usize::MAX,
         max_bytes: usize::MAX,
+        max_idle_orgs: usize::MAX,
     };
 
     #[test]
@@ -314,7 +325,7 @@ mod tests {
         let r = Retention {
             window_ms: 1000,
             max_events: 5,
-            max_bytes: usize::MAX,
+            ..KEEP_ALL
         };
         for t in 0..10 {
             w.append(payloads(1), None, t, &r);
@@ -339,9 +350,8 @@ mod tests {
         )
         .size();
         let r = Retention {
-            window_ms: u64::MAX,
-            max_events: usize::MAX,
             max_bytes: one * 3,
+            ..KEEP_ALL
         };
         w.append(payloads(10), None, 0, &r);
         assert_eq!((w.len(), w.bytes()), (3, one * 3), "byte cap");
@@ -402,7 +412,7 @@ mod tests {
         fn window_arithmetic(ops in proptest::collection::vec((1usize..20, 0u64..50), 1..40),
                              max_events in 1usize..60, window_ms in 1u64..200, probe in 0u64..400) {
             let mut w = window();
-            let r = Retention { window_ms, max_events, max_bytes: usize::MAX };
+            let r = Retention { window_ms, max_events, max_bytes: usize::MAX, max_idle_orgs: usize::MAX };
             let mut now = 0;
             for (n, dt) in ops {
                 now += dt;
