@@ -92,7 +92,10 @@ fn serve(args: ServeArgs, known_env: &[String]) -> anyhow::Result<()> {
     // Every connection is a file descriptor: take the hard limit (as Go's runtime and nginx's
     // worker_rlimit_nofile do); --max-connections defaults below it.
     let nofile = rlimit::increase_nofile_limit(u64::MAX);
-    let config = Config::load(args).map_err(anyhow::Error::msg)?;
+    let config = Config::load(args).map_err(|e| match unknown.is_empty() {
+        true => anyhow::Error::msg(e),
+        false => anyhow::anyhow!("{e} (unknown variables ignored: {})", unknown.join(", ")),
+    })?;
     init_logging(config.log_format);
     if let Err(e) = nofile {
         tracing::warn!(error = %e, "cannot raise the open-file limit");

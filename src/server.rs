@@ -22,6 +22,7 @@ use crate::event::Encoding;
 use crate::hub::Hub;
 use crate::log::{durable::DurableLog, memory::MemoryLog, redis::RedisLog, EventLog};
 use crate::metrics::Metrics;
+use crate::model::Epoch;
 use crate::session::{SessionEnv, SessionLimits};
 use crate::time::unix_ms;
 use crate::webtransport::{self, Certificates};
@@ -144,8 +145,12 @@ impl Server {
             config
                 .is_development()
                 .then(|| crate::upload::UploadConfig {
-                    dir: std::env::temp_dir()
-                        .join(format!("edgestream-dev-uploads-{}", std::process::id())),
+                    // Unique per server (tests run several in one process); removed at shutdown.
+                    dir: std::env::temp_dir().join(format!(
+                        "edgestream-dev-uploads-{}-{}",
+                        std::process::id(),
+                        Epoch::random()
+                    )),
                     max_bytes: 100 << 20,
                     max_org_bytes: 1 << 30,
                     max_org_uploads: 10_000,

@@ -38,12 +38,42 @@ pub enum ClientMessage {
         org: String,
         room: String,
         id: String,
-        body: serde_json::Value,
+        /// Read by [`ClientMessage::parse`] in a second pass: serde's internally tagged enums
+        /// buffer their fields as values, which cannot hold raw JSON.
+        #[serde(skip)]
+        body: RawJson,
     },
     /// A message type this version does not know; receivers skip it.
     #[serde(other)]
     Unknown,
 }
+
+/// A JSON value kept as the client wrote it (validated, never re-serialised: a value type
+/// would round `12345678901234567890123` and refuse `1e99999`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(pub Box<serde_json::value::RawValue>);
+
+impl Default for RawJson {
+    fn default() -> Self {
+        RawJson(serde_json::value::RawValue::from_string("null".into()).expect("valid JSON"))
+    }
+}
+
+impl RawJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for RawJson {}
 
 /// Why a client JSON message could not be parsed (a protocol error, close code 4400).
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +83,15 @@ pub struct JsonError(#[from] serde_json::Error);
 impl ClientMessage {
     /// Parses one text message.
     pub fn parse(text: &str) -> Result<Self, JsonError> {
-        Ok(serde_json::from_str(text)?)
+        let mut m: ClientMessage = serde_json::from_str(text)?;
+        if let ClientMessage::Chat { body, .. } = &mut m {
+            #[derive(Deserialize)]
+            struct Body {
+                body: RawJson,
+            }
+            *body = serde_json::from_str::<Body>(text)?.body;
+        }
+        Ok(m)
     }
 }
 

@@ -410,7 +410,10 @@ mod tests {
         for (i, org) in orgs.iter().enumerate() {
             let st = log.state(org).await.unwrap();
             if i == 0 {
-                assert_ne!(st.epoch, states[0].epoch, "a forgotten org gets a new epoch");
+                assert_ne!(
+                    st.epoch, states[0].epoch,
+                    "a forgotten org gets a new epoch"
+                );
                 assert_eq!(st.head, 0);
             } else {
                 assert_eq!((&st.epoch, st.head), (&states[i].epoch, 2), "{org}");

@@ -468,8 +468,8 @@ impl WsStreamSession {
                 id,
                 body,
             } => {
-                let body = serde_json::to_vec(&body).expect("a JSON value");
-                self.on_chat(&org, &room, &id, &body, out).await;
+                self.on_chat(&org, &room, &id, body.get().as_bytes(), out)
+                    .await;
                 Ok(())
             }
             ClientMessage::Join { org, room } => {
