@@ -105,3 +105,31 @@ async fn canary_tokens_never_appear_in_trace_logs_or_metrics() {
         }
     }
 }
+
+/// At the default level (info), the capped libraries write nothing: a cap lowers a level,
+/// never raises it (it used to turn tungstenite's debug output on for every run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_level_keeps_websocket_libraries_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let mut node = Node::spawn_logging(&[], "info", Some(&log)).await;
+    let t = token::hs256(
+        support::SECRET.as_bytes(),
+        &token::claims("u", &["acme"], "subscribe publish"),
+    );
+    let url = format!("ws://{}/v1/stream?access_token={t}&orgs=acme", node.http);
+    let mut c = WsClient::connect(&url).await.unwrap();
+    let _ = c.next_non_heartbeat().await;
+    node.api.publish(&t, "acme", &serde_json::json!({"a": 1})).await.unwrap();
+    let _ = c.next_non_heartbeat().await;
+    c.close().await;
+    node.kill().await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("edgestream serving"), "info is on: {logged}");
+    for lib in ["tungstenite", "web_transport_quinn"] {
+        assert!(
+            !logged.contains(lib),
+            "{lib} logged at the default level:\n{logged}"
+        );
+    }
+}

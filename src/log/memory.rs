@@ -396,14 +396,18 @@ mod tests {
             states.push(log.state(org).await.unwrap());
         }
         // A follower keeps its org; the others stay while they retain events.
-        let tail = log.tail(&orgs[2], None).await.unwrap();
+        let tail1 = log.tail(&orgs[1], None).await.unwrap();
+        let tail2 = log.tail(&orgs[2], None).await.unwrap();
         log.sweep(unix_ms());
         assert_eq!(log.usage().orgs, 3);
-        // Past the window: nothing retained; o0 and o1 leave, o2 has a follower.
+        // Past the window: nothing retained; o0 leaves, o1 and o2 have followers.
         log.sweep(unix_ms() + 5_000);
         let u = log.usage();
-        assert_eq!((u.orgs, u.idle_orgs, u.events), (1, 2, 0));
-        drop(tail);
+        assert_eq!((u.orgs, u.idle_orgs, u.events), (2, 1, 0));
+        drop(tail1);
+        log.sweep(unix_ms() + 5_000);
+        assert_eq!((log.usage().orgs, log.usage().idle_orgs), (1, 2));
+        drop(tail2);
         log.sweep(unix_ms() + 5_000);
         // Three idle orgs, two tombstones: the oldest (o0) is forgotten.
         assert_eq!((log.usage().orgs, log.usage().idle_orgs), (0, 2));
