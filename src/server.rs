@@ -121,8 +121,8 @@ impl Server {
                     .sample_string(&mut rand::rng(), 43)
                     .into_bytes();
                 tracing::warn!(
-                    "development mode: no JWT key configured; tokens are signed with a random \
-                     secret and served at /v1/dev/token to loopback clients"
+                    "development mode (--dev): tokens are signed with a random secret and served \
+                     at /v1/dev/token to clients on this machine; every origin is allowed"
                 );
                 let c = AuthConfig {
                     alg: JwtAlg::HS256,
