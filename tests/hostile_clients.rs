@@ -628,3 +628,38 @@ async fn token_claims_hostile_providers_send() {
     let (st, _) = s.api.publish_raw(&tab, "acme", "{}", None).await.unwrap();
     assert_eq!(st, 403);
 }
+
+/// A misspelt key variable must not start an open server: no key and no `--dev` is an error
+/// that names the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_key_variable_stops_the_start_and_is_named() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .env("EDGESTREAM_JWT_SECERT", "typo-secret-0123456789abcdef")
+        .env_remove("EDGESTREAM_JWT_SECRET")
+        .output();
+    let out = tokio::time::timeout(HANG_GUARD, out)
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {stderr}");
+    assert!(stderr.contains("--dev"), "{stderr}");
+    assert!(stderr.contains("EDGESTREAM_JWT_SECERT"), "{stderr}");
+    // --dev on a public address is refused too.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["serve", "--dev", "--http-listen", "0.0.0.0:0"])
+        .output();
+    let out = tokio::time::timeout(HANG_GUARD, out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}

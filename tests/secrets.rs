@@ -120,12 +120,18 @@ async fn the_default_level_keeps_websocket_libraries_quiet() {
     let url = format!("ws://{}/v1/stream?access_token={t}&orgs=acme", node.http);
     let mut c = WsClient::connect(&url).await.unwrap();
     let _ = c.next_non_heartbeat().await;
-    node.api.publish(&t, "acme", &serde_json::json!({"a": 1})).await.unwrap();
+    node.api
+        .publish(&t, "acme", &serde_json::json!({"a": 1}))
+        .await
+        .unwrap();
     let _ = c.next_non_heartbeat().await;
     c.close().await;
     node.kill().await;
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.contains("edgestream serving"), "info is on: {logged}");
+    assert!(
+        logged.contains("edgestream serving"),
+        "info is on: {logged}"
+    );
     for lib in ["tungstenite", "web_transport_quinn"] {
         assert!(
             !logged.contains(lib),
