@@ -216,9 +216,11 @@ impl Connection {
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(conn);
-        let mut tick = tokio::time::interval(
-            (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
-        );
+        // One timer per connection, armed for when it would fall idle and re-armed from the
+        // last activity when it fires (not a periodic tick: 100,000 keep-alive connections
+        // would otherwise wake 100,000 timers a second).
+        let idle_check = tokio::time::sleep(idle);
+        tokio::pin!(idle_check);
         let mut closing = false;
         loop {
             tokio::select! {
@@ -232,10 +234,16 @@ impl Connection {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                _ = tick.tick(), if !closing => {
-                    if inflight.load(Ordering::Acquire) == 0 && activity.idle_for() >= idle {
+                _ = &mut idle_check, if !closing => {
+                    let quiet = activity.idle_for();
+                    if inflight.load(Ordering::Acquire) == 0 && quiet >= idle {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                    } else {
+                        // Busy (a request in flight) or active since: check again when it
+                        // could next be idle.
+                        let next = if quiet >= idle { idle } else { idle - quiet };
+                        idle_check.as_mut().reset(Instant::now() + next);
                     }
                 }
             }

@@ -502,11 +502,11 @@ struct DevTokenQuery {
 /// IPv4 address or `[::1]`, with or without a port. A page on another name that resolves here
 /// (DNS rebinding) sends its own name.
 fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split_once(']').map_or("", |(a, _)| a),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    let Some(name) = plain_host(host) else {
+        return false;
     };
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let name = name.trim_start_matches('[').trim_end_matches([']', '.']);
+    let name = name.to_ascii_lowercase();
     name == "localhost"
         || name.ends_with(".localhost")
         || name
