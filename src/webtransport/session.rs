@@ -67,7 +67,9 @@ struct OrgStream {
 struct WtSession {
     env: Arc<SessionEnv>,
     wt: Session,
-    params: ConnectParams,
+    /// `enc=br` was asked for (the rest of the query, token and org lists, is dropped after
+    /// the start, as on WebSocket).
+    brotli: bool,
     token: SessionToken,
     orgs: HashMap<OrgId, OrgStream>,
     overflow: Arc<Overflow>,
@@ -104,7 +106,7 @@ impl WtSession {
             uploads: Vec::new(),
             env,
             wt,
-            params,
+            brotli: params.brotli,
             token,
             control_rx,
             control_tx,
@@ -134,7 +136,7 @@ impl WtSession {
         let head = cursor.head_watch();
         let writer = OrgWriter {
             env: self.env.clone(),
-            brotli: self.params.brotli,
+            brotli: self.brotli,
             stream,
             cursor,
             rx,
