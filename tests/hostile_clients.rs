@@ -305,11 +305,8 @@ async fn the_connection_cap_holds_and_health_still_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_star_grant_publishes_but_reads_nothing() {
-    let s = TestServer::start_with(|a| {
-        a.upload_dir =
-            Some(std::env::temp_dir().join(format!("edgestream-star-{}", std::process::id())))
-    })
-    .await;
+    let uploads = tempfile::tempdir().unwrap();
+    let s = TestServer::start_with(|a| a.upload_dir = Some(uploads.path().to_path_buf())).await;
     let star = token_for("mallory", &["*"], "subscribe publish chat upload");
     let named = token_for("alice", &["acme"], "subscribe publish upload");
     s.api
@@ -420,10 +417,10 @@ async fn dev_tokens_need_a_local_host_and_no_forwarding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_errors_are_json_and_small_inputs_behave() {
+    let uploads = tempfile::tempdir().unwrap();
     let s = TestServer::start_with(|a| {
         a.allowed_origins = Some("https://app.example".parse().unwrap());
-        a.upload_dir =
-            Some(std::env::temp_dir().join(format!("edgestream-low-{}", std::process::id())));
+        a.upload_dir = Some(uploads.path().to_path_buf());
     })
     .await;
     let t = s.token(&["acme"]);
