@@ -396,3 +396,45 @@ async fn the_count_cap_also_frees_disk_and_heads_survive_in_the_checkpoint() {
     assert_eq!(log.recovery().reset_orgs, vec!["acme".to_string()]);
     assert_ne!(log.state(&org).await.unwrap().epoch.as_str(), epoch);
 }
+
+/// Idle orgs leave memory on the durable log too, and their epochs and heads survive a restart
+/// through the checkpoint (so a caught-up client still resumes `recovered`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_orgs_leave_memory_and_their_heads_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        window_ms: 1000,
+        ..Retention::default()
+    };
+    let orgs: Vec<OrgId> = (0..50)
+        .map(|i| OrgId::parse(&format!("org{i}")).unwrap())
+        .collect();
+    let mut epochs = Vec::new();
+    {
+        let log = DurableLog::open(config(dir.path(), 4096), retention).unwrap();
+        for org in &orgs {
+            epochs.push(fill(&log, org, 10).await);
+        }
+        assert_eq!(log.usage().orgs, 50);
+        // Past the window: every org is idle; it leaves memory and its old segments go, after
+        // a checkpoint that names it.
+        log.sweep(edgestream::time::unix_ms() + 5_000);
+        let u = log.usage();
+        assert_eq!((u.orgs, u.idle_orgs, u.events), (0, 50, 0));
+        assert!(segments(dir.path()).len() <= 2, "old segments deleted");
+        // Revived in memory with its epoch and head.
+        let s = log.state(&orgs[0]).await.unwrap();
+        assert_eq!((s.epoch.as_str(), s.head), (epochs[0].as_str(), 10));
+    }
+    let log = DurableLog::open(config(dir.path(), 4096), retention).unwrap();
+    for (org, epoch) in orgs.iter().zip(&epochs) {
+        let s = log.state(org).await.unwrap();
+        assert_eq!((s.epoch.as_str(), s.head), (epoch.as_str(), 10), "{org}");
+        let at = Position {
+            epoch: s.epoch.clone(),
+            seq: 10,
+        };
+        assert_eq!(s.resume(Some(&at)), Resume::Recovered, "{org}");
+    }
+    assert_eq!(log.recovery().reset_orgs, Vec::<String>::new());
+}

@@ -649,6 +649,9 @@ fn writer(
                     if let Some(k) = &j.key {
                         j.slot.reserve.lock().pending.remove(k);
                     }
+                    // The slot is released before the acknowledgement, so an org whose last
+                    // append was acknowledged is idle as far as the sweep can tell.
+                    drop(j.slot);
                     let _ = j.done.send(Ok(j.result));
                 }
             }
