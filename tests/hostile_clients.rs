@@ -649,6 +649,35 @@ async fn a_misspelt_key_variable_stops_the_start_and_is_named() {
     assert!(!out.status.success(), "it started: {stderr}");
     assert!(stderr.contains("--dev"), "{stderr}");
     assert!(stderr.contains("EDGESTREAM_JWT_SECERT"), "{stderr}");
+    // A server that does start (here in development mode) warns about it.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
+        .args(["serve", "--dev", "--http-listen", "127.0.0.1:0"])
+        .args(["--quic-listen", "127.0.0.1:0"])
+        .env("EDGESTREAM_JWT_SECERT", "typo-secret-0123456789abcdef")
+        .env("EDGESTREAM_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let warned = tokio::time::timeout(HANG_GUARD, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("unknown EDGESTREAM_ variable")
+                && line.contains("EDGESTREAM_JWT_SECERT")
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    let _ = child.kill().await;
+    assert_eq!(
+        warned.ok(),
+        Some(true),
+        "no warning about the unknown variable"
+    );
     // --dev on a public address is refused too.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
         .args(["serve", "--dev", "--http-listen", "0.0.0.0:0"])
