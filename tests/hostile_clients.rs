@@ -689,3 +689,54 @@ async fn a_misspelt_key_variable_stops_the_start_and_is_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
+
+/// Out of file descriptors (a cap set above what the process may open): accepts fail, the
+/// listener backs off instead of spinning, counts the failures, and serves again once
+/// descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_back_off_and_the_listener_recovers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cmd = format!(
+        "ulimit -n 64 && exec {} serve --http-listen 127.0.0.1:{port} --quic-listen 127.0.0.1:0 \
+         --max-connections 1000",
+        env!("CARGO_BIN_EXE_edgestream")
+    );
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .env("EDGESTREAM_JWT_SECRET", support::SECRET)
+        .env("EDGESTREAM_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let api = edgestream_testkit::http::Api::new(format!("http://127.0.0.1:{port}"));
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while api.get("/healthz", None).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "node did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // More connections than descriptors: the kernel queues them, accept fails with EMFILE.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(c) = TcpStream::connect(("127.0.0.1", port)).await {
+            held.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    // Descriptors free again: the listener serves, and it counted what failed.
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    let m = loop {
+        let fresh = edgestream_testkit::http::Api::new(api.base.clone());
+        if let Ok((200, m)) = fresh.get("/v1/metrics", None).await {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(m["http_accept_errors"].as_u64() >= Some(1), "{m}");
+    let _ = child.kill().await;
+}
