@@ -78,7 +78,9 @@ impl From<ModelError> for Refusal {
 impl From<LogError> for Refusal {
     fn from(e: LogError) -> Self {
         match e {
-            LogError::Unavailable(_) => Refusal::new(CloseCode::GoingAway, "log unavailable"),
+            LogError::Unavailable(_) | LogError::Indeterminate(_) => {
+                Refusal::new(CloseCode::GoingAway, "log unavailable")
+            }
             LogError::Internal(_) => Refusal::new(CloseCode::Internal, "internal error"),
         }
     }

@@ -366,3 +366,60 @@ async fn nodes_share_the_log_on_a_redis_cluster_sharded_by_org() {
         (11..=15).collect::<Vec<_>>()
     );
 }
+
+/// A publish whose command reached Redis but got no answer (Redis frozen) is 504 "outcome
+/// unknown", not 503 "not stored": the event is stored once Redis runs again, and a retry with
+/// the same Idempotency-Key answers the first result instead of storing it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_without_an_answer_is_504_and_its_retry_stores_once() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let tok = a.token(&["acme"]);
+    a.publish_numbered(&tok, "acme", 0..1).await;
+    redis.pause();
+    let body = serde_json::to_vec(&json!({"i": 1})).unwrap();
+    let (status, r) = a
+        .api
+        .publish_raw(&tok, "acme", body.clone(), Some("k-1"))
+        .await
+        .unwrap();
+    redis.resume();
+    assert_eq!(status, 504, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("Idempotency-Key"),
+        "{r}"
+    );
+    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
+    let (status, r) = loop {
+        let (status, r) = a
+            .api
+            .publish_raw(&tok, "acme", body.clone(), Some("k-1"))
+            .await
+            .unwrap();
+        if status != 503 || tokio::time::Instant::now() > deadline {
+            break (status, r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        status, 200,
+        "the frozen publish was stored; the retry is its duplicate: {r}"
+    );
+    assert_eq!((&r["first_seq"], &r["last_seq"]), (&json!(2), &json!(2)));
+    let (_, h) = a.api.get("/v1/orgs/acme/events", Some(&tok)).await.unwrap();
+    let is: Vec<&Value> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["data"]["i"])
+        .collect();
+    assert_eq!(is, [&json!(0), &json!(1)], "stored exactly once: {h}");
+    // Redis down (refusing connections) is 503: nothing was stored.
+    drop(redis);
+    let (status, r) = a
+        .api
+        .publish_raw(&tok, "acme", body, Some("k-2"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{r}");
+}

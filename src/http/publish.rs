@@ -66,7 +66,14 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
         .map_err(|e| match e {
             LogError::Unavailable(m) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("log unavailable: {m}"),
+                format!("log unavailable, not stored: {m}"),
+            ),
+            LogError::Indeterminate(m) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "outcome unknown: the log did not answer in time, the events may have been \
+                     stored; retry with the same Idempotency-Key to store them exactly once ({m})"
+                ),
             ),
             LogError::Internal(m) => {
                 tracing::error!(org = %org, error = %m, "append failed");

@@ -63,9 +63,14 @@ pub enum ReadOutcome {
 /// Why a log operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
-    /// The backbone cannot be reached (Redis down): retry later, nothing was appended.
+    /// The backbone cannot be reached (Redis down) or refused the command: nothing was
+    /// appended; retry later.
     #[error("log unavailable: {0}")]
     Unavailable(String),
+    /// A write was sent but its answer never came (a timeout, a connection lost after the
+    /// command left): it may or may not have been stored. Retry with the same Idempotency-Key.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
     /// A bug or corrupt state.
     #[error("log error: {0}")]
     Internal(String),

@@ -151,6 +151,27 @@ fn unavailable(e: redis::RedisError) -> LogError {
     LogError::Unavailable(format!("redis: {e}"))
 }
 
+/// A failed write: not stored when Redis refused it or could not be reached; outcome unknown
+/// when the command may have left (a timeout, or the connection lost while it was in flight).
+fn write_failed(e: redis::RedisError) -> LogError {
+    use std::io::ErrorKind as K;
+    // A write that failed (broken pipe, not connected, refused) never left; a read that failed
+    // (timeout, reset, end of stream) came after the command was sent.
+    let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    let in_flight = e.is_timeout()
+        || io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                K::ConnectionReset | K::UnexpectedEof | K::ConnectionAborted
+            )
+        });
+    if in_flight {
+        LogError::Indeterminate(format!("redis: {e}"))
+    } else {
+        unavailable(e)
+    }
+}
+
 fn meta_key(org: &OrgId) -> String {
     format!("es:{{{org}}}:m")
 }
@@ -519,7 +540,7 @@ impl EventLog for RedisLog {
             call.arg(p.as_ref());
         }
         let (dup, epoch, first, last): (u8, String, u64, u64) =
-            call.invoke_async(&mut conn).await.map_err(unavailable)?;
+            call.invoke_async(&mut conn).await.map_err(write_failed)?;
         let _: Result<i64, _> = redis::cmd("SADD")
             .arg(ORGS_KEY)
             .arg(org.as_str())
