@@ -549,7 +549,7 @@ async fn org_churn_does_not_grow_memory_wave_after_wave() {
             * 1024
     };
     let mut after = Vec::new();
-    for wave in 0..6u32 {
+    for wave in 0..10u32 {
         let mut tasks = Vec::new();
         for w in 0..8u32 {
             let api = node.api.clone();
@@ -582,14 +582,16 @@ async fn org_churn_does_not_grow_memory_wave_after_wave() {
         after.push(rss_of(node.pid()));
     }
     eprintln!("node RSS after each wave of 10,000 orgs: {after:?}");
-    // Before: about 1 KiB per org ever seen, so +10 MiB a wave, every wave. Now the growth
-    // shrinks wave after wave as the allocator settles (measured over 8 waves: +12.5, +5.4,
-    // +2.2, +1.0, +0.5, +0.2, +0.1 MiB), so the last two waves add little.
+    // Before: about 1 KiB per org ever seen, so +10 MiB a wave, every wave. Now RSS climbs
+    // to the high-water mark of orgs alive at once (how many depends on how late the sweeps
+    // run on a busy machine) and stays there: idle machine, 8 waves: +12.5, +5.4, +2.2, +1.0,
+    // +0.5, +0.2, +0.1 MiB; loaded by other tests, 10 waves: +11, +13, +7, +2.7, +1.4, +0.8,
+    // +0.9, +1.7, +0.7 MiB. The last three waves must add well under one wave of the old leak.
     assert!(
-        after[5] < after[3] + (6 << 20),
-        "RSS grew from {} to {} bytes over waves 4 to 6",
-        after[3],
-        after[5]
+        after[9] < after[6] + (8 << 20),
+        "RSS grew from {} to {} bytes over waves 7 to 10",
+        after[6],
+        after[9]
     );
 }
 
