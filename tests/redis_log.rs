@@ -423,3 +423,124 @@ async fn a_publish_without_an_answer_is_504_and_its_retry_stores_once() {
         .unwrap();
     assert_eq!(status, 503, "{r}");
 }
+
+/// Redis restarted from an older snapshot while the nodes stay up: the org lost events the
+/// nodes had acknowledged and delivered. The first node to touch it moves it to a new epoch
+/// (one for all nodes), clients that saw the lost events get RESET, and no (epoch, seq) is ever
+/// acknowledged for two different events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_rolled_back_to_a_snapshot_moves_the_org_to_a_new_epoch() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let tok = a.token(&["acme"]);
+    let mut on_b = b.client(&["acme"], "orgs=acme").await;
+    let (epoch, _, _) = subscribed(&mut on_b).await;
+    let mut acked: std::collections::HashMap<(String, u64), u64> = Default::default();
+    let mut publish = |api: &edgestream_testkit::http::Api, i: u64| {
+        let api = api.clone();
+        let tok = tok.clone();
+        async move {
+            let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
+            let (st, r) = api.publish_raw(&tok, "acme", body, None).await.unwrap();
+            (st, r, i)
+        }
+    };
+    let mut record = |r: &Value, i: u64| {
+        let key = (
+            r["epoch"].as_str().unwrap().to_string(),
+            r["first_seq"].as_u64().unwrap(),
+        );
+        if let Some(prev) = acked.insert(key.clone(), i) {
+            panic!("{key:?} acknowledged for event {prev} and event {i}");
+        }
+    };
+    for i in 0..10 {
+        let (st, r, i) = publish(&a.api, i).await;
+        assert_eq!(st, 201);
+        record(&r, i);
+    }
+    assert_eq!(redis.command("SAVE"), "+OK");
+    for i in 10..20 {
+        let (st, r, i) = publish(&a.api, i).await;
+        assert_eq!(st, 201);
+        record(&r, i);
+    }
+    // B's client saw all 20.
+    assert_eq!(
+        seqs(&on_b.events(20).await.unwrap()),
+        (1..=20).collect::<Vec<_>>()
+    );
+    // Redis dies and comes back from the snapshot: head 10, events 11..20 gone.
+    redis.restart();
+    let mut i = 20;
+    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
+    let new_epoch = loop {
+        let (st, r, n) = publish(&a.api, i).await;
+        match st {
+            201 => {
+                record(&r, n);
+                i += 1;
+                let e = r["epoch"].as_str().unwrap().to_string();
+                assert_ne!(
+                    e, epoch,
+                    "a publish after the rollback reused the epoch: {r}"
+                );
+                assert_eq!(r["first_seq"], 1, "{r}");
+                break e;
+            }
+            503 | 504 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("publish answered {other}: {r}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never published again"
+        );
+    };
+    // More publishes on both nodes: one epoch, gap-free, never a reused position.
+    for _ in 0..5 {
+        for api in [&a.api, &b.api] {
+            let (st, r, n) = publish(api, i).await;
+            assert_eq!(st, 201, "{r}");
+            assert_eq!(r["epoch"], new_epoch.as_str());
+            record(&r, n);
+            i += 1;
+        }
+    }
+    // B's client: RESET to the new epoch with its head (the client resyncs from the history),
+    // then live events after that head.
+    let head = loop {
+        match on_b.next_non_heartbeat().await.unwrap() {
+            Msg::Frame(Frame::Reset { epoch: e, head, .. }) => {
+                assert_eq!(e, new_epoch);
+                break head;
+            }
+            Msg::Frame(f) => assert!(
+                edgestream_testkit::ws::as_event(f.clone())
+                    .unwrap()
+                    .is_none(),
+                "an event before RESET: {f:?}"
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    for _ in 0..2 {
+        let (st, r, n) = publish(&a.api, i).await;
+        assert_eq!(st, 201, "{r}");
+        record(&r, n);
+        i += 1;
+    }
+    let last = i - 20; // events published in the new epoch
+    assert_eq!(
+        seqs(&on_b.events((last - head) as usize).await.unwrap()),
+        (head + 1..=last).collect::<Vec<_>>()
+    );
+    // A client that resumes from the lost history is told to reset, on either node.
+    for n in [&a, &b] {
+        let url = n.ws_url(&format!(
+            "access_token={tok}&orgs=acme&since=acme:{epoch}:15"
+        ));
+        let mut c = WsClient::connect(&url).await.unwrap();
+        let (e, _, resume) = subscribed(&mut c).await;
+        assert_eq!((e.as_str(), resume), (new_epoch.as_str(), Resume::Reset));
+    }
+}

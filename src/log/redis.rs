@@ -43,36 +43,61 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// Events per follower read.
 const TAIL_BATCH: usize = 1024;
 
+/// The fence both scripts run first (KEYS[1] = meta, KEYS[2] = stream): when the org is still
+/// in the epoch the calling node knows (`known`) but its head is below the highest seq that
+/// node acknowledged or saw under it (`mark`), the store lost events (a failover to a replica
+/// that lacked them, a restore from an older snapshot). The org then moves to the `candidate`
+/// epoch with head 0 and an empty stream, in this one atomic step, so that no (epoch, seq) is
+/// used for two events and every node sees the same new epoch. Returns 1 when it fenced.
+const FENCE: &str = r#"
+local function fence(known, mark, candidate)
+  if known == '' then return 0 end
+  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if epoch ~= known then return 0 end
+  local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+  if head >= tonumber(mark) then return 0 end
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', candidate, 'head', 0)
+  return 1
+end
+"#;
+
 /// Appends a batch: KEYS = meta, stream, idempotency key; ARGV = epoch candidate, ts, max
-/// events, idempotency ttl ms, has key (1/0), payloads...
-/// Returns {duplicate(0/1), epoch, first, last}.
+/// events, idempotency ttl ms, has key (1/0), known epoch, mark, payloads...
+/// Returns {duplicate(0/1), epoch, first, last, fenced(0/1)}.
 const APPEND: &str = r#"
+local fenced = fence(ARGV[6], ARGV[7], ARGV[1])
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if ARGV[5] == '1' then
   local prev = redis.call('GET', KEYS[3])
   if prev then
     local e, f, l = string.match(prev, '^(%S+) (%d+) (%d+)$')
-    return {1, e, tonumber(f), tonumber(l)}
+    -- A result of an epoch that was fenced away names lost events: append again.
+    if e == epoch then
+      return {1, e, tonumber(f), tonumber(l), fenced}
+    end
   end
 end
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local n = #ARGV - 5
+local n = #ARGV - 7
 local last = redis.call('HINCRBY', KEYS[1], 'head', n)
 local first = last - n + 1
 for i = 1, n do
-  redis.call('XADD', KEYS[2], (first + i - 1) .. '-0', 'e', epoch, 't', ARGV[2], 'p', ARGV[5 + i])
+  redis.call('XADD', KEYS[2], (first + i - 1) .. '-0', 'e', epoch, 't', ARGV[2], 'p', ARGV[7 + i])
 end
 redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[3])
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. first .. ' ' .. last, 'PX', ARGV[4])
 end
-return {0, epoch, first, last}
+return {0, epoch, first, last, fenced}
 "#;
 
-/// An org's state (created with the candidate epoch when new), and with ARGV[2] > 0, up to
-/// ARGV[3] entries after seq ARGV[2]... KEYS = meta, stream; ARGV = epoch candidate,
-/// read (1/0), after seq, count. Returns {epoch, head, first, entries}.
+/// An org's state (created with the candidate epoch when new, fenced as in [`FENCE`]), and
+/// with ARGV[2] = 1, up to ARGV[4] entries after seq ARGV[3]. KEYS = meta, stream; ARGV =
+/// epoch candidate, read (1/0), after seq, count, known epoch, mark.
+/// Returns {epoch, head, first, entries, fenced(0/1)}.
 const STATE_READ: &str = r#"
+local fenced = fence(ARGV[5], ARGV[6], ARGV[1])
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
@@ -85,8 +110,58 @@ local entries = {}
 if ARGV[2] == '1' then
   entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
 end
-return {epoch, head, first, entries}
+return {epoch, head, first, entries, fenced}
 "#;
+
+/// What this node has seen of each org: the highest seq it acknowledged, read or delivered
+/// under the epoch it knows (the fence's `known` and `mark`). Lost with the process, so a
+/// store that loses events while every node restarts is not detected (docs/DEPLOYMENT.md).
+/// At most [`MAX_MARKS`] orgs: past it, marks of orgs not followed here are dropped, which
+/// only weakens the fence for them.
+#[derive(Default)]
+struct Marks(Mutex<std::collections::HashMap<OrgId, (Epoch, u64)>>);
+
+const MAX_MARKS: usize = 100_000;
+
+impl Marks {
+    fn get(&self, org: &OrgId) -> (String, u64) {
+        self.0
+            .lock()
+            .get(org)
+            .map_or((String::new(), 0), |(e, s)| (e.to_string(), *s))
+    }
+
+    /// Records that `seq` exists under `epoch` (a new epoch replaces the old mark).
+    fn saw(&self, org: &OrgId, epoch: &Epoch, seq: u64) {
+        let mut m = self.0.lock();
+        if m.len() >= MAX_MARKS && !m.contains_key(org) {
+            let drop: Vec<OrgId> = m.keys().take(MAX_MARKS / 10).cloned().collect();
+            for o in drop {
+                m.remove(&o);
+            }
+        }
+        let e = m.entry(org.clone()).or_insert_with(|| (epoch.clone(), seq));
+        if e.0 != *epoch {
+            *e = (epoch.clone(), seq);
+        } else {
+            e.1 = e.1.max(seq);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+fn fenced_warning(org: &OrgId, known: &str, mark: u64, epoch: &Epoch) {
+    tracing::warn!(
+        org = %org,
+        lost_epoch = known,
+        mark,
+        new_epoch = %epoch,
+        "the store lost events this node had acknowledged or seen: the org moves to a new epoch (clients get reset)"
+    );
+}
 
 /// The Redis Streams [`EventLog`].
 pub struct RedisLog {
@@ -95,8 +170,8 @@ pub struct RedisLog {
     append: Script,
     state_read: Script,
     retention: Retention,
-    /// Orgs this node has touched (for metrics).
-    orgs: Mutex<std::collections::HashSet<OrgId>>,
+    /// What this node saw of each org it touched, for the fence (and the metrics' org count).
+    marks: Arc<Marks>,
     sweeping: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -236,10 +311,10 @@ impl RedisLog {
         RedisLog {
             target,
             conn,
-            append: Script::new(APPEND),
-            state_read: Script::new(STATE_READ),
+            append: Script::new(&format!("{FENCE}{APPEND}")),
+            state_read: Script::new(&format!("{FENCE}{STATE_READ}")),
             retention,
-            orgs: Mutex::new(Default::default()),
+            marks: Arc::new(Marks::default()),
             sweeping: Mutex::new(None),
         }
     }
@@ -359,40 +434,59 @@ impl RedisLog {
         after: Option<u64>,
         limit: usize,
     ) -> Result<(OrgState, Vec<Arc<Event>>), LogError> {
-        let mut conn = self.conn.clone();
-        let v: Value = self
-            .state_read
-            .key(meta_key(org))
-            .key(stream_key(org))
-            .arg(Epoch::random().as_str())
-            .arg(if after.is_some() { "1" } else { "0" })
-            .arg(after.unwrap_or(0))
-            .arg(limit)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let Value::Array(parts) = v else {
-            return Err(LogError::Internal("redis: unexpected state reply".into()));
-        };
-        let [epoch, head, first, entries] = <[Value; 4]>::try_from(parts)
-            .map_err(|_| LogError::Internal("redis: state reply of the wrong length".into()))?;
-        let epoch = Epoch::parse(&as_string(&epoch)?)
-            .map_err(|e| LogError::Internal(format!("redis: {e}")))?;
-        let state = OrgState {
-            epoch,
-            head: as_u64(&head)?,
-            first: as_u64(&first)?,
-        };
-        let events = parse_entries(org, entries)?;
-        Ok((state, events))
+        state_and_read(
+            &self.state_read,
+            self.conn.clone(),
+            &self.marks,
+            org,
+            after,
+            limit,
+        )
+        .await
     }
+}
 
-    fn touch(&self, org: &OrgId) {
-        let mut orgs = self.orgs.lock();
-        if !orgs.contains(org) {
-            orgs.insert(org.clone());
-        }
+/// The org's state (fenced against this node's mark) and, with `after`, up to `limit` events
+/// after that seq; the mark learns the head.
+async fn state_and_read(
+    script: &Script,
+    mut conn: Conn,
+    marks: &Marks,
+    org: &OrgId,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<(OrgState, Vec<Arc<Event>>), LogError> {
+    let (known, mark) = marks.get(org);
+    let v: Value = script
+        .key(meta_key(org))
+        .key(stream_key(org))
+        .arg(Epoch::random().as_str())
+        .arg(if after.is_some() { "1" } else { "0" })
+        .arg(after.unwrap_or(0))
+        .arg(limit)
+        .arg(&known)
+        .arg(mark)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    let Value::Array(parts) = v else {
+        return Err(LogError::Internal("redis: unexpected state reply".into()));
+    };
+    let [epoch, head, first, entries, fenced] = <[Value; 5]>::try_from(parts)
+        .map_err(|_| LogError::Internal("redis: state reply of the wrong length".into()))?;
+    let epoch =
+        Epoch::parse(&as_string(&epoch)?).map_err(|e| LogError::Internal(format!("redis: {e}")))?;
+    let state = OrgState {
+        epoch,
+        head: as_u64(&head)?,
+        first: as_u64(&first)?,
+    };
+    if as_u64(&fenced)? == 1 {
+        fenced_warning(org, &known, mark, &state.epoch);
     }
+    marks.saw(org, &state.epoch, state.head);
+    let events = parse_entries(org, entries)?;
+    Ok((state, events))
 }
 
 impl Drop for RedisLog {
@@ -525,8 +619,8 @@ impl EventLog for RedisLog {
         payloads: Vec<Bytes>,
         idempotency_key: Option<&str>,
     ) -> Result<Appended, LogError> {
-        self.touch(org);
         let mut conn = self.conn.clone();
+        let (known, mark) = self.marks.get(org);
         let mut call = self.append.prepare_invoke();
         call.key(meta_key(org))
             .key(stream_key(org))
@@ -535,19 +629,27 @@ impl EventLog for RedisLog {
             .arg(unix_ms())
             .arg(self.retention.max_events.max(1))
             .arg(self.retention.window_ms.max(1))
-            .arg(if idempotency_key.is_some() { "1" } else { "0" });
+            .arg(if idempotency_key.is_some() { "1" } else { "0" })
+            .arg(&known)
+            .arg(mark);
         for p in &payloads {
             call.arg(p.as_ref());
         }
-        let (dup, epoch, first, last): (u8, String, u64, u64) =
+        let (dup, epoch, first, last, fenced): (u8, String, u64, u64, u8) =
             call.invoke_async(&mut conn).await.map_err(write_failed)?;
+        let epoch = Epoch::parse(&epoch).map_err(|e| LogError::Internal(format!("redis: {e}")))?;
+        if fenced == 1 {
+            fenced_warning(org, &known, mark, &epoch);
+        }
+        // Acknowledged: from now on this node holds the store to it.
+        self.marks.saw(org, &epoch, last);
         let _: Result<i64, _> = redis::cmd("SADD")
             .arg(ORGS_KEY)
             .arg(org.as_str())
             .query_async(&mut conn)
             .await;
         Ok(Appended {
-            epoch: Epoch::parse(&epoch).map_err(|e| LogError::Internal(format!("redis: {e}")))?,
+            epoch,
             first_seq: first,
             last_seq: last,
             duplicate: dup == 1,
@@ -555,7 +657,6 @@ impl EventLog for RedisLog {
     }
 
     async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
-        self.touch(org);
         Ok(self.state_and_read(org, None, 0).await?.0)
     }
 
@@ -578,8 +679,15 @@ impl EventLog for RedisLog {
         let state = self.state(org).await?;
         let cursor = match after {
             Some(p) if p.epoch == state.epoch && p.seq <= state.head => p,
-            // A new epoch, or a position this epoch never had: follow from the head.
-            _ => Position {
+            // A follower restarted into a new epoch (Redis lost the org, or a fence moved it):
+            // from the oldest retained event of the new epoch, so that the sessions see the
+            // change (and reset) even if nothing more is published.
+            Some(_) => Position {
+                epoch: state.epoch,
+                seq: state.first - 1,
+            },
+            // A new follower: from the head.
+            None => Position {
                 epoch: state.epoch,
                 seq: state.head,
             },
@@ -605,6 +713,7 @@ impl EventLog for RedisLog {
             signal_cursor,
             meta: self.conn.clone(),
             state_read: self.state_read.clone(),
+            marks: self.marks.clone(),
             cursor,
         }))
     }
@@ -619,7 +728,7 @@ impl EventLog for RedisLog {
 
     fn usage(&self) -> LogUsage {
         LogUsage {
-            orgs: self.orgs.lock().len() as u64,
+            orgs: self.marks.len() as u64,
             ..Default::default()
         }
     }
@@ -640,6 +749,7 @@ struct RedisTail {
     conn: Conn,
     meta: Conn,
     state_read: Script,
+    marks: Arc<Marks>,
     cursor: Position,
     /// The last signal id read.
     signal_cursor: String,
@@ -695,34 +805,31 @@ impl Tail for RedisTail {
                     epoch: last.epoch.clone(),
                     seq: last.seq,
                 };
+                // Delivered: the store is held to it.
+                self.marks.saw(&self.org, &last.epoch, last.seq);
             }
             if !out.events.is_empty() || !out.signals.is_empty() {
                 return Ok(out);
             }
-            // Quiet for a while: a new epoch (the org's keys were lost and recreated) restarts
-            // seqs below the cursor, where XREAD would never look.
-            let mut meta = self.meta.clone();
-            let v: Value = self
-                .state_read
-                .key(meta_key(&self.org))
-                .key(stream_key(&self.org))
-                .arg(Epoch::random().as_str())
-                .arg("0")
-                .arg(0)
-                .arg(0)
-                .invoke_async(&mut meta)
-                .await
-                .map_err(unavailable)?;
-            if let Value::Array(parts) = v {
-                if let Some(e) = parts.first() {
-                    let epoch = as_string(e)?;
-                    if epoch != self.cursor.epoch.as_str() {
-                        let epoch = Epoch::parse(&epoch)
-                            .map_err(|e| LogError::Internal(format!("redis: {e}")))?;
-                        tracing::warn!(org = %self.org, %epoch, "org has a new epoch in redis");
-                        self.cursor = Position { epoch, seq: 0 };
-                    }
-                }
+            // Quiet for a while: check the org's state, fenced against what this node saw. A
+            // new epoch (the org's keys were lost and recreated, or a fence moved it because
+            // the store lost events) restarts seqs below the cursor, where XREAD would never
+            // look; the hub's sessions then read the log and get RESET.
+            let (state, _) = state_and_read(
+                &self.state_read,
+                self.meta.clone(),
+                &self.marks,
+                &self.org,
+                None,
+                0,
+            )
+            .await?;
+            if state.epoch != self.cursor.epoch {
+                tracing::warn!(org = %self.org, epoch = %state.epoch, "org has a new epoch in redis");
+                self.cursor = Position {
+                    epoch: state.epoch,
+                    seq: 0,
+                };
             }
         }
     }
