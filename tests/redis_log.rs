@@ -436,7 +436,7 @@ async fn a_store_rolled_back_to_a_snapshot_moves_the_org_to_a_new_epoch() {
     let mut on_b = b.client(&["acme"], "orgs=acme").await;
     let (epoch, _, _) = subscribed(&mut on_b).await;
     let mut acked: std::collections::HashMap<(String, u64), u64> = Default::default();
-    let mut publish = |api: &edgestream_testkit::http::Api, i: u64| {
+    let publish = |api: &edgestream_testkit::http::Api, i: u64| {
         let api = api.clone();
         let tok = tok.clone();
         async move {
