@@ -82,9 +82,7 @@ impl Server {
                             })?
                     }
                 };
-                let log = Arc::new(log);
-                log.start_sweeper();
-                log
+                Arc::new(log)
             }
             None => match &config.durable {
                 Some(d) => Arc::new(DurableLog::open(d.clone(), config.retention).with_context(

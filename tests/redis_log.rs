@@ -298,7 +298,25 @@ async fn retention_by_time_trims_the_stream() {
     .await;
     let tok = a.token(&["acme"]);
     a.publish_numbered(&tok, "acme", 0..5).await;
-    // The sweep runs once a second; bounded wait for it to trim the old events.
+    // No node sweeps: the untouched stream expires one window after its last append.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while redis.command("EXISTS es:{acme}:s") != ":0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never expired"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        redis.command("EXISTS es:{acme}:m"),
+        ":1",
+        "head and epoch stay"
+    );
+    assert_eq!(redis.command("EXISTS es:orgs"), ":0", "no sweep set");
+    // Reads trim too (here with the expiry removed, so only a read can trim): events older
+    // than the window are never served.
+    a.publish_numbered(&tok, "acme", 5..10).await;
+    assert_eq!(redis.command("PERSIST es:{acme}:s"), ":1");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let (_, h) = a
@@ -307,15 +325,16 @@ async fn retention_by_time_trims_the_stream() {
             .await
             .unwrap();
         if h["events"].as_array().is_some_and(|e| e.is_empty()) {
-            assert_eq!(h["head"], 5, "the head stays: {h}");
+            assert_eq!(h["head"], 10, "the head stays: {h}");
+            assert_eq!(redis.command("XLEN es:{acme}:s"), ":0", "trimmed in Redis");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never trimmed: {h}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Later events keep their seqs.
-    let r = a.publish_numbered(&tok, "acme", 5..6).await;
-    assert_eq!(r["first_seq"], 6);
+    let r = a.publish_numbered(&tok, "acme", 10..11).await;
+    assert_eq!(r["first_seq"], 11);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

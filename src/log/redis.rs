@@ -6,13 +6,15 @@
 //! - `es:{org}:m`: a hash with the org's `epoch` and `head` (the last seq assigned);
 //! - `es:{org}:s`: the stream; entry ids are `<seq>-0`, fields `e` (epoch), `t` (ms), `p`
 //!   (payload), so a range read by seq is an `XRANGE` by id;
-//! - `es:{org}:i:<key>`: an Idempotency-Key's first result, expiring with the replay window;
-//! - `es:orgs`: the set of orgs, for the time-retention sweep.
+//! - `es:{org}:i:<key>`: an Idempotency-Key's first result, expiring with the replay window.
 //!
 //! Seqs are assigned by a Lua script (increment and `XADD` in one atomic step), so they stay
-//! gap-free whichever node publishes. Retention: by count on every append (`XTRIM MAXLEN`), by
-//! time in a sweep each node runs once a second (`XTRIM MINID`). The byte cap of the embedded
-//! log does not apply here.
+//! gap-free whichever node publishes. Retention: by count on every append (`XTRIM MAXLEN`);
+//! by time in the scripts themselves, never by a sweep: every append and every state read
+//! first drops the org's entries older than the window (a probe of the oldest entry, then
+//! `XTRIM MINID`), and every append sets the stream to expire one window after it, so an org
+//! nobody touches loses its old entries without a command from any node (its head and epoch,
+//! in the meta hash, stay). The byte cap of the embedded log does not apply here.
 //!
 //! Failures: every command has a response deadline; an error is [`LogError::Unavailable`], so
 //! a publish answers 503 and is never acknowledged without being stored. Followers use a
@@ -49,7 +51,29 @@ const TAIL_BATCH: usize = 1024;
 /// that lacked them, a restore from an older snapshot). The org then moves to the `candidate`
 /// epoch with head 0 and an empty stream, in this one atomic step, so that no (epoch, seq) is
 /// used for two events and every node sees the same new epoch. Returns 1 when it fenced.
-const FENCE: &str = r#"
+///
+/// `trim_old` drops the stream's entries older than `cutoff` (ms) from its front: one probe of
+/// the oldest entry when nothing is old; at most 1,000 entries per call, so a script never
+/// holds Redis for long (what is left goes at the next call; retention keeps *at least* the
+/// window).
+const PRELUDE: &str = r#"
+local function trim_old(cutoff)
+  for _ = 1, 10 do
+    local batch = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+    if #batch == 0 or tonumber(batch[1][2][4]) >= cutoff then return end
+    batch = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 100)
+    local keep = nil
+    for _, e in ipairs(batch) do
+      if tonumber(e[2][4]) >= cutoff then keep = e[1] break end
+    end
+    if keep then
+      redis.call('XTRIM', KEYS[2], 'MINID', keep)
+      return
+    end
+    local seq = tonumber(string.match(batch[#batch][1], '^(%d+)'))
+    redis.call('XTRIM', KEYS[2], 'MINID', (seq + 1) .. '-0')
+  end
+end
 local function fence(known, mark, candidate)
   if known == '' then return 0 end
   local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -63,7 +87,8 @@ end
 "#;
 
 /// Appends a batch: KEYS = meta, stream, idempotency key; ARGV = epoch candidate, ts, max
-/// events, idempotency ttl ms, has key (1/0), known epoch, mark, payloads...
+/// events, replay window ms (the idempotency and stream time-to-live), has key (1/0), known
+/// epoch, mark, payloads...
 /// Returns {duplicate(0/1), epoch, first, last, fenced(0/1)}.
 const APPEND: &str = r#"
 local fenced = fence(ARGV[6], ARGV[7], ARGV[1])
@@ -79,6 +104,7 @@ if ARGV[5] == '1' then
     end
   end
 end
+trim_old(tonumber(ARGV[2]) - tonumber(ARGV[4]))
 local n = #ARGV - 7
 local last = redis.call('HINCRBY', KEYS[1], 'head', n)
 local first = last - n + 1
@@ -86,18 +112,20 @@ for i = 1, n do
   redis.call('XADD', KEYS[2], (first + i - 1) .. '-0', 'e', epoch, 't', ARGV[2], 'p', ARGV[7 + i])
 end
 redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. first .. ' ' .. last, 'PX', ARGV[4])
 end
 return {0, epoch, first, last, fenced}
 "#;
 
-/// An org's state (created with the candidate epoch when new, fenced as in [`FENCE`]), and
+/// An org's state (created with the candidate epoch when new, fenced as in [`PRELUDE`]), and
 /// with ARGV[2] = 1, up to ARGV[4] entries after seq ARGV[3]. KEYS = meta, stream; ARGV =
-/// epoch candidate, read (1/0), after seq, count, known epoch, mark.
+/// epoch candidate, read (1/0), after seq, count, known epoch, mark, time cutoff (ms).
 /// Returns {epoch, head, first, entries, fenced(0/1)}.
 const STATE_READ: &str = r#"
 local fenced = fence(ARGV[5], ARGV[6], ARGV[1])
+trim_old(tonumber(ARGV[7]))
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
@@ -172,7 +200,6 @@ pub struct RedisLog {
     retention: Retention,
     /// What this node saw of each org it touched, for the fence (and the metrics' org count).
     marks: Arc<Marks>,
-    sweeping: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Where the log lives: one Redis server, or a Redis Cluster (every org's keys in one slot).
@@ -265,8 +292,6 @@ fn idem_key(org: &OrgId, key: &str) -> String {
     format!("es:{{{org}}}:i:{key}")
 }
 
-const ORGS_KEY: &str = "es:orgs";
-
 /// A stream entry as `XRANGE` returns it: id and field/value pairs.
 type RawEntry = (String, Vec<(String, Vec<u8>)>);
 
@@ -311,11 +336,10 @@ impl RedisLog {
         RedisLog {
             target,
             conn,
-            append: Script::new(&format!("{FENCE}{APPEND}")),
-            state_read: Script::new(&format!("{FENCE}{STATE_READ}")),
+            append: Script::new(&format!("{PRELUDE}{APPEND}")),
+            state_read: Script::new(&format!("{PRELUDE}{STATE_READ}")),
             retention,
             marks: Arc::new(Marks::default()),
-            sweeping: Mutex::new(None),
         }
     }
 
@@ -344,90 +368,6 @@ impl RedisLog {
         }
     }
 
-    /// Starts the once-a-second time-retention sweep (on the current runtime).
-    pub fn start_sweeper(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let Some(log) = weak.upgrade() else { return };
-                if let Err(e) = log.sweep_time(unix_ms()).await {
-                    tracing::debug!(error = %e, "redis retention sweep failed");
-                }
-            }
-        });
-        *self.sweeping.lock() = Some(task);
-    }
-
-    /// Trims every org's events older than the retention window.
-    async fn sweep_time(&self, now_ms: u64) -> Result<(), LogError> {
-        let cutoff = now_ms.saturating_sub(self.retention.window_ms);
-        let mut conn = self.conn.clone();
-        let orgs: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(ORGS_KEY)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        for org in orgs {
-            let Ok(org) = OrgId::parse(&org) else {
-                continue;
-            };
-            let key = stream_key(&org);
-            // Most orgs have nothing old: probe the oldest entry first.
-            let oldest: Vec<RawEntry> = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if oldest.first().is_none_or(|e| entry_ts(e) >= cutoff) {
-                continue;
-            }
-            // Walk from the oldest entry to the first one inside the window.
-            let mut after = "-".to_string();
-            let keep_from = loop {
-                let entries: Vec<RawEntry> = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&after)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(256)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                let Some((last_id, _)) = entries.last() else {
-                    break None; // everything is old: trim it all below the last seen
-                };
-                let young = entries.iter().find(|e| entry_ts(e) >= cutoff);
-                if let Some((id, _)) = young {
-                    break Some(id.clone());
-                }
-                after = format!("({last_id}");
-            };
-            let min_id = match keep_from {
-                Some(id) => id,
-                // Nothing young: trim up to and including the newest entry read.
-                None if after != "-" => {
-                    let seq = seq_of(after.trim_start_matches('(')).unwrap_or(0);
-                    format!("{}-0", seq + 1)
-                }
-                None => continue,
-            };
-            let _: i64 = redis::cmd("XTRIM")
-                .arg(&key)
-                .arg("MINID")
-                .arg(&min_id)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(())
-    }
-
     async fn state_and_read(
         &self,
         org: &OrgId,
@@ -438,6 +378,7 @@ impl RedisLog {
             &self.state_read,
             self.conn.clone(),
             &self.marks,
+            self.retention.window_ms,
             org,
             after,
             limit,
@@ -452,6 +393,7 @@ async fn state_and_read(
     script: &Script,
     mut conn: Conn,
     marks: &Marks,
+    window_ms: u64,
     org: &OrgId,
     after: Option<u64>,
     limit: usize,
@@ -466,6 +408,7 @@ async fn state_and_read(
         .arg(limit)
         .arg(&known)
         .arg(mark)
+        .arg(unix_ms().saturating_sub(window_ms))
         .invoke_async(&mut conn)
         .await
         .map_err(unavailable)?;
@@ -487,23 +430,6 @@ async fn state_and_read(
     marks.saw(org, &state.epoch, state.head);
     let events = parse_entries(org, entries)?;
     Ok((state, events))
-}
-
-impl Drop for RedisLog {
-    fn drop(&mut self) {
-        if let Some(t) = self.sweeping.lock().take() {
-            t.abort();
-        }
-    }
-}
-
-/// The `t` field of a raw entry (0 when missing: such an entry counts as old).
-fn entry_ts((_, fields): &RawEntry) -> u64 {
-    fields
-        .iter()
-        .find(|(k, _)| k == "t")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A cluster client with this response deadline per command.
@@ -643,11 +569,6 @@ impl EventLog for RedisLog {
         }
         // Acknowledged: from now on this node holds the store to it.
         self.marks.saw(org, &epoch, last);
-        let _: Result<i64, _> = redis::cmd("SADD")
-            .arg(ORGS_KEY)
-            .arg(org.as_str())
-            .query_async(&mut conn)
-            .await;
         Ok(Appended {
             epoch,
             first_seq: first,
@@ -714,6 +635,7 @@ impl EventLog for RedisLog {
             meta: self.conn.clone(),
             state_read: self.state_read.clone(),
             marks: self.marks.clone(),
+            window_ms: self.retention.window_ms,
             cursor,
         }))
     }
@@ -750,6 +672,7 @@ struct RedisTail {
     meta: Conn,
     state_read: Script,
     marks: Arc<Marks>,
+    window_ms: u64,
     cursor: Position,
     /// The last signal id read.
     signal_cursor: String,
@@ -819,6 +742,7 @@ impl Tail for RedisTail {
                 &self.state_read,
                 self.meta.clone(),
                 &self.marks,
+                self.window_ms,
                 &self.org,
                 None,
                 0,
