@@ -9,6 +9,7 @@
 pub mod durable;
 pub mod memory;
 pub mod redis;
+mod wakes;
 pub mod window;
 
 use std::sync::Arc;

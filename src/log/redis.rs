@@ -29,8 +29,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
+use super::wakes::{Source, Wakes};
 use super::{
     Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail, Tailed,
 };
@@ -40,8 +41,6 @@ use crate::time::unix_ms;
 
 /// How long one command may take before the log counts as unavailable.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a follower's blocking read waits before it checks the epoch again.
-const BLOCK: Duration = Duration::from_secs(2);
 /// Events per follower read.
 const TAIL_BATCH: usize = 1024;
 
@@ -82,6 +81,7 @@ local function fence(known, mark, candidate)
   if head >= tonumber(mark) then return 0 end
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', candidate, 'head', 0)
+  redis.call('PUBLISH', KEYS[2], candidate .. ' 0')
   return 1
 end
 "#;
@@ -113,6 +113,8 @@ for i = 1, n do
 end
 redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+-- Wakes the followers of every node (crate::log::wakes): the channel is named like the stream.
+redis.call('PUBLISH', KEYS[2], epoch .. ' ' .. last)
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. first .. ' ' .. last, 'PX', ARGV[4])
 end
@@ -193,20 +195,14 @@ fn fenced_warning(org: &OrgId, known: &str, mark: u64, epoch: &Epoch) {
 
 /// The Redis Streams [`EventLog`].
 pub struct RedisLog {
-    target: Target,
+    /// The pub/sub connection that wakes this node's followers.
+    wakes: Arc<Wakes>,
     conn: Conn,
     append: Script,
     state_read: Script,
     retention: Retention,
     /// What this node saw of each org it touched, for the fence (and the metrics' org count).
     marks: Arc<Marks>,
-}
-
-/// Where the log lives: one Redis server, or a Redis Cluster (every org's keys in one slot).
-#[derive(Clone)]
-enum Target {
-    Single(redis::Client),
-    Cluster(Vec<String>),
 }
 
 /// A connection of either kind; commands and scripts run the same on both (a cluster routes
@@ -313,7 +309,7 @@ impl RedisLog {
         .await
         .map_err(|_| anyhow::anyhow!("connect timed out"))??;
         Ok(Self::with(
-            Target::Single(client),
+            Source::Single(client),
             Conn::Managed(conn),
             retention,
         ))
@@ -326,45 +322,20 @@ impl RedisLog {
             .await
             .map_err(|_| anyhow::anyhow!("connect timed out"))??;
         Ok(Self::with(
-            Target::Cluster(seeds.to_vec()),
+            Source::Cluster(seeds.to_vec()),
             Conn::Cluster(conn),
             retention,
         ))
     }
 
-    fn with(target: Target, conn: Conn, retention: Retention) -> Self {
+    fn with(source: Source, conn: Conn, retention: Retention) -> Self {
         RedisLog {
-            target,
+            wakes: Wakes::start(source),
             conn,
             append: Script::new(&format!("{PRELUDE}{APPEND}")),
             state_read: Script::new(&format!("{PRELUDE}{STATE_READ}")),
             retention,
             marks: Arc::new(Marks::default()),
-        }
-    }
-
-    /// A connection of its own for a follower's blocking reads (a blocked connection would
-    /// hold up every command behind it).
-    async fn blocking_conn(&self) -> Result<Conn, LogError> {
-        match &self.target {
-            Target::Single(client) => {
-                let config = AsyncConnectionConfig::new()
-                    .set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))
-                    .set_connection_timeout(Some(RESPONSE_TIMEOUT));
-                Ok(Conn::Multiplexed(
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await
-                        .map_err(unavailable)?,
-                ))
-            }
-            Target::Cluster(seeds) => Ok(Conn::Cluster(
-                cluster_client(seeds, BLOCK + RESPONSE_TIMEOUT)
-                    .map_err(|e| LogError::Unavailable(format!("redis: {e}")))?
-                    .get_async_connection()
-                    .await
-                    .map_err(unavailable)?,
-            )),
         }
     }
 
@@ -597,6 +568,8 @@ impl EventLog for RedisLog {
     }
 
     async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
+        // Subscribed (and confirmed) before the first read, so no append after it goes unseen.
+        let wake = self.wakes.register(stream_key(org)).await;
         let state = self.state(org).await?;
         let cursor = match after {
             Some(p) if p.epoch == state.epoch && p.seq <= state.head => p,
@@ -627,10 +600,10 @@ impl EventLog for RedisLog {
         let signal_cursor = last
             .first()
             .map_or_else(|| "0-0".to_string(), |e| e.0.clone());
-        let conn = self.blocking_conn().await?;
         Ok(Box::new(RedisTail {
             org: org.clone(),
-            conn,
+            wake,
+            woken: false,
             signal_cursor,
             meta: self.conn.clone(),
             state_read: self.state_read.clone(),
@@ -665,10 +638,13 @@ impl EventLog for RedisLog {
     }
 }
 
-/// One org's follower: blocking `XREAD` on a connection of its own.
+/// One org's follower: a plain `XREAD` on the node's shared connection each time the org's
+/// channel wakes it ([`super::wakes`]).
 struct RedisTail {
     org: OrgId,
-    conn: Conn,
+    wake: super::wakes::Registration,
+    /// Woken since the last read found nothing.
+    woken: bool,
     meta: Conn,
     state_read: Script,
     marks: Arc<Marks>,
@@ -687,17 +663,15 @@ impl Tail for RedisTail {
             let reply: Value = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(TAIL_BATCH)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&events_key)
                 .arg(&signals_key)
                 .arg(format!("{}-0", self.cursor.seq))
                 .arg(&self.signal_cursor)
-                .query_async(&mut self.conn)
+                .query_async(&mut self.meta)
                 .await
                 .map_err(unavailable)?;
-            // [[key, entries], ...] (a map in RESP3), or nil on timeout.
+            // [[key, entries], ...] (a map in RESP3), or nil when nothing is new.
             let streams: Vec<(Value, Value)> = match reply {
                 Value::Array(streams) => streams
                     .into_iter()
@@ -732,12 +706,20 @@ impl Tail for RedisTail {
                 self.marks.saw(&self.org, &last.epoch, last.seq);
             }
             if !out.events.is_empty() || !out.signals.is_empty() {
+                self.woken = false;
                 return Ok(out);
             }
-            // Quiet for a while: check the org's state, fenced against what this node saw. A
-            // new epoch (the org's keys were lost and recreated, or a fence moved it because
-            // the store lost events) restarts seqs below the cursor, where XREAD would never
-            // look; the hub's sessions then read the log and get RESET.
+            if !self.woken {
+                // Nothing new: sleep until the org's channel says something happened.
+                self.wake.woken().await;
+                self.woken = true;
+                continue;
+            }
+            // Woken, yet nothing after the cursor: check the org's state, fenced against what
+            // this node saw. A new epoch (the org's keys were lost and recreated, or a fence
+            // moved it because the store lost events) restarts seqs below the cursor, where
+            // XREAD would never look; the hub's sessions then read the log and get RESET.
+            self.woken = false;
             let (state, _) = state_and_read(
                 &self.state_read,
                 self.meta.clone(),

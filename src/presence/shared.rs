@@ -61,6 +61,8 @@ local function announce(room, user, joined, online)
   redis.call('XADD', signals, 'MAXLEN', '~', 1000, '*', 'd',
     joined .. SEP .. online .. SEP .. room .. SEP .. user)
   redis.call('PEXPIRE', signals, keep)
+  -- Wakes the org's followers on every node (crate::log::wakes: the events stream's channel).
+  redis.call('PUBLISH', p .. 's', 'signal')
 end
 
 -- Node n now has s sessions of entry ru (room SEP user).

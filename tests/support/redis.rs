@@ -100,6 +100,28 @@ impl RedisServer {
         line.trim_end().to_string()
     }
 
+    /// The value of one field of `INFO` (e.g. `connected_clients`).
+    pub fn info(&self, field: &str) -> u64 {
+        use std::io::{BufRead, Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"INFO\r\n").unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut head = String::new();
+        r.read_line(&mut head).unwrap();
+        let len: usize = head
+            .trim_start_matches('$')
+            .trim()
+            .parse()
+            .expect("a bulk reply");
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).unwrap();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:"))?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("INFO has no {field}"))
+    }
+
     /// Kills the server (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
