@@ -130,6 +130,10 @@ serve_options! {
     redis: String,
     /// Or share it through a Redis Cluster: seed nodes, comma-separated (redis://host:port,...)
     redis_cluster: List,
+    /// With --redis or --redis-cluster: acknowledge a publish only after this many replicas of the org's primary have it (WAIT); not confirmed within --redis-replica-timeout: 504, outcome unknown [default: 0, the primary's answer]
+    redis_min_replicas: u32,
+    /// With --redis-min-replicas: how long a publish waits for the replicas [default: 1s]
+    redis_replica_timeout: HumanDuration,
     /// With --redis or --redis-cluster: a node refreshes its presence entries every third of this; a node silent this long (dead, cut off) has its users leave [default: 15s]
     presence_ttl: HumanDuration,
     /// With --redis and --server-id: a node refreshes its entry in the node registry every third of this; a node silent this long counts as dead, and only then do its peers answer its connections with stateless resets [default: 3s]
@@ -237,6 +241,10 @@ pub struct Config {
     pub retention: crate::log::Retention,
     /// Where the shared log is; `None`: the embedded log.
     pub redis: Option<RedisTarget>,
+    /// Replicas that must confirm an append before it is acknowledged (0: none), and how long
+    /// to wait for them.
+    pub redis_min_replicas: u32,
+    pub redis_replica_timeout: Duration,
     /// How long a node's shared presence entries live without a refresh.
     pub presence_ttl: Duration,
     /// How long a node stays in the node registry without a refresh.
@@ -298,6 +306,7 @@ impl Config {
         };
         let leeway = dur(a.jwt_leeway, 30);
         let max_lifetime_secs = a.jwt_max_lifetime.map(|d| d.0.as_secs());
+        let shared = a.redis.is_some() || a.redis_cluster.is_some();
         let http_listen = a
             .http_listen
             .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid"));
@@ -384,6 +393,13 @@ impl Config {
                 (None, Some(_)) => return Err("--redis-cluster needs at least one node".into()),
                 (None, None) => None,
             },
+            redis_min_replicas: match a.redis_min_replicas {
+                Some(n) if n > 0 && !shared => {
+                    return Err("--redis-min-replicas needs --redis or --redis-cluster".into())
+                }
+                n => n.unwrap_or(0),
+            },
+            redis_replica_timeout: dur(a.redis_replica_timeout, 1),
             node_ttl: a
                 .node_ttl
                 .map_or(Duration::from_secs(3), |d| d.0)

@@ -68,7 +68,7 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let log: Arc<dyn EventLog> = match &config.redis {
             Some(target) => {
-                let log = match target {
+                let mut log = match target {
                     RedisTarget::Single(url) => RedisLog::connect(url, config.retention)
                         .await
                         .with_context(|| format!("cannot use redis at {}", redact_url(url)))?,
@@ -82,6 +82,11 @@ impl Server {
                             })?
                     }
                 };
+                if config.redis_min_replicas > 0 {
+                    log.require_replicas(config.redis_min_replicas, config.redis_replica_timeout)
+                        .await
+                        .context("cannot open the replicated-write connection to redis")?;
+                }
                 Arc::new(log)
             }
             None => match &config.durable {

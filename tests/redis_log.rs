@@ -646,3 +646,73 @@ async fn thousands_of_orgs_share_two_redis_connections_and_idle_reads_nothing() 
     }
     assert_eq!(seen.len(), ORGS);
 }
+
+/// `--redis-min-replicas 1`: a publish is acknowledged once a replica has it. With the replica
+/// frozen, the publish is 504 (stored on the primary, not confirmed), while a node without the
+/// flag still answers 201; once the replica runs again, the retry with the same
+/// Idempotency-Key is confirmed and answers the first result (stored once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_acknowledges_only_what_a_replica_has() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::replica_of(&primary);
+    let url = primary.url();
+    let strict = TestServer::start_with(move |x| {
+        x.redis = Some(url);
+        x.redis_min_replicas = Some(1);
+        x.redis_replica_timeout = Some("500ms".parse().unwrap());
+    })
+    .await;
+    let lax = node(&primary).await;
+    let tok = strict.token(&["acme"]);
+    let body = |i: u64| serde_json::to_vec(&json!({ "i": i })).unwrap();
+    let (st, r) = strict
+        .api
+        .publish_raw(&tok, "acme", body(0), None)
+        .await
+        .unwrap();
+    assert_eq!(st, 201, "confirmed by the replica: {r}");
+    replica.pause();
+    let (st, r) = strict
+        .api
+        .publish_raw(&tok, "acme", body(1), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!(st, 504, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("replicas"), "{r}");
+    let (st, r) = lax
+        .api
+        .publish_raw(&tok, "acme", body(2), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        st, 201,
+        "without the flag the primary's answer is enough: {r}"
+    );
+    replica.resume();
+    let (st, r) = strict
+        .api
+        .publish_raw(&tok, "acme", body(1), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        st, 200,
+        "the retry is confirmed now and answers the first result: {r}"
+    );
+    assert_eq!(r["first_seq"], 2);
+    let (_, h) = strict
+        .api
+        .get("/v1/orgs/acme/events", Some(&tok))
+        .await
+        .unwrap();
+    let is: Vec<&Value> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["data"]["i"])
+        .collect();
+    assert_eq!(
+        is,
+        [&json!(0), &json!(1), &json!(2)],
+        "each stored once: {h}"
+    );
+}

@@ -197,12 +197,57 @@ fn fenced_warning(org: &OrgId, known: &str, mark: u64, epoch: &Epoch) {
 pub struct RedisLog {
     /// The pub/sub connection that wakes this node's followers.
     wakes: Arc<Wakes>,
+    source: Source,
+    /// `--redis-min-replicas`, when set.
+    replication: Option<Replication>,
     conn: Conn,
     append: Script,
     state_read: Script,
     retention: Retention,
     /// What this node saw of each org it touched, for the fence (and the metrics' org count).
     marks: Arc<Marks>,
+}
+
+/// Appends wait for replicas (`--redis-min-replicas`) on a connection of their own.
+struct Replication {
+    replicas: u32,
+    timeout: Duration,
+    conn: Conn,
+}
+
+impl Replication {
+    /// Waits until `replicas` replicas of the org's primary have every write made so far on
+    /// this connection (the append included).
+    async fn confirm(&self, org: &OrgId) -> Result<(), LogError> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.replicas).arg(self.timeout.as_millis() as u64);
+        let acked: i64 = match &self.conn {
+            // In a cluster, WAIT goes to the org's primary (by default it would go to all).
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(meta_key(org), SlotAddr::Master),
+                ));
+                let v = c
+                    .clone()
+                    .route_command(wait, route)
+                    .await
+                    .map_err(write_failed)?;
+                redis::from_redis_value(v).map_err(|e| LogError::Internal(e.to_string()))?
+            }
+            other => wait
+                .query_async(&mut other.clone())
+                .await
+                .map_err(write_failed)?,
+        };
+        if acked < i64::from(self.replicas) {
+            return Err(LogError::Indeterminate(format!(
+                "stored on the primary, confirmed by {acked} of {} replicas within {:?}",
+                self.replicas, self.timeout
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A connection of either kind; commands and scripts run the same on both (a cluster routes
@@ -328,9 +373,46 @@ impl RedisLog {
         ))
     }
 
+    /// `--redis-min-replicas`: an append is acknowledged only once `replicas` replicas of the
+    /// org's primary confirm they have it (`WAIT replicas timeout` after the script, on a
+    /// connection of its own: WAIT covers the writes made on its connection, and holds that
+    /// connection while it waits). Not confirmed in time: [`LogError::Indeterminate`] (the
+    /// primary has the events; they are lost only if it fails before a replica gets them).
+    pub async fn require_replicas(
+        &mut self,
+        replicas: u32,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let answer = RESPONSE_TIMEOUT + timeout;
+        let conn = match &self.source {
+            Source::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(answer))
+                    .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(100))
+                    .set_max_delay(Duration::from_secs(2));
+                Conn::Managed(ConnectionManager::new_with_config(client.clone(), config).await?)
+            }
+            Source::Cluster(seeds) => Conn::Cluster(
+                cluster_client(seeds, answer)?
+                    .get_async_connection()
+                    .await?,
+            ),
+        };
+        self.replication = Some(Replication {
+            replicas,
+            timeout,
+            conn,
+        });
+        Ok(())
+    }
+
     fn with(source: Source, conn: Conn, retention: Retention) -> Self {
         RedisLog {
-            wakes: Wakes::start(source),
+            wakes: Wakes::start(source.clone()),
+            source,
+            replication: None,
             conn,
             append: Script::new(&format!("{PRELUDE}{APPEND}")),
             state_read: Script::new(&format!("{PRELUDE}{STATE_READ}")),
@@ -516,7 +598,11 @@ impl EventLog for RedisLog {
         payloads: Vec<Bytes>,
         idempotency_key: Option<&str>,
     ) -> Result<Appended, LogError> {
-        let mut conn = self.conn.clone();
+        // With --redis-min-replicas the script runs on the connection WAIT then confirms.
+        let mut conn = match &self.replication {
+            Some(r) => r.conn.clone(),
+            None => self.conn.clone(),
+        };
         let (known, mark) = self.marks.get(org);
         let mut call = self.append.prepare_invoke();
         call.key(meta_key(org))
@@ -538,8 +624,11 @@ impl EventLog for RedisLog {
         if fenced == 1 {
             fenced_warning(org, &known, mark, &epoch);
         }
-        // Acknowledged: from now on this node holds the store to it.
+        // Stored: from now on this node holds the store to it.
         self.marks.saw(org, &epoch, last);
+        if let Some(r) = &self.replication {
+            r.confirm(org).await?;
+        }
         Ok(Appended {
             epoch,
             first_seq: first,

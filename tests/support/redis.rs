@@ -37,6 +37,29 @@ impl RedisServer {
         r
     }
 
+    /// A replica of `primary` (no persistence), once its link to the primary is up.
+    pub fn replica_of(primary: &RedisServer) -> Self {
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            durable: false,
+        };
+        r.spawn_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        let start = Instant::now();
+        while !r
+            .info_text("INFO replication")
+            .contains("master_link_status:up")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the replica never synced"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
