@@ -300,7 +300,7 @@ async fn retention_by_time_trims_the_stream() {
     a.publish_numbered(&tok, "acme", 0..5).await;
     // No node sweeps: the untouched stream expires one window after its last append.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while redis.command("EXISTS es:{acme}:s") != ":0" {
+    while redis.cli(&["EXISTS", "es:{acme}:s"]).trim() != "0" {
         assert!(
             std::time::Instant::now() < deadline,
             "the stream never expired"
@@ -308,15 +308,19 @@ async fn retention_by_time_trims_the_stream() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
-        redis.command("EXISTS es:{acme}:m"),
-        ":1",
+        redis.cli(&["EXISTS", "es:{acme}:m"]).trim(),
+        "1",
         "head and epoch stay"
     );
-    assert_eq!(redis.command("EXISTS es:orgs"), ":0", "no sweep set");
+    assert_eq!(
+        redis.cli(&["EXISTS", "es:orgs"]).trim(),
+        "0",
+        "no sweep set"
+    );
     // Reads trim too (here with the expiry removed, so only a read can trim): events older
     // than the window are never served.
     a.publish_numbered(&tok, "acme", 5..10).await;
-    assert_eq!(redis.command("PERSIST es:{acme}:s"), ":1");
+    assert_eq!(redis.cli(&["PERSIST", "es:{acme}:s"]).trim(), "1");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let (_, h) = a
@@ -326,7 +330,11 @@ async fn retention_by_time_trims_the_stream() {
             .unwrap();
         if h["events"].as_array().is_some_and(|e| e.is_empty()) {
             assert_eq!(h["head"], 10, "the head stays: {h}");
-            assert_eq!(redis.command("XLEN es:{acme}:s"), ":0", "trimmed in Redis");
+            assert_eq!(
+                redis.cli(&["XLEN", "es:{acme}:s"]).trim(),
+                "0",
+                "trimmed in Redis"
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never trimmed: {h}");
@@ -478,7 +486,7 @@ async fn a_store_rolled_back_to_a_snapshot_moves_the_org_to_a_new_epoch() {
         assert_eq!(st, 201);
         record(&r, i);
     }
-    assert_eq!(redis.command("SAVE"), "+OK");
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
     for i in 10..20 {
         let (st, r, i) = publish(&a.api, i).await;
         assert_eq!(st, 201);

@@ -48,7 +48,7 @@ impl RedisServer {
         r.spawn_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
         let start = Instant::now();
         while !r
-            .info_text("INFO replication")
+            .cli(&["INFO", "replication"])
             .contains("master_link_status:up")
         {
             assert!(
@@ -112,56 +112,22 @@ impl RedisServer {
         s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
-    /// Runs one command without arguments (`SAVE`, say) over plain TCP; returns the reply line.
-    pub fn command(&self, name: &str) -> String {
-        use std::io::{BufRead, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(format!("{name}\r\n").as_bytes()).unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(s).read_line(&mut line).unwrap();
-        line.trim_end().to_string()
-    }
-
     /// The value of one field of `INFO` (e.g. `connected_clients`).
     pub fn info(&self, field: &str) -> u64 {
-        self.info_section("INFO", &format!("{field}:"), |v| v.trim().parse().ok())
+        let prefix = format!("{field}:");
+        self.cli(&["INFO"])
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("INFO has no {field}"))
     }
 
     /// How many times Redis ran `command` (lowercase), scripts' calls included.
     pub fn calls(&self, command: &str) -> u64 {
         let prefix = format!("cmdstat_{command}:calls=");
-        let calls = |v: &str| v.split(',').next()?.parse().ok();
-        let stats = self.info_text("INFO commandstats");
-        stats
+        self.cli(&["INFO", "commandstats"])
             .lines()
-            .find_map(|l| calls(l.strip_prefix(&prefix)?))
+            .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
             .unwrap_or(0)
-    }
-
-    fn info_section(&self, cmd: &str, prefix: &str, parse: impl Fn(&str) -> Option<u64>) -> u64 {
-        self.info_text(cmd)
-            .lines()
-            .find_map(|l| parse(l.strip_prefix(prefix)?))
-            .unwrap_or_else(|| panic!("{cmd} has no {prefix}"))
-    }
-
-    fn info_text(&self, cmd: &str) -> String {
-        use std::io::{BufRead, Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
-        let mut r = std::io::BufReader::new(s);
-        let mut head = String::new();
-        r.read_line(&mut head).unwrap();
-        let len: usize = head
-            .trim_start_matches('$')
-            .trim()
-            .parse()
-            .expect("a bulk reply");
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).unwrap();
-        String::from_utf8_lossy(&body).into_owned()
     }
 
     /// Kills the server (SIGKILL) and waits for it.
