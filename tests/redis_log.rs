@@ -724,3 +724,147 @@ async fn min_replicas_acknowledges_only_what_a_replica_has() {
         "each stored once: {h}"
     );
 }
+
+/// The failover of issue 15, on a real Redis Cluster with replicas: 50 events acknowledged and
+/// replicated; the replica of the org's primary is frozen (its link cut); 50 more acknowledged
+/// by the primary alone; the primary is killed and the stale replica takes over. Publishing
+/// continues under a new epoch: no (epoch, seq) is ever acknowledged for two events, and the
+/// subscriber that saw the lost events gets RESET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
+    let mut cluster = support::redis::RedisCluster::start_with_replicas();
+    let seeds = cluster.seeds();
+    let a = TestServer::start_with(move |x| x.redis_cluster = Some(seeds.parse().unwrap())).await;
+    let tok = a.token(&["acme"]);
+    let mut on_a = a.client(&["acme"], "orgs=acme").await;
+    let (epoch, _, _) = subscribed(&mut on_a).await;
+    let (p, r) = cluster.primary_and_replica("es:{acme}:m");
+    let r = r.expect("the org's primary has a replica");
+    let mut acked: std::collections::HashMap<(String, u64), u64> = Default::default();
+    let publish = |i: u64| {
+        let api = a.api.clone();
+        let tok = tok.clone();
+        async move {
+            let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
+            api.publish_raw(&tok, "acme", body, None).await.unwrap()
+        }
+    };
+    let mut record = |r: &Value, i: u64| {
+        let key = (
+            r["epoch"].as_str().unwrap().to_string(),
+            r["first_seq"].as_u64().unwrap(),
+        );
+        if let Some(prev) = acked.insert(key.clone(), i) {
+            panic!("{key:?} acknowledged for event {prev} and event {i}");
+        }
+    };
+    for i in 0..50 {
+        let (st, r) = publish(i).await;
+        assert_eq!(st, 201, "{r}");
+        record(&r, i);
+    }
+    // The replica has those 50, then its link is cut.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.nodes[r].repl_offset() < cluster.nodes[p].repl_offset() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Frozen, and its connection dropped by the primary: what follows never reaches it (a
+    // frozen replica alone would still find it in its socket buffer when it runs again).
+    cluster.nodes[r].pause();
+    assert!(!cluster.nodes[p]
+        .cli(&["CLIENT", "KILL", "TYPE", "replica"])
+        .trim()
+        .starts_with('0'));
+    for i in 50..100 {
+        let (st, r) = publish(i).await;
+        assert_eq!(st, 201, "{r}");
+        record(&r, i);
+    }
+    assert_eq!(
+        seqs(&on_a.events(100).await.unwrap()),
+        (1..=100).collect::<Vec<_>>()
+    );
+    // The primary dies; the stale replica takes over.
+    cluster.nodes[p].kill();
+    cluster.nodes[r].resume();
+    assert!(cluster.nodes[r]
+        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .contains("OK"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.primary_and_replica("es:{acme}:m").0 != r {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never took over"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Publishing goes on, under a new epoch from seq 1: nothing reuses 51..100.
+    let mut i = 100;
+    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
+    let new_epoch = loop {
+        let (st, r) = publish(i).await;
+        match st {
+            201 => {
+                record(&r, i);
+                i += 1;
+                let e = r["epoch"].as_str().unwrap().to_string();
+                assert_ne!(
+                    e, epoch,
+                    "the epoch survived a loss of acknowledged events: {r}"
+                );
+                assert_eq!(r["first_seq"], 1, "{r}");
+                break e;
+            }
+            503 | 504 => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("publish answered {other}: {r}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never published again"
+        );
+    };
+    for _ in 0..20 {
+        let (st, r) = publish(i).await;
+        assert_eq!(
+            (st, r["epoch"].as_str()),
+            (201, Some(new_epoch.as_str())),
+            "{r}"
+        );
+        record(&r, i);
+        i += 1;
+    }
+    // The subscriber that saw 51..100: RESET to the new epoch.
+    loop {
+        match on_a.next_non_heartbeat().await.unwrap() {
+            Msg::Frame(Frame::Reset { epoch: e, .. }) => {
+                assert_eq!(e, new_epoch);
+                break;
+            }
+            Msg::Frame(f) => {
+                let ev = edgestream_testkit::ws::as_event(f).unwrap();
+                panic!("an event before RESET: {ev:?}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // What was acknowledged under the surviving epoch reads back unchanged.
+    let (_, h) = a
+        .api
+        .get("/v1/orgs/acme/events?limit=1000", Some(&tok))
+        .await
+        .unwrap();
+    assert_eq!(h["epoch"], new_epoch.as_str());
+    for e in h["events"].as_array().unwrap() {
+        let key = (new_epoch.clone(), e["seq"].as_u64().unwrap());
+        assert_eq!(
+            Some(&e["data"]["i"].as_u64().unwrap()),
+            acked.get(&key),
+            "{e}"
+        );
+    }
+    assert_eq!(h["events"].as_array().unwrap().len(), 21);
+}

@@ -197,9 +197,19 @@ fn rand_u16() -> u16 {
 }
 
 impl RedisCluster {
+    /// Three primaries, no replicas.
     pub fn start() -> Self {
+        Self::start_with(3, 0)
+    }
+
+    /// Three primaries with one replica each (`nodes[3..]` start as replicas).
+    pub fn start_with_replicas() -> Self {
+        Self::start_with(6, 1)
+    }
+
+    fn start_with(count: usize, replicas: u8) -> Self {
         let mut nodes = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..count {
             let mut r = RedisServer {
                 port: cluster_port(),
                 child: None,
@@ -221,17 +231,26 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .expect("redis-cli (apt-get install redis-tools)");
         assert!(status.success(), "redis-cli --cluster create failed");
         let start = Instant::now();
-        while !nodes
-            .iter()
-            .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"))
-        {
+        // Every node sees the cluster ok and every replica (assigned after the join), and
+        // every replica's link to its primary is up.
+        let replicas_seen =
+            |n: &RedisServer| n.cli(&["cluster", "nodes"]).matches("slave").count() >= count - 3;
+        let linked = |n: &RedisServer| {
+            let r = n.cli(&["INFO", "replication"]);
+            !r.contains("role:slave") || r.contains("master_link_status:up")
+        };
+        while !nodes.iter().all(|n| {
+            n.cli(&["cluster", "info"]).contains("cluster_state:ok")
+                && replicas_seen(n)
+                && linked(n)
+        }) {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "the cluster never became ok"
@@ -239,6 +258,43 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         RedisCluster { nodes }
+    }
+
+    /// The node serving `key`'s slot as primary, and its replica (if any), as indexes into
+    /// `nodes`.
+    pub fn primary_and_replica(&self, key: &str) -> (usize, Option<usize>) {
+        // Asked of the first node that answers (some may be down).
+        let (slot, table) = self
+            .nodes
+            .iter()
+            .find_map(|n| {
+                let slot: u16 = n.cli(&["CLUSTER", "KEYSLOT", key]).trim().parse().ok()?;
+                Some((slot, n.cli(&["CLUSTER", "NODES"])))
+            })
+            .expect("a live node");
+        let index = |addr: &str| {
+            let port: u16 = addr.split(['@', ':']).nth(1)?.parse().ok()?;
+            self.nodes.iter().position(|n| n.port == port)
+        };
+        let mut primary = None;
+        for line in table.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 8 && f[2].contains("master") {
+                let serves = f[8..].iter().any(|r| {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                });
+                if serves {
+                    primary = Some((f[0].to_string(), index(f[1]).expect("a node of ours")));
+                }
+            }
+        }
+        let (id, p) = primary.expect("a primary for the slot");
+        let replica = table.lines().find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 3 && f[2].contains("slave") && f[3] == id).then(|| index(f[1]))?
+        });
+        (p, replica)
     }
 
     /// The seed URLs, comma-separated (the value of `--redis-cluster`).
@@ -252,6 +308,20 @@ impl RedisCluster {
 }
 
 impl RedisServer {
+    /// The replication offset a primary has sent or a replica has received.
+    pub fn repl_offset(&self) -> u64 {
+        let text = self.cli(&["INFO", "replication"]);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("slave_repl_offset:")
+                    .or_else(|| l.strip_prefix("master_repl_offset:"))?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// Runs `redis-cli -p PORT args...` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
