@@ -34,6 +34,82 @@ fn seqs(evs: &[edgestream_testkit::ws::Ev]) -> Vec<u64> {
     evs.iter().map(|e| e.seq).collect()
 }
 
+/// Publishes `{"i": n}` events to `acme` and keeps every acknowledged position, failing the
+/// test the moment one (epoch, seq) is acknowledged for two different events.
+struct Acks {
+    tok: String,
+    next: u64,
+    acked: std::collections::HashMap<(String, u64), u64>,
+}
+
+impl Acks {
+    fn new(tok: String) -> Self {
+        Acks {
+            tok,
+            next: 0,
+            acked: Default::default(),
+        }
+    }
+
+    /// Publishes the next event through `api`; returns the status and answer.
+    async fn publish(&mut self, api: &edgestream_testkit::http::Api) -> (u16, Value) {
+        let i = self.next;
+        let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
+        let (st, r) = api
+            .publish_raw(&self.tok, "acme", body, None)
+            .await
+            .unwrap();
+        if st == 201 {
+            self.next += 1;
+            let key = (
+                r["epoch"].as_str().unwrap().to_string(),
+                r["first_seq"].as_u64().unwrap(),
+            );
+            if let Some(prev) = self.acked.insert(key.clone(), i) {
+                panic!("{key:?} acknowledged for event {prev} and event {i}");
+            }
+        }
+        (st, r)
+    }
+
+    /// Publishes the next event, which must be acknowledged.
+    async fn publish_ok(&mut self, api: &edgestream_testkit::http::Api) -> Value {
+        let (st, r) = self.publish(api).await;
+        assert_eq!(st, 201, "{r}");
+        r
+    }
+
+    /// After the store lost events: publishes until one is acknowledged (503/504 while Redis
+    /// comes back), which must be seq 1 of an epoch other than `lost`; returns that epoch.
+    async fn first_in_a_new_epoch(
+        &mut self,
+        api: &edgestream_testkit::http::Api,
+        lost: &str,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
+        loop {
+            let (st, r) = self.publish(api).await;
+            match st {
+                201 => {
+                    let e = r["epoch"].as_str().unwrap().to_string();
+                    assert_ne!(
+                        e, lost,
+                        "the epoch survived a loss of acknowledged events: {r}"
+                    );
+                    assert_eq!(r["first_seq"], 1, "{r}");
+                    return e;
+                }
+                503 | 504 => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => panic!("publish answered {other}: {r}"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never published again"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_on_one_node_delivered_in_order_on_the_other() {
     let redis = RedisServer::start();
@@ -462,35 +538,13 @@ async fn a_store_rolled_back_to_a_snapshot_moves_the_org_to_a_new_epoch() {
     let tok = a.token(&["acme"]);
     let mut on_b = b.client(&["acme"], "orgs=acme").await;
     let (epoch, _, _) = subscribed(&mut on_b).await;
-    let mut acked: std::collections::HashMap<(String, u64), u64> = Default::default();
-    let publish = |api: &edgestream_testkit::http::Api, i: u64| {
-        let api = api.clone();
-        let tok = tok.clone();
-        async move {
-            let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
-            let (st, r) = api.publish_raw(&tok, "acme", body, None).await.unwrap();
-            (st, r, i)
-        }
-    };
-    let mut record = |r: &Value, i: u64| {
-        let key = (
-            r["epoch"].as_str().unwrap().to_string(),
-            r["first_seq"].as_u64().unwrap(),
-        );
-        if let Some(prev) = acked.insert(key.clone(), i) {
-            panic!("{key:?} acknowledged for event {prev} and event {i}");
-        }
-    };
-    for i in 0..10 {
-        let (st, r, i) = publish(&a.api, i).await;
-        assert_eq!(st, 201);
-        record(&r, i);
+    let mut acks = Acks::new(tok.clone());
+    for _ in 0..10 {
+        acks.publish_ok(&a.api).await;
     }
     assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
-    for i in 10..20 {
-        let (st, r, i) = publish(&a.api, i).await;
-        assert_eq!(st, 201);
-        record(&r, i);
+    for _ in 10..20 {
+        acks.publish_ok(&a.api).await;
     }
     // B's client saw all 20.
     assert_eq!(
@@ -499,38 +553,12 @@ async fn a_store_rolled_back_to_a_snapshot_moves_the_org_to_a_new_epoch() {
     );
     // Redis dies and comes back from the snapshot: head 10, events 11..20 gone.
     redis.restart();
-    let mut i = 20;
-    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
-    let new_epoch = loop {
-        let (st, r, n) = publish(&a.api, i).await;
-        match st {
-            201 => {
-                record(&r, n);
-                i += 1;
-                let e = r["epoch"].as_str().unwrap().to_string();
-                assert_ne!(
-                    e, epoch,
-                    "a publish after the rollback reused the epoch: {r}"
-                );
-                assert_eq!(r["first_seq"], 1, "{r}");
-                break e;
-            }
-            503 | 504 => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("publish answered {other}: {r}"),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never published again"
-        );
-    };
+    let new_epoch = acks.first_in_a_new_epoch(&a.api, &epoch).await;
     // More publishes on both nodes: one epoch, gap-free, never a reused position.
     for _ in 0..5 {
         for api in [&a.api, &b.api] {
-            let (st, r, n) = publish(api, i).await;
-            assert_eq!(st, 201, "{r}");
+            let r = acks.publish_ok(api).await;
             assert_eq!(r["epoch"], new_epoch.as_str());
-            record(&r, n);
-            i += 1;
         }
     }
     // B's client: RESET to the new epoch with its head (the client resyncs from the history),
@@ -551,12 +579,9 @@ async fn a_store_rolled_back_to_a_snapshot_moves_the_org_to_a_new_epoch() {
         }
     };
     for _ in 0..2 {
-        let (st, r, n) = publish(&a.api, i).await;
-        assert_eq!(st, 201, "{r}");
-        record(&r, n);
-        i += 1;
+        acks.publish_ok(&a.api).await;
     }
-    let last = i - 20; // events published in the new epoch
+    let last = acks.next - 20; // events published in the new epoch
     assert_eq!(
         seqs(&on_b.events((last - head) as usize).await.unwrap()),
         (head + 1..=last).collect::<Vec<_>>()
@@ -740,28 +765,9 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
     let (epoch, _, _) = subscribed(&mut on_a).await;
     let (p, r) = cluster.primary_and_replica("es:{acme}:m");
     let r = r.expect("the org's primary has a replica");
-    let mut acked: std::collections::HashMap<(String, u64), u64> = Default::default();
-    let publish = |i: u64| {
-        let api = a.api.clone();
-        let tok = tok.clone();
-        async move {
-            let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
-            api.publish_raw(&tok, "acme", body, None).await.unwrap()
-        }
-    };
-    let mut record = |r: &Value, i: u64| {
-        let key = (
-            r["epoch"].as_str().unwrap().to_string(),
-            r["first_seq"].as_u64().unwrap(),
-        );
-        if let Some(prev) = acked.insert(key.clone(), i) {
-            panic!("{key:?} acknowledged for event {prev} and event {i}");
-        }
-    };
-    for i in 0..50 {
-        let (st, r) = publish(i).await;
-        assert_eq!(st, 201, "{r}");
-        record(&r, i);
+    let mut acks = Acks::new(tok.clone());
+    for _ in 0..50 {
+        acks.publish_ok(&a.api).await;
     }
     // The replica has those 50, then its link is cut.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -779,10 +785,8 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
         .cli(&["CLIENT", "KILL", "TYPE", "replica"])
         .trim()
         .starts_with('0'));
-    for i in 50..100 {
-        let (st, r) = publish(i).await;
-        assert_eq!(st, 201, "{r}");
-        record(&r, i);
+    for _ in 50..100 {
+        acks.publish_ok(&a.api).await;
     }
     assert_eq!(
         seqs(&on_a.events(100).await.unwrap()),
@@ -803,39 +807,10 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Publishing goes on, under a new epoch from seq 1: nothing reuses 51..100.
-    let mut i = 100;
-    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
-    let new_epoch = loop {
-        let (st, r) = publish(i).await;
-        match st {
-            201 => {
-                record(&r, i);
-                i += 1;
-                let e = r["epoch"].as_str().unwrap().to_string();
-                assert_ne!(
-                    e, epoch,
-                    "the epoch survived a loss of acknowledged events: {r}"
-                );
-                assert_eq!(r["first_seq"], 1, "{r}");
-                break e;
-            }
-            503 | 504 => tokio::time::sleep(Duration::from_millis(200)).await,
-            other => panic!("publish answered {other}: {r}"),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never published again"
-        );
-    };
+    let new_epoch = acks.first_in_a_new_epoch(&a.api, &epoch).await;
     for _ in 0..20 {
-        let (st, r) = publish(i).await;
-        assert_eq!(
-            (st, r["epoch"].as_str()),
-            (201, Some(new_epoch.as_str())),
-            "{r}"
-        );
-        record(&r, i);
-        i += 1;
+        let r = acks.publish_ok(&a.api).await;
+        assert_eq!(r["epoch"], new_epoch.as_str());
     }
     // The subscriber that saw 51..100: RESET to the new epoch, before any event of it.
     match on_a.next_non_heartbeat().await.unwrap() {
@@ -853,7 +828,7 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
         let key = (new_epoch.clone(), e["seq"].as_u64().unwrap());
         assert_eq!(
             Some(&e["data"]["i"].as_u64().unwrap()),
-            acked.get(&key),
+            acks.acked.get(&key),
             "{e}"
         );
     }
