@@ -60,8 +60,8 @@ struct Cli {
     /// ratio [default: 3, quick: 1].
     #[arg(long)]
     repeat: Option<usize>,
-    /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest, wire_bytes,
-    /// idle_memory [default: all].
+    /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest,
+    /// redis_ingest (needs redis-server), wire_bytes, idle_memory [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -752,6 +752,67 @@ async fn ingest_into(
     )
 }
 
+/// A `redis-server` of the bench's own (loopback, free port, no persistence), killed on drop.
+struct RedisProc(std::process::Child, u16);
+
+impl RedisProc {
+    fn start(replica_of: Option<u16>) -> anyhow::Result<Self> {
+        let port = free_port();
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null());
+        if let Some(p) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
+        }
+        let r = RedisProc(cmd.spawn().context("redis-server")?, port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info = r.cli(&["INFO", "replication"]);
+            let up = if replica_of.is_some() {
+                info.contains("master_link_status:up")
+            } else {
+                info.contains("role:master")
+            };
+            if up {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on {port} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &self.1.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Ingest through a Redis primary with one replica, acknowledged by the primary and, with
+/// `min_replicas`, only once the replica has each request (`--redis-min-replicas 1`).
+async fn redis_ingest(cli: &Cli, events: u64, batch: u64, min_replicas: bool) -> anyhow::Result<Value> {
+    let primary = RedisProc::start(None)?;
+    let _replica = RedisProc::start(Some(primary.1))?;
+    let mut extra = vec!["--redis".to_string(), format!("redis://127.0.0.1:{}/", primary.1)];
+    if min_replicas {
+        extra.extend(["--redis-min-replicas".to_string(), "1".to_string()]);
+    }
+    ingest_into(cli, events, batch, &extra).await
+}
+
 /// Resident set size of a process, in bytes.
 fn rss_bytes(proc: &Proc) -> u64 {
     let Some(pid) = proc.child.id() else { return 0 };
@@ -1041,6 +1102,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if !ing.is_empty() {
         report.insert("ingest".into(), Value::Object(ing));
     }
+    if cli.wants("redis_ingest") && !cli.only.is_empty() {
+        // Only when asked for: it needs redis-server and redis-cli on the machine.
+        let mut ri = serde_json::Map::new();
+        for min_replicas in [false, true] {
+            for batch in [1, 100] {
+                let count = if batch == 1 { ingest_events / 10 } else { ingest_events };
+                let key = format!(
+                    "{}batch_{batch}",
+                    if min_replicas { "min_replicas_1_" } else { "" }
+                );
+                eprintln!("redis_ingest: {key} ...");
+                ri.insert(
+                    key.clone(),
+                    redis_ingest(&cli, count, batch, min_replicas)
+                        .await
+                        .with_context(|| format!("redis_ingest {key}"))?,
+                );
+            }
+        }
+        report.insert("redis_ingest".into(), Value::Object(ri));
+    }
     if cli.wants("wire_bytes") {
         eprintln!("wire_bytes ...");
         report.insert(
@@ -1182,6 +1264,19 @@ fn markdown(r: &Value) -> String {
             "| replay events/s | {:.0} | | |\n",
             f(&r["replay"]["events_per_sec"])
         );
+    }
+    if !r["redis_ingest"].is_null() {
+        let ri = &r["redis_ingest"];
+        s.push_str(&format!(
+            "| ingest events/s over Redis (primary + 1 replica), batch 1 / batch 100 | {:.0} / {:.0} | | |\n",
+            f(&ri["batch_1"]["events_per_sec"]),
+            f(&ri["batch_100"]["events_per_sec"])
+        ));
+        s.push_str(&format!(
+            "| the same with --redis-min-replicas 1, batch 1 / batch 100 | {:.0} / {:.0} | | |\n",
+            f(&ri["min_replicas_1_batch_1"]["events_per_sec"]),
+            f(&ri["min_replicas_1_batch_100"]["events_per_sec"])
+        ));
     }
     if !r["ingest"].is_null() {
         s += &format!(
