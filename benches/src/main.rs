@@ -803,10 +803,18 @@ impl Drop for RedisProc {
 
 /// Ingest through a Redis primary with one replica, acknowledged by the primary and, with
 /// `min_replicas`, only once the replica has each request (`--redis-min-replicas 1`).
-async fn redis_ingest(cli: &Cli, events: u64, batch: u64, min_replicas: bool) -> anyhow::Result<Value> {
+async fn redis_ingest(
+    cli: &Cli,
+    events: u64,
+    batch: u64,
+    min_replicas: bool,
+) -> anyhow::Result<Value> {
     let primary = RedisProc::start(None)?;
     let _replica = RedisProc::start(Some(primary.1))?;
-    let mut extra = vec!["--redis".to_string(), format!("redis://127.0.0.1:{}/", primary.1)];
+    let mut extra = vec![
+        "--redis".to_string(),
+        format!("redis://127.0.0.1:{}/", primary.1),
+    ];
     if min_replicas {
         extra.extend(["--redis-min-replicas".to_string(), "1".to_string()]);
     }
@@ -1107,7 +1115,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let mut ri = serde_json::Map::new();
         for min_replicas in [false, true] {
             for batch in [1, 100] {
-                let count = if batch == 1 { ingest_events / 10 } else { ingest_events };
+                let count = if batch == 1 {
+                    ingest_events / 10
+                } else {
+                    ingest_events
+                };
                 let key = format!(
                     "{}batch_{batch}",
                     if min_replicas { "min_replicas_1_" } else { "" }

@@ -31,7 +31,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-use super::wakes::{Source, Wakes};
+use super::wakes::{Source, Wake, Wakes};
 use super::{
     Appended, EventLog, LogError, LogUsage, OrgState, ReadOutcome, Retention, Tail, Tailed,
 };
@@ -692,7 +692,7 @@ impl EventLog for RedisLog {
         Ok(Box::new(RedisTail {
             org: org.clone(),
             wake,
-            woken: false,
+            woken: None,
             signal_cursor,
             meta: self.conn.clone(),
             state_read: self.state_read.clone(),
@@ -732,8 +732,9 @@ impl EventLog for RedisLog {
 struct RedisTail {
     org: OrgId,
     wake: super::wakes::Registration,
-    /// Woken since the last read found nothing.
-    woken: bool,
+    /// Woken since the last read found nothing, and whether what woke it asks for a look at
+    /// the org's state (another epoch, a head behind the cursor, a lost connection).
+    woken: Option<bool>,
     meta: Conn,
     state_read: Script,
     marks: Arc<Marks>,
@@ -795,20 +796,35 @@ impl Tail for RedisTail {
                 self.marks.saw(&self.org, &last.epoch, last.seq);
             }
             if !out.events.is_empty() || !out.signals.is_empty() {
-                self.woken = false;
+                self.woken = None;
                 return Ok(out);
             }
-            if !self.woken {
-                // Nothing new: sleep until the org's channel says something happened.
-                self.wake.woken().await;
-                self.woken = true;
-                continue;
+            match self.woken.take() {
+                // Woken, read, still nothing, and what woke it calls for a look: below.
+                Some(true) => {}
+                // Nothing new (or nothing that calls for a look): sleep until the org's
+                // channel says something happened.
+                _ => {
+                    let check = match self.wake.woken().await {
+                        Wake::Reconnected => true,
+                        Wake::Message(m) => match m.split_once(' ') {
+                            // `epoch head` of an append or a fence: a look at the state only
+                            // if XREAD cannot see it (another epoch, or a head not after ours).
+                            Some((epoch, head)) => {
+                                epoch != self.cursor.epoch.as_str()
+                                    || head.parse::<u64>().is_ok_and(|h| h < self.cursor.seq)
+                            }
+                            None => false, // a presence signal: XREAD reads it
+                        },
+                    };
+                    self.woken = Some(check);
+                    continue;
+                }
             }
-            // Woken, yet nothing after the cursor: check the org's state, fenced against what
-            // this node saw. A new epoch (the org's keys were lost and recreated, or a fence
-            // moved it because the store lost events) restarts seqs below the cursor, where
-            // XREAD would never look; the hub's sessions then read the log and get RESET.
-            self.woken = false;
+            // Check the org's state, fenced against what this node saw. A new epoch (the
+            // org's keys were lost and recreated, or a fence moved it because the store lost
+            // events) restarts seqs below the cursor, where XREAD would never look; the hub's
+            // sessions then read the log and get RESET.
             let (state, _) = state_and_read(
                 &self.state_read,
                 self.meta.clone(),

@@ -57,22 +57,59 @@ enum Command {
 /// The node's subscriptions and the task that holds its pub/sub connection.
 pub(super) struct Wakes {
     /// Channel -> the follower's wake-up.
-    channels: Mutex<HashMap<String, Arc<Notify>>>,
+    channels: Mutex<HashMap<String, Arc<Slot>>>,
     commands: mpsc::UnboundedSender<Command>,
+}
+
+/// One follower's wake-up and what woke it.
+#[derive(Default)]
+struct Slot {
+    notify: Notify,
+    /// The last message's payload since the follower last looked; `None` after a reconnect
+    /// (anything may have been missed).
+    news: Mutex<Option<Option<String>>>,
+}
+
+/// What woke a follower.
+pub(super) enum Wake {
+    /// A message: the append script's `epoch head`, the fence's `epoch 0`, or presence's
+    /// `signal`.
+    Message(String),
+    /// The pub/sub connection was made again: messages may have been lost.
+    Reconnected,
 }
 
 /// A follower's subscription; dropping it unsubscribes.
 pub(super) struct Registration {
     wakes: Arc<Wakes>,
     channel: String,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
 }
 
 impl Registration {
     /// Resolves after a message for this org arrived since the last call (or the connection
-    /// was made again). A message that arrives while nobody waits is kept.
-    pub(super) async fn woken(&self) {
-        self.notify.notified().await
+    /// was made again), with the latest one. A message that arrives while nobody waits is kept.
+    pub(super) async fn woken(&self) -> Wake {
+        loop {
+            self.slot.notify.notified().await;
+            match self.slot.news.lock().take() {
+                Some(Some(m)) => return Wake::Message(m),
+                Some(None) => return Wake::Reconnected,
+                None => continue, // already taken with an earlier permit
+            }
+        }
+    }
+}
+
+impl Slot {
+    fn tell(&self, news: Option<String>) {
+        let mut n = self.news.lock();
+        // A reconnect stays a reconnect until the follower looks.
+        if !matches!(*n, Some(None)) {
+            *n = Some(news);
+        }
+        drop(n);
+        self.notify.notify_one();
     }
 }
 
@@ -82,7 +119,7 @@ impl Drop for Registration {
         // Only its own entry: a newer registration of the channel keeps it.
         if channels
             .get(&self.channel)
-            .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            .is_some_and(|n| Arc::ptr_eq(n, &self.slot))
         {
             channels.remove(&self.channel);
             let _ = self
@@ -114,21 +151,21 @@ impl Wakes {
     /// per org) and returns once Redis confirmed it, so nothing published after this returns
     /// goes unnoticed.
     pub(super) async fn register(self: &Arc<Self>, channel: String) -> Registration {
-        let notify = Arc::new(Notify::new());
-        self.channels.lock().insert(channel.clone(), notify.clone());
+        let slot = Arc::new(Slot::default());
+        self.channels.lock().insert(channel.clone(), slot.clone());
         let (ack, confirmed) = oneshot::channel();
         let _ = self.commands.send(Command::Subscribe(channel.clone(), ack));
         let _ = tokio::time::timeout(CONFIRM, confirmed).await;
         Registration {
             wakes: self.clone(),
             channel,
-            notify,
+            slot,
         }
     }
 
     fn wake_all(&self) {
-        for n in self.channels.lock().values() {
-            n.notify_one();
+        for s in self.channels.lock().values() {
+            s.tell(None);
         }
     }
 }
@@ -195,9 +232,9 @@ async fn run(
                         break;
                     };
                     let Some(w) = wakes.upgrade() else { return };
-                    let notify = w.channels.lock().get(msg.get_channel_name()).cloned();
-                    if let Some(n) = notify {
-                        n.notify_one();
+                    let slot = w.channels.lock().get(msg.get_channel_name()).cloned();
+                    if let Some(s) = slot {
+                        s.tell(Some(msg.get_payload::<String>().unwrap_or_default()));
                     }
                 }
             }
