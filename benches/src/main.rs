@@ -61,7 +61,8 @@ struct Cli {
     #[arg(long)]
     repeat: Option<usize>,
     /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest,
-    /// redis_ingest (needs redis-server), wire_bytes, idle_memory [default: all].
+    /// redis_ingest and redis_latency (need redis-server; only when named), wire_bytes,
+    /// idle_memory [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -821,6 +822,56 @@ async fn redis_ingest(
     ingest_into(cli, events, batch, &extra).await
 }
 
+/// Publish-to-deliver latency through Redis: two nodes on one `redis-server`, one WebSocket
+/// subscriber on node B, one publisher on node A at `rate` events/s (light load); every
+/// event's latency from before its POST to its arrival, in order, no gap.
+async fn redis_latency(cli: &Cli, events: u64, rate: u64) -> anyhow::Result<Value> {
+    let redis = RedisProc::start(None)?;
+    let extra = vec![
+        "--redis".to_string(),
+        format!("redis://127.0.0.1:{}/", redis.1),
+    ];
+    let a = start_edgestream_with(cli, events, &extra).await?;
+    let b = start_edgestream_with(cli, events, &extra).await?;
+    let t = tok(&["lat"]);
+    let mut sub = WsClient::connect(&format!(
+        "ws://127.0.0.1:{}/v1/stream?access_token={t}&orgs=lat",
+        b.http
+    ))
+    .await?;
+    match sub.next().await? {
+        Msg::Frame(Frame::Subscribed { .. }) => {}
+        other => bail!("expected SUBSCRIBED, got {other:?}"),
+    }
+    let epoch = Instant::now();
+    let publisher = {
+        let (api, t) = (a.api.clone(), t.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            for _ in 0..events {
+                tick.tick().await;
+                api.publish(&t, "lat", &json!({"t": now_us(epoch)})).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut lat = Vec::with_capacity(events as usize);
+    let mut expected = 1;
+    while expected <= events {
+        if let Msg::Frame(Frame::Event { seq, payload, .. }) = sub.next().await? {
+            if seq != expected {
+                bail!("seq {seq}, expected {expected}");
+            }
+            expected += 1;
+            let sent: Value = serde_json::from_slice(&payload)?;
+            lat.push(now_us(epoch).saturating_sub(sent["t"].as_u64().unwrap_or(0)));
+        }
+    }
+    publisher.await??;
+    lat.sort_unstable();
+    Ok(json!({"events": events, "rate": rate, "latency_us": percentiles(&lat)}))
+}
+
 /// Resident set size of a process, in bytes.
 fn rss_bytes(proc: &Proc) -> u64 {
     let Some(pid) = proc.child.id() else { return 0 };
@@ -1135,6 +1186,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         report.insert("redis_ingest".into(), Value::Object(ri));
     }
+    if cli.wants("redis_latency") && !cli.only.is_empty() {
+        eprintln!("redis_latency ...");
+        let events = if cli.quick { 200 } else { 2_000 };
+        report.insert(
+            "redis_latency".into(),
+            redis_latency(&cli, events, 200)
+                .await
+                .context("redis_latency")?,
+        );
+    }
     if cli.wants("wire_bytes") {
         eprintln!("wire_bytes ...");
         report.insert(
@@ -1276,6 +1337,14 @@ fn markdown(r: &Value) -> String {
             "| replay events/s | {:.0} | | |\n",
             f(&r["replay"]["events_per_sec"])
         );
+    }
+    if !r["redis_latency"].is_null() {
+        let l = &r["redis_latency"]["latency_us"];
+        s.push_str(&format!(
+            "| publish on node A to delivery on node B through Redis, 200 events/s, p50 / p99 (ms) | {:.2} / {:.2} | | |\n",
+            f(&l["p50"]) / 1000.0,
+            f(&l["p99"]) / 1000.0
+        ));
     }
     if !r["redis_ingest"].is_null() {
         let ri = &r["redis_ingest"];
