@@ -834,3 +834,43 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
     }
     assert_eq!(h["events"].as_array().unwrap().len(), 21);
 }
+
+/// `--redis-min-replicas 1` on a Redis Cluster: WAIT goes to the org's primary (by default the
+/// client would send it to every primary): publishes to orgs on every primary are confirmed,
+/// and with the replica of one org's primary cut off, that org's publishes are 504 while the
+/// others' stay 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_on_a_cluster_waits_on_each_orgs_primary() {
+    let cluster = support::redis::RedisCluster::start_with_replicas();
+    let seeds = cluster.seeds();
+    let a = TestServer::start_with(move |x| {
+        x.redis_cluster = Some(seeds.parse().unwrap());
+        x.redis_min_replicas = Some(1);
+        x.redis_replica_timeout = Some("300ms".parse().unwrap());
+    })
+    .await;
+    let orgs = ["o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"];
+    let tok = token_for("pub", &["*"], "publish");
+    for org in orgs {
+        let (st, r) = a.api.publish_raw(&tok, org, "{}", None).await.unwrap();
+        assert_eq!(st, 201, "{org}: {r}");
+    }
+    // Cut off the replica of o1's primary.
+    let (p, r) = cluster.primary_and_replica("es:{o1}:m");
+    let r = r.expect("a replica");
+    cluster.nodes[r].pause();
+    cluster.nodes[p].cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+    let mut statuses = Vec::new();
+    for org in orgs {
+        let same_primary = cluster.primary_and_replica(&format!("es:{{{org}}}:m")).0 == p;
+        let (st, r) = a.api.publish_raw(&tok, org, "{}", None).await.unwrap();
+        let want = if same_primary { 504 } else { 201 };
+        assert_eq!(st, want, "{org} (on o1's primary: {same_primary}): {r}");
+        statuses.push(st);
+    }
+    cluster.nodes[r].resume();
+    assert!(
+        statuses.contains(&201),
+        "every org on one primary: {statuses:?}"
+    );
+}
