@@ -34,8 +34,9 @@ fn seqs(evs: &[edgestream_testkit::ws::Ev]) -> Vec<u64> {
     evs.iter().map(|e| e.seq).collect()
 }
 
-/// Publishes `{"i": n}` events to `acme` and keeps every acknowledged position, failing the
-/// test the moment one (epoch, seq) is acknowledged for two different events.
+/// Publishes `{"i": n}` events to `acme` (Idempotency-Key `i<n>`, so a retry after 503/504
+/// stores event n once) and keeps every acknowledged position, failing the test the moment one
+/// (epoch, seq) is acknowledged for two different events.
 struct Acks {
     tok: String,
     next: u64,
@@ -55,11 +56,12 @@ impl Acks {
     async fn publish(&mut self, api: &edgestream_testkit::http::Api) -> (u16, Value) {
         let i = self.next;
         let body = serde_json::to_vec(&json!({ "i": i })).unwrap();
+        let key = format!("i{i}");
         let (st, r) = api
-            .publish_raw(&self.tok, "acme", body, None)
+            .publish_raw(&self.tok, "acme", body, Some(&key))
             .await
             .unwrap();
-        if st == 201 {
+        if st == 201 || st == 200 {
             self.next += 1;
             let key = (
                 r["epoch"].as_str().unwrap().to_string(),
@@ -72,11 +74,29 @@ impl Acks {
         (st, r)
     }
 
-    /// Publishes the next event, which must be acknowledged.
+    /// Publishes the next event, which must be acknowledged (stored now, not a retry).
     async fn publish_ok(&mut self, api: &edgestream_testkit::http::Api) -> Value {
         let (st, r) = self.publish(api).await;
         assert_eq!(st, 201, "{r}");
         r
+    }
+
+    /// After a failover: publishes until one is acknowledged (503/504 while the cluster
+    /// settles); returns its answer.
+    async fn first_acknowledged(&mut self, api: &edgestream_testkit::http::Api) -> Value {
+        let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
+        loop {
+            let (st, r) = self.publish(api).await;
+            match st {
+                200 | 201 => return r,
+                503 | 504 => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => panic!("publish answered {other}: {r}"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never published again"
+            );
+        }
     }
 
     /// After the store lost events: publishes until one is acknowledged (503/504 while Redis
@@ -86,27 +106,14 @@ impl Acks {
         api: &edgestream_testkit::http::Api,
         lost: &str,
     ) -> String {
-        let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
-        loop {
-            let (st, r) = self.publish(api).await;
-            match st {
-                201 => {
-                    let e = r["epoch"].as_str().unwrap().to_string();
-                    assert_ne!(
-                        e, lost,
-                        "the epoch survived a loss of acknowledged events: {r}"
-                    );
-                    assert_eq!(r["first_seq"], 1, "{r}");
-                    return e;
-                }
-                503 | 504 => tokio::time::sleep(Duration::from_millis(100)).await,
-                other => panic!("publish answered {other}: {r}"),
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never published again"
-            );
-        }
+        let r = self.first_acknowledged(api).await;
+        let e = r["epoch"].as_str().unwrap().to_string();
+        assert_ne!(
+            e, lost,
+            "the epoch survived a loss of acknowledged events: {r}"
+        );
+        assert_eq!(r["first_seq"], 1, "{r}");
+        e
     }
 }
 
@@ -757,9 +764,29 @@ async fn min_replicas_acknowledges_only_what_a_replica_has() {
 /// subscriber that saw the lost events gets RESET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
+    failover_to_a_stale_replica(false).await;
+}
+
+/// The same failover with `--redis-min-replicas 1`: the 10 publishes made while the replica is
+/// cut off are 504 (never acknowledged) and never delivered, so the failover loses nothing
+/// anyone was told about: the org keeps its epoch, publishing continues at seq 51, and the
+/// subscriber gets the new events after the 50 it had, without RESET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_min_replicas_a_failover_keeps_the_epoch_and_the_subscribers() {
+    failover_to_a_stale_replica(true).await;
+}
+
+async fn failover_to_a_stale_replica(min_replicas: bool) {
     let mut cluster = support::redis::RedisCluster::start_with_replicas();
     let seeds = cluster.seeds();
-    let a = TestServer::start_with(move |x| x.redis_cluster = Some(seeds.parse().unwrap())).await;
+    let a = TestServer::start_with(move |x| {
+        x.redis_cluster = Some(seeds.parse().unwrap());
+        if min_replicas {
+            x.redis_min_replicas = Some(1);
+            x.redis_replica_timeout = Some("300ms".parse().unwrap());
+        }
+    })
+    .await;
     let tok = a.token(&["acme"]);
     let mut on_a = a.client(&["acme"], "orgs=acme").await;
     let (epoch, _, _) = subscribed(&mut on_a).await;
@@ -769,6 +796,10 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
     for _ in 0..50 {
         acks.publish_ok(&a.api).await;
     }
+    assert_eq!(
+        seqs(&on_a.events(50).await.unwrap()),
+        (1..=50).collect::<Vec<_>>()
+    );
     // The replica has those 50, then its link is cut.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while cluster.nodes[r].repl_offset() < cluster.nodes[p].repl_offset() {
@@ -785,13 +816,22 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
         .cli(&["CLIENT", "KILL", "TYPE", "replica"])
         .trim()
         .starts_with('0'));
-    for _ in 50..100 {
-        acks.publish_ok(&a.api).await;
+    if min_replicas {
+        // Stored on the primary alone: 504 each, outcome unknown, and not delivered.
+        for n in 0..10 {
+            let body = serde_json::to_vec(&json!({ "unconfirmed": n })).unwrap();
+            let (st, r) = a.api.publish_raw(&tok, "acme", body, None).await.unwrap();
+            assert_eq!(st, 504, "{r}");
+        }
+    } else {
+        for _ in 50..100 {
+            acks.publish_ok(&a.api).await;
+        }
+        assert_eq!(
+            seqs(&on_a.events(50).await.unwrap()),
+            (51..=100).collect::<Vec<_>>()
+        );
     }
-    assert_eq!(
-        seqs(&on_a.events(100).await.unwrap()),
-        (1..=100).collect::<Vec<_>>()
-    );
     // The primary dies; the stale replica takes over.
     cluster.nodes[p].kill();
     cluster.nodes[r].resume();
@@ -806,33 +846,80 @@ async fn a_failover_to_a_stale_replica_never_reuses_a_position() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Publishing goes on, under a new epoch from seq 1: nothing reuses 51..100.
-    let new_epoch = acks.first_in_a_new_epoch(&a.api, &epoch).await;
-    for _ in 0..20 {
-        let r = acks.publish_ok(&a.api).await;
-        assert_eq!(r["epoch"], new_epoch.as_str());
-    }
-    // The subscriber that saw 51..100: RESET to the new epoch, before any event of it.
-    match on_a.next_non_heartbeat().await.unwrap() {
-        Msg::Frame(Frame::Reset { epoch: e, .. }) => assert_eq!(e, new_epoch),
-        other => panic!("expected RESET, got {other:?}"),
-    }
-    // What was acknowledged under the surviving epoch reads back unchanged.
+    let surviving = if min_replicas {
+        // The new primary has no replica, so nothing can be confirmed until it gets one: a
+        // replica of another primary migrates to it.
+        let spare = (0..cluster.nodes.len())
+            .find(|&n| {
+                n != r
+                    && n != p
+                    && cluster.nodes[n]
+                        .cli(&["INFO", "replication"])
+                        .contains("role:slave")
+            })
+            .expect("another replica");
+        let id = cluster.nodes[r].cli(&["CLUSTER", "MYID"]);
+        assert!(cluster.nodes[spare]
+            .cli(&["CLUSTER", "REPLICATE", id.trim()])
+            .contains("OK"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !cluster.nodes[spare]
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the migrated replica never synced"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Nothing acknowledged or delivered was lost: the same epoch goes on at seq 51, and
+        // the subscriber gets exactly the new events, after the 50 it had.
+        let first = acks.first_acknowledged(&a.api).await;
+        assert_eq!(first["epoch"], epoch.as_str(), "{first}");
+        assert_eq!(first["first_seq"], 51, "{first}");
+        for _ in 0..19 {
+            acks.publish_ok(&a.api).await;
+        }
+        let evs = on_a.events(20).await.unwrap();
+        assert_eq!(seqs(&evs), (51..=70).collect::<Vec<_>>());
+        for e in &evs {
+            let data: Value = serde_json::from_slice(&e.payload).unwrap();
+            let key = (epoch.clone(), e.seq);
+            assert_eq!(data["i"].as_u64().as_ref(), acks.acked.get(&key), "{data}");
+        }
+        epoch
+    } else {
+        // Publishing goes on, under a new epoch from seq 1: nothing reuses 51..100.
+        let new_epoch = acks.first_in_a_new_epoch(&a.api, &epoch).await;
+        for _ in 0..20 {
+            let r = acks.publish_ok(&a.api).await;
+            assert_eq!(r["epoch"], new_epoch.as_str());
+        }
+        // The subscriber that saw 51..100: RESET to the new epoch, before any event of it.
+        match on_a.next_non_heartbeat().await.unwrap() {
+            Msg::Frame(Frame::Reset { epoch: e, .. }) => assert_eq!(e, new_epoch),
+            other => panic!("expected RESET, got {other:?}"),
+        }
+        new_epoch
+    };
+    // What was acknowledged under the surviving epoch reads back unchanged, and nothing else.
     let (_, h) = a
         .api
         .get("/v1/orgs/acme/events?limit=1000", Some(&tok))
         .await
         .unwrap();
-    assert_eq!(h["epoch"], new_epoch.as_str());
-    for e in h["events"].as_array().unwrap() {
-        let key = (new_epoch.clone(), e["seq"].as_u64().unwrap());
+    assert_eq!(h["epoch"], surviving.as_str());
+    let events = h["events"].as_array().unwrap();
+    for e in events {
+        let key = (surviving.clone(), e["seq"].as_u64().unwrap());
         assert_eq!(
-            Some(&e["data"]["i"].as_u64().unwrap()),
+            e["data"]["i"].as_u64().as_ref(),
             acks.acked.get(&key),
             "{e}"
         );
     }
-    assert_eq!(h["events"].as_array().unwrap().len(), 21);
+    assert_eq!(events.len(), if min_replicas { 70 } else { 21 });
 }
 
 /// `--redis-min-replicas 1` on a Redis Cluster: WAIT goes to the org's primary (by default the

@@ -3,7 +3,9 @@
 //!
 //! ## Layout (every key of an org carries the hash tag `{org}`, so Redis Cluster keeps them
 //! in one slot and the scripts below touch one slot only)
-//! - `es:{org}:m`: a hash with the org's `epoch` and `head` (the last seq assigned);
+//! - `es:{org}:m`: a hash with the org's `epoch`, `head` (the last seq assigned) and `conf`
+//!   (the last seq confirmed: by `--redis-min-replicas` replicas, or as written without it;
+//!   nodes with the flag deliver nothing after it);
 //! - `es:{org}:s`: the stream; entry ids are `<seq>-0`, fields `e` (epoch), `t` (ms), `p`
 //!   (payload), so a range read by seq is an `XRANGE` by id;
 //! - `es:{org}:i:<key>`: an Idempotency-Key's first result, expiring with the replay window.
@@ -80,7 +82,7 @@ local function fence(known, mark, candidate)
   local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
   if head >= tonumber(mark) then return 0 end
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', candidate, 'head', 0)
+  redis.call('HSET', KEYS[1], 'epoch', candidate, 'head', 0, 'conf', 0)
   redis.call('PUBLISH', KEYS[2], candidate .. ' 0')
   return 1
 end
@@ -88,8 +90,11 @@ end
 
 /// Appends a batch: KEYS = meta, stream, idempotency key; ARGV = epoch candidate, ts, max
 /// events, replay window ms (the idempotency and stream time-to-live), has key (1/0), known
-/// epoch, mark, payloads...
+/// epoch, mark, confirmed mode (1/0), payloads...
 /// Returns {duplicate(0/1), epoch, first, last, fenced(0/1)}.
+///
+/// In confirmed mode (`--redis-min-replicas`) the append wakes nobody: followers deliver only
+/// up to the meta's `conf`, which [`CONFIRM`] moves once the replicas have the events.
 const APPEND: &str = r#"
 local fenced = fence(ARGV[6], ARGV[7], ARGV[1])
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
@@ -105,16 +110,25 @@ if ARGV[5] == '1' then
   end
 end
 trim_old(tonumber(ARGV[2]) - tonumber(ARGV[4]))
-local n = #ARGV - 7
+local n = #ARGV - 8
 local last = redis.call('HINCRBY', KEYS[1], 'head', n)
 local first = last - n + 1
 for i = 1, n do
-  redis.call('XADD', KEYS[2], (first + i - 1) .. '-0', 'e', epoch, 't', ARGV[2], 'p', ARGV[7 + i])
+  redis.call('XADD', KEYS[2], (first + i - 1) .. '-0', 'e', epoch, 't', ARGV[2], 'p', ARGV[8 + i])
 end
 redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
--- Wakes the followers of every node (crate::log::wakes): the channel is named like the stream.
-redis.call('PUBLISH', KEYS[2], epoch .. ' ' .. last)
+if ARGV[8] == '1' then
+  -- An org without `conf` (written before confirmed mode) counts as confirmed up to here.
+  redis.call('HSETNX', KEYS[1], 'conf', first - 1)
+else
+  -- Acknowledged as written: confirmed as far as this node is concerned (so that nodes in
+  -- confirmed mode deliver it too).
+  redis.call('HSET', KEYS[1], 'conf', last)
+  -- Wakes the followers of every node (crate::log::wakes): the channel is named like the
+  -- stream.
+  redis.call('PUBLISH', KEYS[2], epoch .. ' ' .. last)
+end
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. first .. ' ' .. last, 'PX', ARGV[4])
 end
@@ -123,24 +137,53 @@ return {0, epoch, first, last, fenced}
 
 /// An org's state (created with the candidate epoch when new, fenced as in [`PRELUDE`]), and
 /// with ARGV[2] = 1, up to ARGV[4] entries after seq ARGV[3]. KEYS = meta, stream; ARGV =
-/// epoch candidate, read (1/0), after seq, count, known epoch, mark, time cutoff (ms).
-/// Returns {epoch, head, first, entries, fenced(0/1)}.
+/// epoch candidate, read (1/0), after seq, count, known epoch, mark, time cutoff (ms),
+/// confirmed mode (1/0). Returns {epoch, head, first, entries, fenced(0/1)}.
+///
+/// In confirmed mode the head is the meta's `conf` (the last seq replicas confirmed) and
+/// nothing after it is read. A `conf` below this node's mark (a failover lost the `conf` write
+/// but not the events, which WAIT had confirmed) is repaired to the mark: a node marks only
+/// confirmed seqs in this mode.
 const STATE_READ: &str = r#"
 local fenced = fence(ARGV[5], ARGV[6], ARGV[1])
 trim_old(tonumber(ARGV[7]))
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+if ARGV[8] == '1' then
+  -- No `conf` yet: nothing was appended in confirmed mode, all counts as confirmed.
+  local conf = tonumber(redis.call('HGET', KEYS[1], 'conf') or head)
+  local mark = tonumber(ARGV[6])
+  if epoch == ARGV[5] and conf < mark and mark <= head then
+    conf = mark
+    redis.call('HSET', KEYS[1], 'conf', conf)
+  end
+  head = math.min(head, conf)
+end
 local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local first = head + 1
 if #oldest > 0 then
-  first = tonumber(string.match(oldest[1][1], '^(%d+)'))
+  first = math.min(first, tonumber(string.match(oldest[1][1], '^(%d+)')))
 end
 local entries = {}
-if ARGV[2] == '1' then
-  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
+if ARGV[2] == '1' and tonumber(ARGV[3]) < head then
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', head .. '-0', 'COUNT', ARGV[4])
 end
 return {epoch, head, first, entries, fenced}
+"#;
+
+/// Confirmed mode: the replicas have the org's events up to ARGV[2] under epoch ARGV[1];
+/// moves `conf` there (never back, never past the head, never across an epoch) and wakes the
+/// followers. KEYS = meta, stream.
+const CONFIRM: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+local conf = tonumber(redis.call('HGET', KEYS[1], 'conf') or '0')
+local last = math.min(tonumber(ARGV[2]), head)
+if last <= conf then return 0 end
+redis.call('HSET', KEYS[1], 'conf', last)
+redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' ' .. last)
+return 1
 "#;
 
 /// What this node has seen of each org: the highest seq it acknowledged, read or delivered
@@ -202,10 +245,19 @@ pub struct RedisLog {
     replication: Option<Replication>,
     conn: Conn,
     append: Script,
-    state_read: Script,
     retention: Retention,
+    reader: Reader,
+}
+
+/// How this node reads an org's state and events (shared with its followers).
+#[derive(Clone)]
+struct Reader {
+    state_read: Script,
     /// What this node saw of each org it touched, for the fence (and the metrics' org count).
     marks: Arc<Marks>,
+    window_ms: u64,
+    /// `--redis-min-replicas` is set: only confirmed events are read (see [`STATE_READ`]).
+    confirmed: bool,
 }
 
 /// Appends wait for replicas (`--redis-min-replicas`) on a connection of their own.
@@ -213,12 +265,13 @@ struct Replication {
     replicas: u32,
     timeout: Duration,
     conn: Conn,
+    confirm: Script,
 }
 
 impl Replication {
     /// Waits until `replicas` replicas of the org's primary have every write made so far on
     /// this connection (the append included).
-    async fn confirm(&self, org: &OrgId) -> Result<(), LogError> {
+    async fn confirm(&self, org: &OrgId, epoch: &Epoch, last: u64) -> Result<(), LogError> {
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.replicas).arg(self.timeout.as_millis() as u64);
         let acked: i64 = match &self.conn {
@@ -246,6 +299,16 @@ impl Replication {
                 self.replicas, self.timeout
             )));
         }
+        // Confirmed: the followers of every node may deliver up to `last` now.
+        let _: i64 = self
+            .confirm
+            .key(meta_key(org))
+            .key(stream_key(org))
+            .arg(epoch.as_str())
+            .arg(last)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(write_failed)?;
         Ok(())
     }
 }
@@ -404,7 +467,9 @@ impl RedisLog {
             replicas,
             timeout,
             conn,
+            confirm: Script::new(CONFIRM),
         });
+        self.reader.confirmed = true;
         Ok(())
     }
 
@@ -415,9 +480,13 @@ impl RedisLog {
             replication: None,
             conn,
             append: Script::new(&format!("{PRELUDE}{APPEND}")),
-            state_read: Script::new(&format!("{PRELUDE}{STATE_READ}")),
+            reader: Reader {
+                state_read: Script::new(&format!("{PRELUDE}{STATE_READ}")),
+                marks: Arc::new(Marks::default()),
+                window_ms: retention.window_ms,
+                confirmed: false,
+            },
             retention,
-            marks: Arc::new(Marks::default()),
         }
     }
 
@@ -427,62 +496,58 @@ impl RedisLog {
         after: Option<u64>,
         limit: usize,
     ) -> Result<(OrgState, Vec<Arc<Event>>), LogError> {
-        state_and_read(
-            &self.state_read,
-            self.conn.clone(),
-            &self.marks,
-            self.retention.window_ms,
-            org,
-            after,
-            limit,
-        )
-        .await
+        self.reader
+            .state_and_read(self.conn.clone(), org, after, limit)
+            .await
     }
 }
 
-/// The org's state (fenced against this node's mark) and, with `after`, up to `limit` events
-/// after that seq; the mark learns the head.
-async fn state_and_read(
-    script: &Script,
-    mut conn: Conn,
-    marks: &Marks,
-    window_ms: u64,
-    org: &OrgId,
-    after: Option<u64>,
-    limit: usize,
-) -> Result<(OrgState, Vec<Arc<Event>>), LogError> {
-    let (known, mark) = marks.get(org);
-    let v: Value = script
-        .key(meta_key(org))
-        .key(stream_key(org))
-        .arg(Epoch::random().as_str())
-        .arg(if after.is_some() { "1" } else { "0" })
-        .arg(after.unwrap_or(0))
-        .arg(limit)
-        .arg(&known)
-        .arg(mark)
-        .arg(unix_ms().saturating_sub(window_ms))
-        .invoke_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
-    let Value::Array(parts) = v else {
-        return Err(LogError::Internal("redis: unexpected state reply".into()));
-    };
-    let [epoch, head, first, entries, fenced] = <[Value; 5]>::try_from(parts)
-        .map_err(|_| LogError::Internal("redis: state reply of the wrong length".into()))?;
-    let epoch =
-        Epoch::parse(&as_string(&epoch)?).map_err(|e| LogError::Internal(format!("redis: {e}")))?;
-    let state = OrgState {
-        epoch,
-        head: as_u64(&head)?,
-        first: as_u64(&first)?,
-    };
-    if as_u64(&fenced)? == 1 {
-        fenced_warning(org, &known, mark, &state.epoch);
+impl Reader {
+    /// The org's state (fenced against this node's mark) and, with `after`, up to `limit`
+    /// events after that seq; the mark learns the head.
+    async fn state_and_read(
+        &self,
+        mut conn: Conn,
+        org: &OrgId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(OrgState, Vec<Arc<Event>>), LogError> {
+        let marks = &self.marks;
+        let (known, mark) = marks.get(org);
+        let v: Value = self
+            .state_read
+            .key(meta_key(org))
+            .key(stream_key(org))
+            .arg(Epoch::random().as_str())
+            .arg(if after.is_some() { "1" } else { "0" })
+            .arg(after.unwrap_or(0))
+            .arg(limit)
+            .arg(&known)
+            .arg(mark)
+            .arg(unix_ms().saturating_sub(self.window_ms))
+            .arg(if self.confirmed { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(parts) = v else {
+            return Err(LogError::Internal("redis: unexpected state reply".into()));
+        };
+        let [epoch, head, first, entries, fenced] = <[Value; 5]>::try_from(parts)
+            .map_err(|_| LogError::Internal("redis: state reply of the wrong length".into()))?;
+        let epoch = Epoch::parse(&as_string(&epoch)?)
+            .map_err(|e| LogError::Internal(format!("redis: {e}")))?;
+        let state = OrgState {
+            epoch,
+            head: as_u64(&head)?,
+            first: as_u64(&first)?,
+        };
+        if as_u64(&fenced)? == 1 {
+            fenced_warning(org, &known, mark, &state.epoch);
+        }
+        marks.saw(org, &state.epoch, state.head);
+        let events = parse_entries(org, entries)?;
+        Ok((state, events))
     }
-    marks.saw(org, &state.epoch, state.head);
-    let events = parse_entries(org, entries)?;
-    Ok((state, events))
 }
 
 /// A cluster client with this response deadline per command.
@@ -603,7 +668,7 @@ impl EventLog for RedisLog {
             Some(r) => r.conn.clone(),
             None => self.conn.clone(),
         };
-        let (known, mark) = self.marks.get(org);
+        let (known, mark) = self.reader.marks.get(org);
         let mut call = self.append.prepare_invoke();
         call.key(meta_key(org))
             .key(stream_key(org))
@@ -614,7 +679,8 @@ impl EventLog for RedisLog {
             .arg(self.retention.window_ms.max(1))
             .arg(if idempotency_key.is_some() { "1" } else { "0" })
             .arg(&known)
-            .arg(mark);
+            .arg(mark)
+            .arg(if self.reader.confirmed { "1" } else { "0" });
         for p in &payloads {
             call.arg(p.as_ref());
         }
@@ -624,11 +690,12 @@ impl EventLog for RedisLog {
         if fenced == 1 {
             fenced_warning(org, &known, mark, &epoch);
         }
-        // Stored: from now on this node holds the store to it.
-        self.marks.saw(org, &epoch, last);
+        // Stored (and with --redis-min-replicas, confirmed): from now on this node holds the
+        // store to it.
         if let Some(r) = &self.replication {
-            r.confirm(org).await?;
+            r.confirm(org, &epoch, last).await?;
         }
+        self.reader.marks.saw(org, &epoch, last);
         Ok(Appended {
             epoch,
             first_seq: first,
@@ -695,9 +762,7 @@ impl EventLog for RedisLog {
             woken: None,
             signal_cursor,
             meta: self.conn.clone(),
-            state_read: self.state_read.clone(),
-            marks: self.marks.clone(),
-            window_ms: self.retention.window_ms,
+            reader: self.reader.clone(),
             cursor,
         }))
     }
@@ -712,7 +777,7 @@ impl EventLog for RedisLog {
 
     fn usage(&self) -> LogUsage {
         LogUsage {
-            orgs: self.marks.len() as u64,
+            orgs: self.reader.marks.len() as u64,
             ..Default::default()
         }
     }
@@ -736,72 +801,139 @@ struct RedisTail {
     /// the org's state (another epoch, a head behind the cursor, a lost connection).
     woken: Option<bool>,
     meta: Conn,
-    state_read: Script,
-    marks: Arc<Marks>,
-    window_ms: u64,
+    reader: Reader,
     cursor: Position,
     /// The last signal id read.
     signal_cursor: String,
 }
 
+impl RedisTail {
+    /// Events after the cursor and signals after the signal cursor, in one `XREAD`.
+    async fn read_all(&mut self) -> Result<Tailed, LogError> {
+        let events_key = stream_key(&self.org);
+        let signals_key = signal_key(&self.org);
+        let reply: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(TAIL_BATCH)
+            .arg("STREAMS")
+            .arg(&events_key)
+            .arg(&signals_key)
+            .arg(format!("{}-0", self.cursor.seq))
+            .arg(&self.signal_cursor)
+            .query_async(&mut self.meta)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Tailed::default();
+        for (key, entries) in xread_streams(reply) {
+            if as_string(&key)? == signals_key {
+                out.signals = self.take_signals(entries)?;
+            } else {
+                out.events = parse_entries(&self.org, entries)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Confirmed mode: events up to the confirmed head through the state script (which also
+    /// fences, and follows the org into a new epoch), signals by `XREAD`.
+    async fn read_confirmed(&mut self) -> Result<Tailed, LogError> {
+        let mut out = Tailed::default();
+        let (state, events) = self
+            .reader
+            .state_and_read(
+                self.meta.clone(),
+                &self.org,
+                Some(self.cursor.seq),
+                TAIL_BATCH,
+            )
+            .await?;
+        out.events = if state.epoch == self.cursor.epoch {
+            events
+        } else {
+            self.new_epoch(state.epoch);
+            let (_, events) = self
+                .reader
+                .state_and_read(self.meta.clone(), &self.org, Some(0), TAIL_BATCH)
+                .await?;
+            events
+                .into_iter()
+                .filter(|e| e.epoch == self.cursor.epoch)
+                .collect()
+        };
+        let reply: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(TAIL_BATCH)
+            .arg("STREAMS")
+            .arg(signal_key(&self.org))
+            .arg(&self.signal_cursor)
+            .query_async(&mut self.meta)
+            .await
+            .map_err(unavailable)?;
+        for (_, entries) in xread_streams(reply) {
+            out.signals = self.take_signals(entries)?;
+        }
+        Ok(out)
+    }
+
+    fn take_signals(&mut self, entries: Value) -> Result<Vec<Bytes>, LogError> {
+        let mut out = Vec::new();
+        for (id, data) in parse_signals(entries)? {
+            self.signal_cursor = id;
+            out.push(data);
+        }
+        Ok(out)
+    }
+
+    /// A new epoch (the org's keys were lost and recreated, or a fence moved it because the
+    /// store lost events) restarts seqs below the cursor, where a read after it would never
+    /// look; the hub's sessions then read the log and get RESET.
+    fn new_epoch(&mut self, epoch: Epoch) {
+        tracing::warn!(org = %self.org, epoch = %epoch, "org has a new epoch in redis");
+        self.cursor = Position { epoch, seq: 0 };
+    }
+}
+
+/// An `XREAD` reply as (key, entries) pairs: `[[key, entries], ...]` (a map in RESP3), or nil
+/// when nothing is new.
+fn xread_streams(reply: Value) -> Vec<(Value, Value)> {
+    match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(kv) => <[Value; 2]>::try_from(kv).ok().map(|[k, v]| (k, v)),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(m) => m,
+        _ => Vec::new(),
+    }
+}
+
 #[async_trait]
 impl Tail for RedisTail {
     async fn next(&mut self) -> Result<Tailed, LogError> {
-        let events_key = stream_key(&self.org);
-        let signals_key = signal_key(&self.org);
         loop {
-            let reply: Value = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(TAIL_BATCH)
-                .arg("STREAMS")
-                .arg(&events_key)
-                .arg(&signals_key)
-                .arg(format!("{}-0", self.cursor.seq))
-                .arg(&self.signal_cursor)
-                .query_async(&mut self.meta)
-                .await
-                .map_err(unavailable)?;
-            // [[key, entries], ...] (a map in RESP3), or nil when nothing is new.
-            let streams: Vec<(Value, Value)> = match reply {
-                Value::Array(streams) => streams
-                    .into_iter()
-                    .filter_map(|s| match s {
-                        Value::Array(mut kv) if kv.len() == 2 => {
-                            let entries = kv.pop().expect("two");
-                            Some((kv.pop().expect("one"), entries))
-                        }
-                        _ => None,
-                    })
-                    .collect(),
-                Value::Map(m) => m,
-                _ => Vec::new(),
+            let out = if self.reader.confirmed {
+                self.read_confirmed().await?
+            } else {
+                self.read_all().await?
             };
-            let mut out = Tailed::default();
-            for (key, entries) in streams {
-                if as_string(&key)? == signals_key {
-                    for (id, data) in parse_signals(entries)? {
-                        self.signal_cursor = id;
-                        out.signals.push(data);
-                    }
-                } else {
-                    out.events = parse_entries(&self.org, entries)?;
-                }
-            }
             if let Some(last) = out.events.last() {
                 self.cursor = Position {
                     epoch: last.epoch.clone(),
                     seq: last.seq,
                 };
                 // Delivered: the store is held to it.
-                self.marks.saw(&self.org, &last.epoch, last.seq);
+                self.reader.marks.saw(&self.org, &last.epoch, last.seq);
             }
             if !out.events.is_empty() || !out.signals.is_empty() {
                 self.woken = None;
                 return Ok(out);
             }
             match self.woken.take() {
-                // Woken, read, still nothing, and what woke it calls for a look: below.
-                Some(true) => {}
+                // Woken, read, still nothing, and what woke it calls for a look (which a
+                // confirmed-mode read has already taken): below.
+                Some(true) if !self.reader.confirmed => {}
                 // Nothing new (or nothing that calls for a look): sleep until the org's
                 // channel says something happened.
                 _ => {
@@ -821,26 +953,13 @@ impl Tail for RedisTail {
                     continue;
                 }
             }
-            // Check the org's state, fenced against what this node saw. A new epoch (the
-            // org's keys were lost and recreated, or a fence moved it because the store lost
-            // events) restarts seqs below the cursor, where XREAD would never look; the hub's
-            // sessions then read the log and get RESET.
-            let (state, _) = state_and_read(
-                &self.state_read,
-                self.meta.clone(),
-                &self.marks,
-                self.window_ms,
-                &self.org,
-                None,
-                0,
-            )
-            .await?;
+            // Check the org's state, fenced against what this node saw.
+            let (state, _) = self
+                .reader
+                .state_and_read(self.meta.clone(), &self.org, None, 0)
+                .await?;
             if state.epoch != self.cursor.epoch {
-                tracing::warn!(org = %self.org, epoch = %state.epoch, "org has a new epoch in redis");
-                self.cursor = Position {
-                    epoch: state.epoch,
-                    seq: 0,
-                };
+                self.new_epoch(state.epoch);
             }
         }
     }
