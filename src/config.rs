@@ -134,7 +134,7 @@ serve_options! {
     redis_min_replicas: u32,
     /// With --redis-min-replicas: how long a publish waits for the replicas [default: 1s]
     redis_replica_timeout: HumanDuration,
-    /// With --redis or --redis-cluster: a node refreshes its presence entries every third of this; a node silent this long (dead, cut off) has its users leave [default: 15s]
+    /// With --redis or --redis-cluster: a node refreshes its entry in the presence node registry every third of this; a node silent this long (dead, cut off) has its users leave [default: 15s]
     presence_ttl: HumanDuration,
     /// With --redis and --server-id: a node refreshes its entry in the node registry every third of this; a node silent this long counts as dead, and only then do its peers answer its connections with stateless resets [default: 3s]
     node_ttl: HumanDuration,

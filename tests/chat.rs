@@ -409,7 +409,8 @@ async fn poll_json(
 
 /// Redis mode: ann on node A (WebSocket) and bob on node B (WebTransport, a real process)
 /// share one chat order and one presence view; when B is SIGKILLed its users leave on A
-/// within the presence ttl; a Redis that lost the presence keys is repaired by the next sync.
+/// within the presence ttl; a Redis that lost the presence keys is repaired by the next
+/// registry refresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_two_nodes_share_order_and_presence_and_a_dead_nodes_users_leave() {
     let redis = support::redis::RedisServer::start();
@@ -504,10 +505,12 @@ async fn users_on_two_nodes_share_order_and_presence_and_a_dead_nodes_users_leav
     let v = poll_json(&a.api, "/v1/orgs/acme/presence", &ann_tok, |_| true).await;
     assert_eq!(v["online"], 1, "{v}");
 
-    // Redis loses the presence keys: A's next sync puts ann back.
+    // Redis loses the presence keys (the node registry with them, as in a restart): A's next
+    // refresh finds itself unknown and syncs every org, which puts ann back.
     redis.cli(&[
         "EVAL",
-        "for _, k in ipairs(redis.call('KEYS', 'es:{acme}:p*')) do redis.call('DEL', k) end",
+        "for _, k in ipairs(redis.call('KEYS', 'es:{acme}:p*')) do redis.call('DEL', k) end \
+         redis.call('DEL', 'es:presence:nodes')",
         "0",
     ]);
     let v = poll_json(&a.api, "/v1/orgs/acme/rooms/lobby", &ann_tok, |v| {

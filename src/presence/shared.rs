@@ -7,11 +7,18 @@
 //! therefore sends the same changes in the same order, with the combined `online` figure.
 //!
 //! ## Layout (hash tag `{org}`, like the log's keys, so one slot holds an org)
-//! - `es:{org}:pl`: sorted set, node id -> deadline (ms, Redis clock). A node with anyone
-//!   present in the org moves its deadline to now + ttl every ttl/3 (a `sync`). A node that
-//!   misses its deadline (dead, cut off) is expired by the next script run for the org: its
-//!   sessions are removed as if they had left, so its users leave everywhere within
-//!   ttl + ttl/3 of its last refresh.
+//! - `es:presence:nodes` (one key for all orgs): sorted set, node id -> deadline (ms, Redis
+//!   clock). Each node moves its own deadline to now + ttl every ttl/3: one command per node,
+//!   however many orgs it serves (`REGISTER`), and reads back the live ones.
+//! - `es:{org}:pl`: sorted set, node id -> its last write to the org (ms, Redis clock). Every
+//!   script run for the org is given the live nodes as the registry last said (and when that
+//!   was read): a node with entries here that is not live, and wrote here before that read,
+//!   is dead (or cut off), and its sessions are removed as if they had left. A node that was
+//!   not yet in the registry when it was read wrote here after the read, so it is kept ("before"
+//!   allows [`SKEW_MS`] between the clocks of two Redis Cluster primaries). When a node sees
+//!   a peer drop out of the registry, it runs the script for every org it has sessions in at
+//!   each tick for the next [`SKEW_MS`] + ttl/3, so the dead node's users leave everywhere
+//!   within about ttl + ttl/3 + 1 s of its last refresh.
 //! - `es:{org}:pn:<node>`: hash `room\x1fuser` -> that node's sessions;
 //! - `es:{org}:pu`: hash `room\x1fuser` -> sessions on all nodes;
 //! - `es:{org}:pm:<room>`: set of the users present (`pm:` with no room: the org);
@@ -22,9 +29,13 @@
 //!
 //! ## Order and failures
 //! Changes go to one writer task per node, in the order they happened (queued under the
-//! registry lock). Every ttl/3 the writer also sends the node's whole state per org (`sync`):
-//! that refreshes the deadline and repairs whatever a failed command or a Redis restart lost.
-//! A change older than the last sync of its org is skipped (the sync already holds it). Reads
+//! registry lock). The node's whole state of an org (`sync`) is sent to repair: for an org
+//! whose change failed; for every org when the registry did not know this node as live (its
+//! first refresh, a Redis restart, a cut-off long enough for its peers to count it dead); and
+//! for each org once per [`AUDIT`] (a slice of the orgs at each tick), which keeps its keys
+//! from expiring and repairs what a failover to a stale replica lost. A change older than the
+//! last sync of its org is skipped (the sync already holds it). An idle node with N orgs thus
+//! sends one command per ttl/3 plus N per [`AUDIT`], not N per ttl/3. Reads
 //! (JOIN's member list, the HTTP routes) go through the same queue, so a session that joins
 //! sees itself.
 
@@ -47,13 +58,35 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keys of an org outlive their last write by this much.
 const KEEP_MS: u64 = 3_600_000;
 
-/// KEYS = live set, signal stream; ARGV = key prefix `es:{org}:`, node, ttl ms, keep ms, op,
-/// op arguments: `set` entry sessions | `sync` (entry sessions)... | `chat` room ts |
-/// `read` room. `read` returns {{user, sessions, ...}, messages, last message ts}.
+/// Every org's state is sent again once per this (well within [`KEEP_MS`]).
+const AUDIT: Duration = Duration::from_secs(600);
+
+/// How far apart the clocks of two Redis primaries may be (the script's `SKEW_MS`).
+const SKEW_MS: u64 = 1000;
+
+/// The node registry, one key for every org.
+const NODES_KEY: &str = "es:presence:nodes";
+
+/// KEYS = the registry; ARGV = node, ttl ms. Refreshes this node's deadline, drops nodes past
+/// theirs, returns {now (ms), 1 if this node was live already else 0, live node ids}.
+const REGISTER: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local was = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {now, was > now and 1 or 0, redis.call('ZRANGE', KEYS[1], 0, -1)}
+"#;
+
+/// KEYS = the org's node set, signal stream; ARGV = key prefix `es:{org}:`, node, keep ms,
+/// live nodes (comma-separated; `?`: unknown), when the registry said so (ms), op, op
+/// arguments: `set` entry sessions | `sync` (entry sessions)... | `chat` room ts | `read` room
+/// | `reap`. `read` returns {{user, sessions, ...}, messages, last message ts}.
 const PRESENCE: &str = r#"
-local p, node, ttl, keep, op = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local SKEW_MS = 1000
+local p, node, keep, live, since, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local SEP = '\31'
-local live, signals = KEYS[1], KEYS[2]
+local nodes, signals = KEYS[1], KEYS[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -86,42 +119,50 @@ local function set(n, ru, s)
   end
 end
 
--- Nodes past their deadline leave with all their sessions.
-for _, n in ipairs(redis.call('ZRANGEBYSCORE', live, '-inf', now)) do
-  local nk = p .. 'pn:' .. n
-  for _, ru in ipairs(redis.call('HKEYS', nk)) do set(n, ru, 0) end
-  redis.call('DEL', nk)
-  redis.call('ZREM', live, n)
+-- Nodes out of the registry that wrote here before it was read leave with their sessions.
+if live ~= '?' then
+  local up = {}
+  for id in string.gmatch(live, '[^,]+') do up[id] = true end
+  for _, n in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', '(' .. (since - SKEW_MS))) do
+    if not up[n] then
+      local nk = p .. 'pn:' .. n
+      for _, ru in ipairs(redis.call('HKEYS', nk)) do set(n, ru, 0) end
+      redis.call('DEL', nk)
+      redis.call('ZREM', nodes, n)
+    end
+  end
 end
 
 local function alive()
-  redis.call('ZADD', live, now + ttl, node)
-  for _, k in ipairs({live, p .. 'pn:' .. node, p .. 'pu'}) do redis.call('PEXPIRE', k, keep) end
+  redis.call('ZADD', nodes, now, node)
+  for _, k in ipairs({nodes, p .. 'pn:' .. node, p .. 'pu'}) do redis.call('PEXPIRE', k, keep) end
 end
 
 if op == 'set' then
-  set(node, ARGV[6], tonumber(ARGV[7]))
+  set(node, ARGV[7], tonumber(ARGV[8]))
   alive()
+  return 1
+elseif op == 'reap' then
   return 1
 elseif op == 'sync' then
   local want = {}
-  for i = 6, #ARGV, 2 do want[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  for i = 7, #ARGV, 2 do want[ARGV[i]] = tonumber(ARGV[i + 1]) end
   for _, ru in ipairs(redis.call('HKEYS', p .. 'pn:' .. node)) do
     if not want[ru] then set(node, ru, 0) end
   end
   local any = false
   for ru, s in pairs(want) do set(node, ru, s); any = true end
-  if any then alive() else redis.call('ZREM', live, node) end
+  if any then alive() else redis.call('ZREM', nodes, node) end
   return 1
 elseif op == 'chat' then
   local k = p .. 'pc'
-  redis.call('HINCRBY', k, ARGV[6] .. SEP .. 'm', 1)
-  local last = tonumber(redis.call('HGET', k, ARGV[6] .. SEP .. 't') or '0')
-  if tonumber(ARGV[7]) > last then redis.call('HSET', k, ARGV[6] .. SEP .. 't', ARGV[7]) end
+  redis.call('HINCRBY', k, ARGV[7] .. SEP .. 'm', 1)
+  local last = tonumber(redis.call('HGET', k, ARGV[7] .. SEP .. 't') or '0')
+  if tonumber(ARGV[8]) > last then redis.call('HSET', k, ARGV[7] .. SEP .. 't', ARGV[8]) end
   redis.call('PEXPIRE', k, keep)
   return 1
 end
-local room = ARGV[6]
+local room = ARGV[7]
 local members = {}
 for _, user in ipairs(redis.call('SMEMBERS', p .. 'pm:' .. room)) do
   table.insert(members, user)
@@ -183,8 +224,10 @@ impl Shared {
         let writer = Writer {
             conn,
             script: Script::new(PRESENCE),
+            register: Script::new(REGISTER),
             node: crate::model::Epoch::random().as_str().to_string(),
             ttl,
+            live: None,
         };
         tokio::spawn(writer.run(rx, presence));
         Shared { tx }
@@ -227,51 +270,162 @@ impl Shared {
 struct Writer {
     conn: Conn,
     script: Script,
+    register: Script,
     node: String,
     ttl: Duration,
+    /// The live nodes as the registry last said (comma-separated), and when (ms, Redis
+    /// clock); `None` while the registry cannot be read.
+    live: Option<(String, u64)>,
+}
+
+/// What the writer keeps between ticks.
+#[derive(Default)]
+struct Books {
+    /// Changes at or below an org's floor are in its last successful sync.
+    floors: HashMap<OrgId, u64>,
+    /// Orgs where Redis may hold entries of this node.
+    placed: HashSet<OrgId>,
+    /// Orgs whose last change failed: synced at the next tick.
+    dirty: HashSet<OrgId>,
+    /// The peers the registry last counted live.
+    peers: HashSet<String>,
+    /// Until then (ms, registry clock) every org is run once per tick: a peer died.
+    reap_until: u64,
+    /// Ticks so far; the orgs of slice `ticks % slices` are audited at each.
+    ticks: u64,
+    /// Every org is synced at the next tick (the registry did not know this node as live).
+    repair: bool,
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Op>, presence: Weak<Presence>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>, presence: Weak<Presence>) {
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Changes at or below an org's floor are in its last successful sync.
-        let mut floors: HashMap<OrgId, u64> = HashMap::new();
-        // Orgs where Redis may hold entries of this node.
-        let mut placed: HashSet<OrgId> = HashSet::new();
+        let mut books = Books {
+            repair: true,
+            ..Books::default()
+        };
+        // Registered before the first write, so that no peer mistakes this node's first
+        // entries for a dead node's (see the module's layout).
+        tick.tick().await;
+        self.register(&mut books).await;
         loop {
             tokio::select! {
                 op = rx.recv() => match op {
-                    Some(op) => self.apply(op, &floors, &mut placed).await,
+                    Some(op) => self.apply(op, &mut books).await,
                     None => return,
                 },
                 _ = tick.tick() => {
                     while let Ok(op) = rx.try_recv() {
-                        self.apply(op, &floors, &mut placed).await;
+                        self.apply(op, &mut books).await;
                     }
+                    let died = self.register(&mut books).await;
+                    books.ticks += 1;
                     let Some(p) = presence.upgrade() else { return };
                     let (generation, orgs) = p.snapshot();
                     drop(p);
-                    floors.clear();
-                    let gone: Vec<OrgId> =
-                        placed.iter().filter(|o| !orgs.contains_key(*o)).cloned().collect();
-                    for org in gone {
-                        if self.sync(&org, &[]).await.is_ok() {
-                            placed.remove(&org);
-                        }
-                    }
-                    for (org, entries) in orgs {
-                        placed.insert(org.clone());
-                        if self.sync(&org, &entries).await.is_ok() {
-                            floors.insert(org, generation);
-                        }
-                    }
+                    self.repair(&mut books, generation, orgs, died).await;
                 }
             }
         }
     }
 
-    async fn apply(&self, op: Op, floors: &HashMap<OrgId, u64>, placed: &mut HashSet<OrgId>) {
+    /// Refreshes this node in the registry; returns whether a peer dropped out of it lately
+    /// (so its users must be made to leave this node's orgs).
+    async fn register(&mut self, books: &mut Books) -> bool {
+        let reply: Result<(u64, u8, Vec<String>), _> = self
+            .register
+            .key(NODES_KEY)
+            .arg(&self.node)
+            .arg(self.ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await;
+        match reply {
+            Ok((now, was_live, ids)) => {
+                books.repair |= was_live == 0;
+                let peers: HashSet<String> = ids.iter().cloned().collect();
+                if books.peers.iter().any(|n| !peers.contains(n)) {
+                    books.reap_until = now + SKEW_MS + self.ttl.as_millis() as u64 / 3;
+                }
+                books.peers = peers;
+                self.live = Some((ids.join(","), now));
+                now <= books.reap_until
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "presence registry unreadable; repairs when it answers");
+                self.live = None;
+                books.repair = true;
+                false
+            }
+        }
+    }
+
+    /// Syncs what needs it: every org after a lapse of the registry, else the orgs whose
+    /// change failed and this tick's audit slice; with `died`, every other org of this node is
+    /// run once more, so that the dead peer's users leave it.
+    async fn repair(
+        &self,
+        books: &mut Books,
+        generation: u64,
+        orgs: HashMap<OrgId, Vec<(String, u32)>>,
+        died: bool,
+    ) {
+        let full = std::mem::take(&mut books.repair);
+        let dirty = std::mem::take(&mut books.dirty);
+        let slices = (AUDIT.as_millis() / (self.ttl / 3).as_millis().max(1)).max(1) as u64;
+        let audit = |org: &OrgId| {
+            use std::hash::BuildHasher;
+            // A fixed hasher: an org stays in its slice.
+            let h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(org.as_str());
+            h % slices == books.ticks % slices
+        };
+        let due = |org: &OrgId| full || dirty.contains(org) || audit(org);
+        let mut failed = false;
+        let gone: Vec<OrgId> = books
+            .placed
+            .iter()
+            .filter(|o| !orgs.contains_key(*o) && due(o))
+            .cloned()
+            .collect();
+        for org in gone {
+            match self.sync(&org, &[]).await {
+                Ok(()) => {
+                    books.placed.remove(&org);
+                    books.floors.remove(&org);
+                }
+                Err(_) => {
+                    failed = true;
+                    books.dirty.insert(org);
+                }
+            }
+        }
+        for (org, entries) in orgs {
+            let result = if due(&org) {
+                books.placed.insert(org.clone());
+                self.sync(&org, &entries).await.map(|()| true)
+            } else if died {
+                self.call(&org, "reap", &[]).await.map(|_| false)
+            } else {
+                continue;
+            };
+            match result {
+                Ok(true) => {
+                    books.floors.insert(org, generation);
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    failed = true;
+                    books.dirty.insert(org);
+                }
+            }
+        }
+        if failed && full {
+            books.repair = true;
+        }
+    }
+
+    async fn apply(&self, op: Op, books: &mut Books) {
         match op {
             Op::Set {
                 org,
@@ -279,13 +433,14 @@ impl Writer {
                 sessions,
                 generation,
             } => {
-                if floors.get(&org).is_some_and(|f| generation <= *f) {
+                if books.floors.get(&org).is_some_and(|f| generation <= *f) {
                     return;
                 }
-                placed.insert(org.clone());
+                books.placed.insert(org.clone());
                 let args = [entry, sessions.to_string()];
                 if let Err(e) = self.call(&org, "set", &args).await {
                     tracing::debug!(org = %org, error = %e, "presence change not shared yet");
+                    books.dirty.insert(org);
                 }
             }
             Op::Chat { org, room, ts } => {
@@ -329,7 +484,7 @@ impl Writer {
             .await
             .map(drop)
             .inspect_err(|e| {
-                tracing::debug!(org = %org, error = %e, "presence sync failed; next tick retries");
+                tracing::debug!(org = %org, error = %e, "presence sync failed; a later tick retries");
             })
     }
 
@@ -345,8 +500,9 @@ impl Writer {
             .key(signal_key(org))
             .arg(format!("es:{{{org}}}:"))
             .arg(&self.node)
-            .arg(self.ttl.as_millis() as u64)
             .arg(KEEP_MS)
+            .arg(self.live.as_ref().map_or("?", |(ids, _)| ids.as_str()))
+            .arg(self.live.as_ref().map_or(0, |(_, at)| *at))
             .arg(op);
         for a in args {
             call.arg(a);
