@@ -61,7 +61,7 @@ struct Cli {
     #[arg(long)]
     repeat: Option<usize>,
     /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest,
-    /// redis_ingest and redis_latency (need redis-server; only when named), wire_bytes,
+    /// redis_ingest, redis_latency and redis_orgs (need redis-server; only when named), wire_bytes,
     /// idle_memory [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -179,18 +179,7 @@ impl Proc {
 
     /// CPU seconds (user + system) the process has used.
     fn cpu_seconds(&self) -> f64 {
-        let Some(pid) = self.child.id() else {
-            return 0.0;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return 0.0;
-        };
-        // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        ticks / clock_ticks()
+        self.child.id().map_or(0.0, pid_cpu_seconds)
     }
 
     async fn ready_line(&mut self) -> anyhow::Result<Vec<String>> {
@@ -872,6 +861,148 @@ async fn redis_latency(cli: &Cli, events: u64, rate: u64) -> anyhow::Result<Valu
     Ok(json!({"events": events, "rate": rate, "latency_us": percentiles(&lat)}))
 }
 
+/// CPU seconds (user + system) process `pid` has used.
+fn pid_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+/// Many small orgs on one node: `orgs` WebSocket sessions, one org each, over one
+/// `redis-server` (`on_redis`) or on the embedded log (the baseline: what the sessions cost
+/// without Redis). Reports the Redis connections the node holds, node and Redis CPU (% of a
+/// core) over an idle window, and the time from the first publish to the last delivery of
+/// one event to every org (16 concurrent publishers, one POST per org).
+async fn many_orgs(
+    cli: &Cli,
+    orgs: usize,
+    idle_secs: u64,
+    on_redis: bool,
+) -> anyhow::Result<Value> {
+    let redis = if on_redis {
+        Some(RedisProc::start(None)?)
+    } else {
+        None
+    };
+    let redis_pid = redis.as_ref().map(|r| r.0.id());
+    let extra = match &redis {
+        Some(r) => vec!["--redis".to_string(), format!("redis://127.0.0.1:{}/", r.1)],
+        None => Vec::new(),
+    };
+    let redis_clients = || {
+        redis.as_ref().map_or(0, |r| {
+            info_field(&r.cli(&["INFO", "clients"]), "connected_clients")
+        })
+    };
+    // Before the node connects (this count includes the INFO's own connection).
+    let clients_before = redis_clients();
+    let es = start_edgestream_with(cli, 1000, &extra).await?;
+    let seen = Arc::new(Seen::default());
+    let epoch = Instant::now();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(orgs);
+    let connect_start = Instant::now();
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::with_capacity(orgs);
+    for i in 0..orgs {
+        let org = format!("o{i}");
+        let url = format!(
+            "ws://127.0.0.1:{}/v1/stream?access_token={}&orgs={org}",
+            es.http,
+            tok(&[&org])
+        );
+        let (seen, ready, gate) = (seen.clone(), ready_tx.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = {
+                let _permit = gate.acquire().await?;
+                let mut c = WsClient::connect(&url).await?;
+                match c.next().await? {
+                    Msg::Frame(Frame::Subscribed { .. }) => {}
+                    other => bail!("expected SUBSCRIBED, got {other:?}"),
+                }
+                c
+            };
+            ready.send(()).await.ok();
+            loop {
+                if let Msg::Frame(Frame::Event { seq, .. }) = c.next().await? {
+                    if seq != 1 {
+                        bail!("seq {seq}, expected 1");
+                    }
+                    seen.last_rx.fetch_max(now_us(epoch), Ordering::Relaxed);
+                    seen.delivered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(c);
+                }
+            }
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..orgs {
+        tokio::time::timeout(Duration::from_secs(120), ready_rx.recv())
+            .await
+            .context("sessions did not connect")?
+            .context("a session failed")?;
+    }
+    let connect_seconds = connect_start.elapsed().as_secs_f64();
+    // Let the sessions' presence joins and the follower start-ups settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let connections = redis_clients().saturating_sub(clients_before);
+    let cpu = |pid: Option<u32>| pid.map_or(0.0, pid_cpu_seconds);
+    let (node0, redis0, t0) = (es.proc.cpu_seconds(), cpu(redis_pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle = t0.elapsed().as_secs_f64();
+    let node_idle = (es.proc.cpu_seconds() - node0) / idle * 100.0;
+    let redis_idle = (cpu(redis_pid) - redis0) / idle * 100.0;
+    // One event to every org.
+    let t = tok(&["*"]);
+    let start_us = now_us(epoch);
+    let publish_start = Instant::now();
+    let mut publishers = Vec::new();
+    for w in 0..16 {
+        let (api, t) = (es.api.clone(), t.clone());
+        publishers.push(tokio::spawn(async move {
+            for i in (w..orgs).step_by(16) {
+                api.publish(&t, &format!("o{i}"), &json!({"i": i})).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for p in publishers {
+        p.await??;
+    }
+    let publish_seconds = publish_start.elapsed().as_secs_f64();
+    let mut clients = Vec::with_capacity(orgs);
+    for t in tasks {
+        clients.push(
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .context("an event was not delivered")???,
+        );
+    }
+    let deliver_seconds =
+        (seen.last_rx.load(Ordering::Relaxed).saturating_sub(start_us)) as f64 / 1e6;
+    drop(clients);
+    Ok(json!({
+        "orgs": orgs, "connect_seconds": connect_seconds,
+        "redis_connections": connections,
+        "idle_seconds": idle, "node_idle_cpu_percent": node_idle, "redis_idle_cpu_percent": redis_idle,
+        "publish_seconds": publish_seconds, "deliver_all_seconds": deliver_seconds,
+        "delivered": seen.delivered.load(Ordering::Relaxed),
+    }))
+}
+
+/// A numeric field of an `INFO` reply.
+fn info_field(info: &str, field: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Resident set size of a process, in bytes.
 fn rss_bytes(proc: &Proc) -> u64 {
     let Some(pid) = proc.child.id() else { return 0 };
@@ -1196,6 +1327,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("redis_latency")?,
         );
     }
+    if cli.wants("redis_orgs") && !cli.only.is_empty() {
+        let orgs = if cli.quick { 500 } else { 10_000 };
+        let idle = if cli.quick { 3 } else { 20 };
+        let mut ro = serde_json::Map::new();
+        for (key, on_redis) in [("redis", true), ("embedded", false)] {
+            eprintln!("redis_orgs: {orgs} orgs x 1 subscriber, {key} ...");
+            ro.insert(
+                key.into(),
+                many_orgs(&cli, orgs, idle, on_redis)
+                    .await
+                    .with_context(|| format!("redis_orgs {key}"))?,
+            );
+        }
+        report.insert("redis_orgs".into(), Value::Object(ro));
+    }
     if cli.wants("wire_bytes") {
         eprintln!("wire_bytes ...");
         report.insert(
@@ -1344,6 +1490,19 @@ fn markdown(r: &Value) -> String {
             "| publish on node A to delivery on node B through Redis, 200 events/s, p50 / p99 (ms) | {:.2} / {:.2} | | |\n",
             f(&l["p50"]) / 1000.0,
             f(&l["p99"]) / 1000.0
+        ));
+    }
+    if !r["redis_orgs"].is_null() {
+        let (o, e) = (&r["redis_orgs"]["redis"], &r["redis_orgs"]["embedded"]);
+        s.push_str(&format!(
+            "| {} orgs x 1 WebSocket subscriber on one node over Redis: Redis connections; idle CPU node / Redis (% of a core); one event to every org, last delivery (s) | {} ; {:.2} / {:.2} ; {:.2} | embedded log: idle node {:.2} ; {:.2} | |\n",
+            o["orgs"],
+            o["redis_connections"],
+            f(&o["node_idle_cpu_percent"]),
+            f(&o["redis_idle_cpu_percent"]),
+            f(&o["deliver_all_seconds"]),
+            f(&e["node_idle_cpu_percent"]),
+            f(&e["deliver_all_seconds"])
         ));
     }
     if !r["redis_ingest"].is_null() {
