@@ -983,8 +983,11 @@ async fn many_orgs(
                 .context("an event was not delivered")???,
         );
     }
-    let deliver_seconds =
-        (seen.last_rx.load(Ordering::Relaxed).saturating_sub(start_us)) as f64 / 1e6;
+    let deliver_seconds = (seen
+        .last_rx
+        .load(Ordering::Relaxed)
+        .saturating_sub(start_us)) as f64
+        / 1e6;
     drop(clients);
     Ok(json!({
         "orgs": orgs, "connect_seconds": connect_seconds,
