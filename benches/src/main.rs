@@ -742,20 +742,25 @@ async fn ingest_into(
     )
 }
 
-/// A `redis-server` of the bench's own (loopback, free port, no persistence), killed on drop.
-struct RedisProc(std::process::Child, u16);
+/// A `redis-server` of the bench's own (loopback, free port, no persistence, its files in a
+/// temporary directory), killed on drop.
+struct RedisProc(std::process::Child, u16, tempfile::TempDir);
 
 impl RedisProc {
     fn start(replica_of: Option<u16>) -> anyhow::Result<Self> {
         let port = free_port();
+        let dir = tempfile::tempdir()?;
         let mut cmd = std::process::Command::new("redis-server");
         cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            // A replica's first sync writes an RDB file: there, not in the working directory.
+            .arg("--dir")
+            .arg(dir.path())
             .args(["--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null());
         if let Some(p) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
         }
-        let r = RedisProc(cmd.spawn().context("redis-server")?, port);
+        let r = RedisProc(cmd.spawn().context("redis-server")?, port, dir);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let info = r.cli(&["INFO", "replication"]);
