@@ -180,6 +180,8 @@ serve_options! {
     max_orgs_per_session: usize,
     /// How long a shutdown waits for sessions and publishes to finish [default: 10s]
     drain_timeout: HumanDuration,
+    /// On SIGTERM, how long the node keeps serving with /readyz 503 (and `Connection: close` on HTTP answers) before it drains, so that a balancer polling /readyz stops sending it new work first [default: 5s; 0 with --dev]
+    drain_delay: HumanDuration,
     /// A WebSocket client silent this long is closed [default: 30s]
     ws_idle_timeout: HumanDuration,
     /// TCP connections served at once on the HTTP listener, WebSocket sessions included; past it a few more are accepted for /healthz, /readyz and the metrics, the rest closed [default: 100000, at most the open-file limit less 256]
@@ -263,6 +265,8 @@ pub struct Config {
     pub max_sessions: usize,
     pub max_orgs_per_session: usize,
     pub drain_timeout: Duration,
+    /// SIGTERM to drain: serving, /readyz 503.
+    pub drain_delay: Duration,
     pub ws_idle_timeout: Duration,
     pub http: crate::http::listener::HttpLimits,
     pub quic: crate::webtransport::QuicConfig,
@@ -438,6 +442,14 @@ impl Config {
             max_sessions: positive(a.max_sessions, 100_000, "max-sessions")?,
             max_orgs_per_session: positive(a.max_orgs_per_session, 64, "max-orgs-per-session")?,
             drain_timeout: dur(a.drain_timeout, 10),
+            drain_delay: a.drain_delay.map_or(
+                if a.dev {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs(5)
+                },
+                |d| d.0,
+            ),
             ws_idle_timeout: dur(a.ws_idle_timeout, 30),
             http: crate::http::listener::HttpLimits {
                 max_connections: positive(

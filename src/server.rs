@@ -35,6 +35,9 @@ pub struct App {
     /// The random HS256 secret of development mode.
     pub dev_secret: Option<Vec<u8>>,
     pub draining: AtomicBool,
+    /// SIGTERM received: /readyz answers 503 for `--drain-delay` while the node still serves,
+    /// then the drain begins.
+    pub stopping: AtomicBool,
     pub sessions: TaskTracker,
     pub origins: OriginPolicy,
     pub ws: WsConfig,
@@ -42,6 +45,13 @@ pub struct App {
     pub quic_addr: SocketAddr,
     /// The certificate served on UDP.
     pub certs: Arc<Certificates>,
+}
+
+impl App {
+    /// Stopping or draining: /readyz 503, the `draining` metric 1.
+    pub fn leaving(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) || self.draining.load(Ordering::Acquire)
+    }
 }
 
 /// A node with its listeners bound, ready to run.
@@ -209,6 +219,7 @@ impl Server {
             env,
             dev_secret,
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             sessions: TaskTracker::new(),
             origins,
             ws,
@@ -298,6 +309,14 @@ impl Server {
                 r.context("http server task")?;
                 anyhow::bail!("the http listener stopped");
             }
+        }
+        if !app.config.drain_delay.is_zero() {
+            tracing::info!(
+                delay = ?app.config.drain_delay,
+                "stopping: /readyz answers 503, still serving until the drain"
+            );
+            app.stopping.store(true, Ordering::Release);
+            tokio::time::sleep(app.config.drain_delay).await;
         }
         tracing::info!(sessions = app.env.open_sessions(), "draining");
         app.draining.store(true, Ordering::Release);

@@ -240,6 +240,8 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
             cfg.to_str().unwrap(),
             "--quic-listen",
             "127.0.0.1:0",
+            "--drain-delay",
+            "300ms",
         ])
         .env("EDGESTREAM_JWT_SECRET", secret)
         .env("EDGESTREAM_LOG", "debug")
@@ -364,6 +366,74 @@ async fn finish_request(mut tcp: tokio::net::TcpStream, rest: &str) -> String {
         .unwrap()
         .unwrap();
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `--drain-delay`: after the stop signal, /readyz answers 503 (and the metrics say
+/// `draining`) while the node still serves: open sessions keep receiving, a new session is
+/// accepted, a publish is stored, and HTTP answers carry `Connection: close` so keep-alive
+/// publishers reconnect (through the balancer) elsewhere. The drain comes after the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_delay_serves_with_readyz_503_before_the_drain() {
+    // A delay far longer than the checks below, so that they all run inside it.
+    let mut s = TestServer::start_with(|a| a.drain_delay = Some("1h".parse().unwrap())).await;
+    let tok = s.token(&["acme"]);
+    let mut watcher = s.client(&["acme"], "").await;
+    assert!(matches!(
+        watcher.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { .. })
+    ));
+    assert_eq!(s.api.get("/readyz", None).await.unwrap().0, 200);
+    s.begin_stop();
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        let (st, v) = s.api.get("/readyz", None).await.unwrap();
+        if st == 503 {
+            assert_eq!(v["status"], "draining", "{v}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readyz stayed 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, m) = s.api.get("/v1/metrics", None).await.unwrap();
+    assert_eq!(m["draining"], true, "{m}");
+    // Still serving: a publish is stored, with Connection: close.
+    let res = s
+        .api
+        .client
+        .post(format!("{}/v1/orgs/acme/events", s.api.base))
+        .bearer_auth(&tok)
+        .header("content-type", "application/json")
+        .body(r#"{"during":"delay"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(
+        res.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    // The open session gets it; a new session is accepted.
+    let ev = watcher.events(1).await.unwrap();
+    assert_eq!(ev[0].seq, 1);
+    let mut late = s.client(&["acme"], "").await;
+    match late.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Subscribed { head, .. }) => assert_eq!(head, 1),
+        other => panic!("expected SUBSCRIBED, got {other:?}"),
+    }
+}
+
+/// After a short `--drain-delay`, the drain: sessions close with 4503 and `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_drain_delay_sessions_close_with_4503() {
+    let mut s = TestServer::start_with(|a| a.drain_delay = Some("200ms".parse().unwrap())).await;
+    let mut watcher = s.client(&["acme"], "").await;
+    assert!(matches!(
+        watcher.next_non_heartbeat().await.unwrap(),
+        Msg::Frame(Frame::Subscribed { .. })
+    ));
+    s.begin_stop();
+    assert_eq!(watcher.expect_close().await.unwrap().0, 4503);
+    s.join().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,6 +108,7 @@ pub fn router(app: Arc<App>) -> Router {
     r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), timed_bodies))
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(app.clone(), close_when_leaving))
         .layer(middleware::from_fn_with_state(app.clone(), cors::cors))
         .layer(middleware::from_fn(log_request))
         .with_state(app)
@@ -309,6 +310,18 @@ async fn history(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// While the node stops (`--drain-delay`) or drains, HTTP answers carry `Connection: close`,
+/// so that keep-alive clients (publishers) open their next connection through the balancer,
+/// to another node, before this one closes its listener.
+async fn close_when_leaving(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    if app.leaving() && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+        res.headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    res
+}
+
 /// `GET /v1/stream`: the WebSocket transport. The `Origin` check is the only refusal before
 /// the upgrade (HTTP 403); everything else is a close code after it.
 async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
@@ -346,18 +359,15 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let body = app.env.metrics.render_prometheus(
-        app.env.hub.log().usage(),
-        app.draining.load(Ordering::Acquire),
-    );
+    let body = app
+        .env
+        .metrics
+        .render_prometheus(app.env.hub.log().usage(), app.leaving());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn metrics_json(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    let mut v = app.env.metrics.to_json(
-        app.env.hub.log().usage(),
-        app.draining.load(Ordering::Acquire),
-    );
+    let mut v = app.env.metrics.to_json(app.env.hub.log().usage(), app.leaving());
     v["log_backend"] = json!(app.env.hub.log().kind());
     let (rooms, users) = app.env.presence.counts();
     v["presence"] = json!({"rooms": rooms, "users": users});
@@ -365,7 +375,7 @@ async fn metrics_json(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.draining.load(Ordering::Acquire) {
+    if app.leaving() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining"})),

@@ -57,6 +57,8 @@ impl TestServer {
             http_listen: Some("127.0.0.1:0".parse().unwrap()),
             quic_listen: Some("127.0.0.1:0".parse().unwrap()),
             jwt_secret: Some(SECRET.into()),
+            // Tests that stop a node want the drain at once (one test sets a delay).
+            drain_delay: Some("0s".parse().unwrap()),
             ..Default::default()
         };
         f(&mut args);
