@@ -357,3 +357,128 @@ async fn a_node_killed_behind_nginx_loses_duplicates_and_reorders_nothing() {
         "every client of the dead node resumed"
     );
 }
+
+/// Issue 16: the documented nginx configuration (`deploy/nginx.conf`) through a rolling restart
+/// done as docs/DEPLOYMENT.md says (SIGTERM a node, start it, wait until `/readyz` answers 200
+/// and then `fail_timeout` more, then the next node), followed by a SIGKILL of a node. A
+/// publisher sends through nginx all along, retrying with the same Idempotency-Key as the
+/// docs advise: no publish fails during the rolling restart, not even on its first attempt;
+/// after the kill every publish is stored once; the log holds each acknowledged event once,
+/// in order. Before (no shared zone, `fail_timeout=30s`), the same sequence left nginx
+/// answering "no live upstreams" for seconds while a node was healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_then_a_kill_behind_the_documented_nginx_fails_no_publish() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let redis = support::redis::RedisServer::start();
+    let url = redis.url();
+    let args = ["--redis", &url, "--drain-delay", "2s"];
+    let mut a = Node::spawn(&args).await;
+    let mut b = Node::spawn(&args).await;
+    let nginx = support::nginx::Nginx::start(&[a.quic, b.quic], &[a.http, b.http]);
+    // A new connection per publish (as many publishers make): each one is balanced anew.
+    let api = edgestream_testkit::http::Api {
+        base: format!("http://{}", nginx.tcp),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap(),
+    };
+    let token = support::token(&["acme"]);
+
+    // The publisher: one event every 20 ms; a failed attempt (an error or a 5xx) is retried
+    // with the same key every 100 ms for up to 10 s.
+    let phase = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (phase, stop) = (phase.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut first_failures = [0u32; 2];
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 5_000 {
+                let key = format!("p{n}");
+                let body = serde_json::to_vec(&serde_json::json!({ "n": n })).unwrap();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                let mut attempt = 0;
+                loop {
+                    let r = api
+                        .publish_raw(&token, "acme", body.clone(), Some(&key))
+                        .await;
+                    match r {
+                        Ok((200 | 201, v)) => {
+                            acked.push((n, v["first_seq"].as_u64().unwrap()));
+                            break;
+                        }
+                        other => {
+                            if attempt == 0 {
+                                first_failures[phase.load(Ordering::Relaxed)] += 1;
+                                eprintln!("publish {n}: {other:?}");
+                            }
+                            assert!(
+                                tokio::time::Instant::now() < deadline,
+                                "publish {n} never stored: {other:?}"
+                            );
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (first_failures, acked)
+        })
+    };
+    let settle = Duration::from_secs(3); // fail_timeout (2 s) and a second
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The rolling restart, as documented.
+    for node in [&mut a, &mut b] {
+        node.terminate().await;
+        // Down for a second, as a restart by systemd (`RestartSec=1`) or a binary upgrade is.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        node.start_again().await;
+        tokio::time::sleep(settle).await;
+    }
+    // Then a node dies.
+    phase.store(1, Ordering::Relaxed);
+    a.kill().await;
+    tokio::time::sleep(settle).await;
+    stop.store(true, Ordering::Relaxed);
+    let (first_failures, acked) = publisher.await.unwrap();
+    eprintln!(
+        "rolling restart: {} publishes; first attempts failed: {} during the rolling restart, {} after the kill",
+        acked.len(),
+        first_failures[0],
+        first_failures[1]
+    );
+    assert_eq!(
+        first_failures[0], 0,
+        "a publish failed during the rolling restart"
+    );
+    assert!(
+        !nginx.error_log().contains("no live upstreams"),
+        "{}",
+        nginx.error_log()
+    );
+    // Each acknowledged event once, in order: seq i+1 is publish i.
+    for (i, (n, seq)) in acked.iter().enumerate() {
+        assert_eq!((*n, *seq), (i as u64, i as u64 + 1));
+    }
+    let (_, h) = b
+        .api
+        .get(
+            "/v1/orgs/acme/events?limit=10000",
+            Some(&support::token(&["acme"])),
+        )
+        .await
+        .unwrap();
+    let ns: Vec<u64> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, (0..acked.len() as u64).collect::<Vec<_>>());
+}

@@ -108,7 +108,10 @@ pub fn router(app: Arc<App>) -> Router {
     r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), timed_bodies))
         .layer(middleware::from_fn(json_errors))
-        .layer(middleware::from_fn_with_state(app.clone(), close_when_leaving))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            close_when_leaving,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), cors::cors))
         .layer(middleware::from_fn(log_request))
         .with_state(app)
@@ -316,8 +319,10 @@ async fn history(
 async fn close_when_leaving(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     if app.leaving() && res.status() != StatusCode::SWITCHING_PROTOCOLS {
-        res.headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        res.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
     res
 }
@@ -367,7 +372,10 @@ async fn metrics_text(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 async fn metrics_json(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    let mut v = app.env.metrics.to_json(app.env.hub.log().usage(), app.leaving());
+    let mut v = app
+        .env
+        .metrics
+        .to_json(app.env.hub.log().usage(), app.leaving());
     v["log_backend"] = json!(app.env.hub.log().kind());
     let (rooms, users) = app.env.presence.counts();
     v["presence"] = json!({"rooms": rooms, "users": users});

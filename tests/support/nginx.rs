@@ -1,7 +1,6 @@
-//! A real nginx (Debian's, with its stream module) as the edge balancer for a test: UDP for
-//! QUIC and TCP for HTTP/WebSocket, round robin over the nodes, a node that refuses (dead)
-//! marked down for 10 s after one failure. Runs in the foreground in a temporary directory; killed when
-//! dropped.
+//! A real nginx (Debian's, with its stream module) as the edge balancer for a test, configured
+//! with the documented `deploy/nginx.conf`: UDP for QUIC and TCP for HTTP/WebSocket, round
+//! robin over the nodes. Runs in the foreground in a temporary directory; killed when dropped.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -11,7 +10,7 @@ pub struct Nginx {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -23,8 +22,55 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `deploy/nginx.conf` (the documented configuration) for these nodes: each upstream's
+/// example `server` line becomes one line per node (same parameters), the listeners move to
+/// `udp` and `tcp`.
+fn documented_config(
+    quic: &[SocketAddr],
+    http: &[SocketAddr],
+    udp: SocketAddr,
+    tcp: SocketAddr,
+) -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
+        .expect("deploy/nginx.conf");
+    let mut out = String::new();
+    for line in doc.lines() {
+        let t = line.trim_start();
+        let indent = &line[..line.len() - t.len()];
+        let replaced = if let Some(rest) = t.strip_prefix("server 10.0.0.11:") {
+            // `4433 max_fails=...;`: the port says which upstream.
+            let (port, params) = rest.split_once(' ').expect("server line parameters");
+            let nodes = if port == "4433" { quic } else { http };
+            nodes
+                .iter()
+                .map(|a| format!("{indent}server {a} {params}\n"))
+                .collect()
+        } else if t.starts_with("server 10.0.0.") {
+            String::new()
+        } else if t.starts_with("listen 443 udp") {
+            format!("{indent}{}\n", t.replacen("443", &udp.to_string(), 1))
+        } else if t.starts_with("listen 443;") {
+            format!("{indent}{}\n", t.replacen("443", &tcp.to_string(), 1))
+        } else if t.starts_with("events {") {
+            // The machine's open-file limit, not a production balancer's.
+            format!("{indent}events {{ worker_connections 8192; }}\n")
+        } else {
+            format!("{line}\n")
+        };
+        out.push_str(&replaced);
+    }
+    for (what, addr) in [("udp", udp), ("tcp", tcp)] {
+        assert!(
+            out.contains(&format!("listen {addr}")),
+            "no {what} listener in deploy/nginx.conf"
+        );
+    }
+    out
+}
+
 impl Nginx {
-    /// Balances UDP over `quic` and TCP over `http` (one entry per node).
+    /// Balances UDP over `quic` and TCP over `http` (one entry per node) with the documented
+    /// configuration (`deploy/nginx.conf`).
     pub fn start(quic: &[SocketAddr], http: &[SocketAddr]) -> Nginx {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
@@ -32,26 +78,8 @@ impl Nginx {
             format!("127.0.0.1:{port}").parse().unwrap(),
             format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         );
-        let servers = |addrs: &[SocketAddr]| {
-            addrs
-                .iter()
-                .map(|a| format!("    server {a} max_fails=1 fail_timeout=10s;\n"))
-                .collect::<String>()
-        };
+        let conf = documented_config(quic, http, udp, tcp);
         let d = dir.path().display();
-        let conf = format!(
-            "load_module {STREAM_MODULE};\n\
-             worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
-             events {{ worker_connections 4096; }}\n\
-             stream {{\n\
-               upstream quic {{\n{}  }}\n\
-               upstream web {{\n{}  }}\n\
-               server {{ listen {udp} udp; proxy_pass quic; proxy_timeout 30s; }}\n\
-               server {{ listen {tcp}; proxy_pass web; proxy_connect_timeout 2s; proxy_timeout 60s; }}\n\
-             }}\n",
-            servers(quic),
-            servers(http),
-        );
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
         let child = Command::new("nginx")
@@ -61,6 +89,10 @@ impl Nginx {
             .arg(dir.path())
             .arg("-e")
             .arg(dir.path().join("error.log"))
+            .arg("-g")
+            .arg(format!(
+                "daemon off; pid {d}/nginx.pid; error_log {d}/error.log info;"
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -78,8 +110,13 @@ impl Nginx {
             udp,
             tcp,
             child,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// nginx's error log so far.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 }
 

@@ -84,6 +84,32 @@ impl Node {
         self.start("warn", None).await;
     }
 
+    /// SIGTERM, then waits for the process to exit (after `--drain-delay` and the drain).
+    pub async fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().expect("running").to_string();
+            assert!(std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .is_ok_and(|s| s.success()));
+            let status = tokio::time::timeout(Duration::from_secs(60), c.wait())
+                .await
+                .expect("the node exits after SIGTERM")
+                .expect("wait");
+            assert!(status.success(), "exit after SIGTERM: {status}");
+        }
+    }
+
+    /// Starts a stopped node again (same addresses and flags) and waits until `/readyz` is 200.
+    pub async fn start_again(&mut self) {
+        self.start("warn", None).await;
+        let start = Instant::now();
+        while !matches!(self.api.get("/readyz", None).await, Ok((200, _))) {
+            assert!(start.elapsed() < Duration::from_secs(20), "node not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether the process runs.
     pub fn is_up(&self) -> bool {
         self.child.is_some()
