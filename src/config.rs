@@ -87,18 +87,27 @@ macro_rules! serve_options {
             /// temporary directory. Only on loopback listeners; never with a JWT key
             #[arg(long)]
             pub dev: bool,
+            /// Serve HTTP and WebSocket over TLS (https, wss) with the QUIC listener's
+            /// certificate (--cert/--key, or the development certificate with --dev)
+            #[arg(long)]
+            pub http_tls: bool,
             $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
         }
 
         /// The `--config` file: the same options, all optional, unknown keys refused.
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-        pub struct FileOptions { pub dev: Option<bool>, $( pub $name: Option<$ty>, )* }
+        pub struct FileOptions {
+            pub dev: Option<bool>,
+            pub http_tls: Option<bool>,
+            $( pub $name: Option<$ty>, )*
+        }
 
         impl ServeArgs {
             /// Fills what flags and environment left unset from the file.
             pub fn merge_file(&mut self, file: FileOptions) {
                 self.dev |= file.dev.unwrap_or(false);
+                self.http_tls |= file.http_tls.unwrap_or(false);
                 $( if self.$name.is_none() { self.$name = file.$name; } )*
             }
         }
@@ -269,6 +278,8 @@ pub struct Config {
     pub drain_delay: Duration,
     pub ws_idle_timeout: Duration,
     pub http: crate::http::listener::HttpLimits,
+    /// `--http-tls`: HTTP and WebSocket over TLS with the QUIC certificate.
+    pub http_tls: bool,
     pub quic: crate::webtransport::QuicConfig,
     pub public_webtransport_url: Option<String>,
     pub public_websocket_url: Option<String>,
@@ -451,6 +462,7 @@ impl Config {
                 |d| d.0,
             ),
             ws_idle_timeout: dur(a.ws_idle_timeout, 30),
+            http_tls: a.http_tls,
             http: crate::http::listener::HttpLimits {
                 max_connections: positive(
                     a.max_connections,

@@ -59,6 +59,8 @@ pub struct Server {
     app: Arc<App>,
     http: TcpListener,
     quic: quinn::Endpoint,
+    /// `--http-tls`.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A Redis URL without its password, for logs and errors.
@@ -228,7 +230,17 @@ impl Server {
             certs,
             config,
         });
-        Ok(Server { app, http, quic })
+        let tls = if app.config.http_tls {
+            Some(webtransport::http_tls(app.certs.clone())?)
+        } else {
+            None
+        };
+        Ok(Server {
+            app,
+            http,
+            quic,
+            tls,
+        })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -288,6 +300,7 @@ impl Server {
         let router = crate::http::router(app.clone());
         let mut http = tokio::spawn(crate::http::listener::serve(
             self.http,
+            self.tls,
             router,
             app.config.http,
             app.env.metrics.clone(),

@@ -479,3 +479,123 @@ async fn drain_finishes_publishes_in_flight_and_readyz_turns_503() {
     assert!(answer.contains("draining"));
     s.join().await.unwrap();
 }
+
+/// `--http-tls`: the HTTP listener serves TLS with the QUIC certificate (`--cert`/`--key`).
+/// A rustls client that trusts only that certificate reads `/v1/info` (which now advertises
+/// `wss://`), publishes, and opens a WebSocket session over TLS that receives the event; curl
+/// (OpenSSL) reads `/readyz` with the same trust; a client speaking plain HTTP to the TLS port
+/// gets no HTTP answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tls_serves_https_and_wss_with_the_configured_certificate() {
+    use futures_util::{SinkExt, StreamExt};
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = support::node::cert_files(dir.path());
+    let s = {
+        let (cert, key) = (cert.clone(), key.clone());
+        TestServer::start_with(move |a| {
+            a.http_tls = true;
+            a.cert = Some(cert);
+            a.key = Some(key);
+        })
+        .await
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&cert).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        connector
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .expect("TLS handshake with the configured certificate")
+    };
+    // One request per connection (Connection: close), the whole answer read.
+    let request = |req: String| async move {
+        let mut tls = connect().await;
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tls.read_to_string(&mut answer).await.ok();
+        answer
+    };
+    let info =
+        request("GET /v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".into())
+            .await;
+    assert!(info.starts_with("HTTP/1.1 200"), "{info}");
+    assert!(info.contains("\"websocket\":\"wss://127.0.0.1:"), "{info}");
+
+    let tok = s.token(&["acme"]);
+    let ws = tokio_tungstenite::client_async(
+        format!(
+            "wss://127.0.0.1:{}/v1/stream?access_token={tok}&orgs=acme&format=json",
+            s.addr.port()
+        ),
+        connect().await,
+    )
+    .await
+    .expect("WebSocket over TLS")
+    .0;
+    let (mut tx, mut rx) = ws.split();
+    let mut next_json = async move || loop {
+        match rx.next().await.unwrap().unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["t"] != "heartbeat" && v["t"] != "presence" {
+                    return v;
+                }
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(next_json().await["t"], "subscribed");
+    let body = r#"{"over":"tls"}"#;
+    let answer = request(format!(
+        "POST /v1/orgs/acme/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tok}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let ev = next_json().await;
+    assert_eq!(ev["t"], "event", "{ev}");
+    assert_eq!(ev["data"], json!({"over": "tls"}), "{ev}");
+    tx.close().await.ok();
+
+    // curl (OpenSSL) with the same trust.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--cacert", cert.to_str().unwrap()])
+        .arg(format!("https://127.0.0.1:{}/readyz", s.addr.port()))
+        .output()
+        .await
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+
+    // Plain HTTP on the TLS port: no HTTP answer.
+    let mut plain = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, plain.read_to_end(&mut buf)).await;
+    assert!(
+        !buf.starts_with(b"HTTP/1.1"),
+        "plain HTTP answered on the TLS port"
+    );
+}

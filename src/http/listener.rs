@@ -31,7 +31,7 @@ use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,7 @@ impl ConnectionPermit {
 /// for: their sessions are tracked by the caller).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
     limits: HttpLimits,
     metrics: Arc<Metrics>,
@@ -140,17 +141,34 @@ pub async fn serve(
         let router = router.clone();
         let stop = stop.clone();
         let metrics = metrics.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
             metrics.http_connections.inc();
             let c = Connection {
-                tcp,
                 peer,
                 router,
                 limits,
                 spare,
                 permit: ConnectionPermit(Arc::new(Mutex::new(Some(permit)))),
             };
-            c.run(stop).await;
+            match tls {
+                None => c.run(tcp, stop).await,
+                // The handshake must finish within the header deadline (a client that opens
+                // a connection and stalls holds a permit no longer than one that sends no
+                // request).
+                Some(tls) => {
+                    let deadline = if spare {
+                        RESERVE_TIMEOUT
+                    } else {
+                        limits.header_timeout
+                    };
+                    match tokio::time::timeout(deadline, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => c.run(stream, stop).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             metrics.http_connections.dec();
         });
     }
@@ -168,7 +186,6 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 }
 
 struct Connection {
-    tcp: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: HttpLimits,
@@ -178,11 +195,15 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stop: CancellationToken) {
+    /// Serves HTTP/1.1 on `stream` (TCP, or TLS over it).
+    async fn run<S>(self, stream: S, stop: CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::new());
         let inflight = Arc::new(AtomicUsize::new(0));
         let io = TokioIo::new(TrackedIo {
-            inner: self.tcp,
+            inner: stream,
             activity: activity.clone(),
         });
         let (spare, peer, permit, router) = (self.spare, self.peer, self.permit, self.router);
@@ -304,12 +325,12 @@ impl Activity {
 }
 
 /// A socket that records when it last read or wrote a byte.
-struct TrackedIo {
-    inner: TcpStream,
+struct TrackedIo<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for TrackedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -324,7 +345,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -444,7 +444,10 @@ async fn info(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         "webtransport": app.config.public_webtransport_url.clone()
             .unwrap_or_else(|| format!("https://{host}:{}/v1/stream", app.quic_addr.port())),
         "websocket": app.config.public_websocket_url.clone()
-            .unwrap_or_else(|| format!("ws://{host}:{}/v1/stream", app.http_addr.port())),
+            .unwrap_or_else(|| {
+                let scheme = if app.config.http_tls { "wss" } else { "ws" };
+                format!("{scheme}://{host}:{}/v1/stream", app.http_addr.port())
+            }),
         "cert_hash": cert_hash,
         "heartbeat_ms": app.env.limits.heartbeat.as_millis() as u64,
     }));

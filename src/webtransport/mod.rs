@@ -180,6 +180,18 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
+/// TLS for the HTTP listener (`--http-tls`): the same certificate as QUIC (rotations included),
+/// TLS 1.2 and 1.3, ALPN `http/1.1` (WebSocket upgrades need HTTP/1.1).
+pub fn http_tls(certs: Arc<Certificates>) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver(certs)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// The names the development certificate is made for.
 pub fn dev_cert_names(listen: SocketAddr) -> Vec<String> {
     let mut names = vec![
