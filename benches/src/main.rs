@@ -743,8 +743,12 @@ async fn ingest_into(
 }
 
 /// A `redis-server` of the bench's own (loopback, free port, no persistence, its files in a
-/// temporary directory), killed on drop.
-struct RedisProc(std::process::Child, u16, tempfile::TempDir);
+/// temporary directory, kept for as long as the server runs), killed on drop.
+struct RedisProc(
+    std::process::Child,
+    u16,
+    #[allow(dead_code)] tempfile::TempDir,
+);
 
 impl RedisProc {
     fn start(replica_of: Option<u16>) -> anyhow::Result<Self> {
