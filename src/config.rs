@@ -121,6 +121,8 @@ serve_options! {
     quic_listen: SocketAddr,
     /// HS256 shared secret (at least 16 bytes). Prefer the environment variable to the flag
     jwt_secret: String,
+    /// A file holding the HS256 secret (e.g. a systemd credential: %d/jwt-secret); one trailing newline is ignored
+    jwt_secret_file: PathBuf,
     /// PEM public key file for RS256, ES256 or EdDSA tokens (with --jwt-alg)
     jwt_public_key: PathBuf,
     /// Token algorithm [default: HS256 with a secret; required with a public key]
@@ -219,6 +221,8 @@ serve_options! {
     server_id: String,
     /// Stateless-reset key shared by the nodes behind one balancer, at least 32 bytes. Prefer the environment variable [default: random per process]
     reset_key: String,
+    /// A file holding the stateless-reset key (e.g. %d/reset-key); one trailing newline is ignored
+    reset_key_file: PathBuf,
     /// WebTransport URL /v1/info reports, for a node behind a load balancer [default: this node's]
     public_webtransport_url: String,
     /// WebSocket URL /v1/info reports, for a node behind a load balancer [default: this node's]
@@ -310,7 +314,9 @@ impl Config {
     }
 
     /// Applies defaults and checks the combination.
-    pub fn resolve(a: ServeArgs) -> Result<Self, String> {
+    pub fn resolve(mut a: ServeArgs) -> Result<Self, String> {
+        a.jwt_secret = secret_from_file(a.jwt_secret.take(), a.jwt_secret_file.take(), "jwt-secret")?;
+        a.reset_key = secret_from_file(a.reset_key.take(), a.reset_key_file.take(), "reset-key")?;
         if a.data_dir.is_some() && (a.redis.is_some() || a.redis_cluster.is_some()) {
             return Err(
                 "--data-dir is for the embedded log; with Redis the log lives there".into(),
@@ -521,6 +527,29 @@ fn default_max_connections() -> usize {
     nofile.saturating_sub(256).clamp(64, 100_000) as usize
 }
 
+/// `--NAME` or the contents of `--NAME-file` (not both), without one trailing newline.
+fn secret_from_file(
+    value: Option<String>,
+    file: Option<PathBuf>,
+    name: &str,
+) -> Result<Option<String>, String> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(format!("give either --{name} or --{name}-file, not both")),
+        (v, None) => Ok(v),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!("--{name}-file {}: {e} (the service's user must be able to read it; with systemd use LoadCredential=)", path.display())
+            })?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            let text = text.strip_suffix('\r').unwrap_or(text);
+            if text.is_empty() {
+                return Err(format!("--{name}-file {}: the file is empty", path.display()));
+            }
+            Ok(Some(text.to_string()))
+        }
+    }
+}
+
 /// Adds `EDGESTREAM_<FLAG>` environment fallbacks to every long flag of a command.
 pub fn with_env(cmd: clap::Command) -> clap::Command {
     cmd.mut_args(|a| match a.get_long() {
@@ -586,6 +615,41 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(a).is_err());
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt-secret");
+        std::fs::write(&path, format!("{}\n", "s".repeat(32))).unwrap();
+        let c = Config::resolve(ServeArgs {
+            jwt_secret_file: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.is_development());
+        let both = Config::resolve(ServeArgs {
+            jwt_secret: Some("s".repeat(32)),
+            jwt_secret_file: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let missing = Config::resolve(ServeArgs {
+            jwt_secret_file: Some(dir.path().join("none")),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(missing.contains("--jwt-secret-file") && missing.contains("none"), "{missing}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = Config::resolve(ServeArgs {
+            reset_key_file: Some(empty),
+            jwt_secret: Some("s".repeat(32)),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("empty"), "{e}");
     }
 
     #[test]
