@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::OrgId;
 
+/// The shortest HS256 secret the server accepts.
+pub const MIN_SECRET_BYTES: usize = 16;
+
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -283,8 +286,10 @@ impl Authenticator {
     pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
         let key = match cfg.alg {
             JwtAlg::HS256 => {
-                if cfg.key.len() < 16 {
-                    return Err("the JWT secret must be at least 16 bytes".into());
+                if cfg.key.len() < MIN_SECRET_BYTES {
+                    return Err(format!(
+                        "the JWT secret must be at least {MIN_SECRET_BYTES} bytes"
+                    ));
                 }
                 Ok(DecodingKey::from_secret(&cfg.key))
             }

@@ -315,7 +315,8 @@ impl Config {
 
     /// Applies defaults and checks the combination.
     pub fn resolve(mut a: ServeArgs) -> Result<Self, String> {
-        a.jwt_secret = secret_from_file(a.jwt_secret.take(), a.jwt_secret_file.take(), "jwt-secret")?;
+        a.jwt_secret =
+            secret_from_file(a.jwt_secret.take(), a.jwt_secret_file.take(), "jwt-secret")?;
         a.reset_key = secret_from_file(a.reset_key.take(), a.reset_key_file.take(), "reset-key")?;
         if a.data_dir.is_some() && (a.redis.is_some() || a.redis_cluster.is_some()) {
             return Err(
@@ -543,7 +544,10 @@ fn secret_from_file(
             let text = text.strip_suffix('\n').unwrap_or(&text);
             let text = text.strip_suffix('\r').unwrap_or(text);
             if text.is_empty() {
-                return Err(format!("--{name}-file {}: the file is empty", path.display()));
+                return Err(format!(
+                    "--{name}-file {}: the file is empty",
+                    path.display()
+                ));
             }
             Ok(Some(text.to_string()))
         }
@@ -640,7 +644,10 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(missing.contains("--jwt-secret-file") && missing.contains("none"), "{missing}");
+        assert!(
+            missing.contains("--jwt-secret-file") && missing.contains("none"),
+            "{missing}"
+        );
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();
         let e = Config::resolve(ServeArgs {

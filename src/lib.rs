@@ -18,6 +18,22 @@
 //! - [`config`], [`server`], [`http`]: configuration, wiring and the HTTP API.
 
 pub mod auth;
+
+/// What was built: the crate version, the git commit and the build date (build.rs).
+pub mod build {
+    pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+    pub const COMMIT: &str = env!("BUILD_INFO_GIT_COMMIT");
+    pub const DATE: &str = env!("BUILD_INFO_DATE");
+    /// `0.1.0 (commit 1a2b3c4d5e6f, built 2026-11-30)`.
+    pub const LONG_VERSION: &str = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (commit ",
+        env!("BUILD_INFO_GIT_COMMIT"),
+        ", built ",
+        env!("BUILD_INFO_DATE"),
+        ")"
+    );
+}
 pub mod close;
 pub mod config;
 pub mod event;

@@ -12,7 +12,7 @@ use edgestream::server::Server;
 #[derive(Parser)]
 #[command(
     name = "edgestream",
-    version,
+    version = edgestream::build::LONG_VERSION,
     about = "Edge streaming server: ordered per-org events over WebTransport and WebSocket"
 )]
 struct Cli {
@@ -53,7 +53,17 @@ struct TokenArgs {
     audience: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<std::process::ExitCode> {
     let mut cmd = Cli::command();
     cmd = cmd.mut_subcommand("serve", with_env);
     // Every variable `serve` reads, so a misspelt one (EDGESTREAM_JWT_SECERT) is reported.
@@ -66,8 +76,18 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let cli = Cli::from_arg_matches(&cmd.get_matches())?;
     match cli.command {
-        Command::Serve(args) => serve(*args, &known),
+        Command::Serve(args) => Ok(serve(*args, &known)),
         Command::Token(t) => {
+            if t.secret.len() < edgestream::auth::MIN_SECRET_BYTES {
+                eprintln!(
+                    "warning: the secret has {} bytes; the server refuses secrets shorter than {}",
+                    t.secret.len(),
+                    edgestream::auth::MIN_SECRET_BYTES
+                );
+            }
+            if !t.scope.split(' ').any(|s| s == "publish") {
+                eprintln!("note: a token without the publish scope cannot publish (--scope \"subscribe publish\")");
+            }
             let exp = edgestream::time::unix_secs() + t.ttl.0.as_secs();
             let claims = Claims {
                 sub: t.sub,
@@ -79,12 +99,30 @@ fn main() -> anyhow::Result<()> {
                 aud: t.audience.map(edgestream::auth::Audience::One),
             };
             println!("{}", mint_hs256(t.secret.as_bytes(), &claims));
-            Ok(())
+            Ok(std::process::ExitCode::SUCCESS)
         }
     }
 }
 
-fn serve(args: ServeArgs, known_env: &[String]) -> anyhow::Result<()> {
+/// Runs a node; every error that stops it is logged in the configured format (JSON lines with
+/// `--log-format json`), then the exit code is 1.
+fn serve(args: ServeArgs, known_env: &[String]) -> std::process::ExitCode {
+    // The format from the flag or variable, for errors before the configuration is complete.
+    let early_format = args.log_format.unwrap_or_default();
+    match serve_inner(args, known_env) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err((logging, e)) => {
+            if !logging {
+                init_logging(early_format);
+            }
+            tracing::error!(error = %format!("{e:#}"), "edgestream cannot run");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error, and whether logging was set up when it happened.
+fn serve_inner(args: ServeArgs, known_env: &[String]) -> Result<(), (bool, anyhow::Error)> {
     let unknown: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
         .filter(|k| k.starts_with("EDGESTREAM_") && !known_env.contains(k))
@@ -92,9 +130,12 @@ fn serve(args: ServeArgs, known_env: &[String]) -> anyhow::Result<()> {
     // Every connection is a file descriptor: take the hard limit (as Go's runtime and nginx's
     // worker_rlimit_nofile do); --max-connections defaults below it.
     let nofile = rlimit::increase_nofile_limit(u64::MAX);
-    let config = Config::load(args).map_err(|e| match unknown.is_empty() {
-        true => anyhow::Error::msg(e),
-        false => anyhow::anyhow!("{e} (unknown variables ignored: {})", unknown.join(", ")),
+    let config = Config::load(args).map_err(|e| {
+        let e = match unknown.is_empty() {
+            true => anyhow::Error::msg(e),
+            false => anyhow::anyhow!("{e} (unknown variables ignored: {})", unknown.join(", ")),
+        };
+        (false, e)
     })?;
     init_logging(config.log_format);
     if let Err(e) = nofile {
@@ -105,11 +146,14 @@ fn serve(args: ServeArgs, known_env: &[String]) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let server = Server::bind(config).await?;
-        server.run(shutdown_signal()).await
-    })?;
+        .build()
+        .map_err(|e| (true, e.into()))?;
+    runtime
+        .block_on(async move {
+            let server = Server::bind(config).await?;
+            server.run(shutdown_signal()).await
+        })
+        .map_err(|e| (true, e))?;
     // Tasks left after the drain timeout must not hold the process.
     runtime.shutdown_timeout(Duration::from_millis(500));
     Ok(())
@@ -131,7 +175,11 @@ fn init_logging(format: LogFormat) {
         .with_target("tungstenite", LevelFilter::DEBUG)
         .with_target("tokio_tungstenite", LevelFilter::DEBUG);
     let registry = tracing_subscriber::registry().with(filter).with(caps);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: journald and files get plain text.
+    use std::io::IsTerminal as _;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => registry.with(fmt).init(),
         LogFormat::Json => registry.with(fmt.json()).init(),

@@ -291,6 +291,15 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render_prometheus(&self, log: LogUsage, draining: bool) -> String {
         let mut s = String::with_capacity(4096);
+        let _ = writeln!(
+            s,
+            "# HELP edgestream_build_info What this node runs: version, git commit, build date.\n\
+             # TYPE edgestream_build_info gauge\n\
+             edgestream_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1",
+            crate::build::VERSION,
+            crate::build::COMMIT,
+            crate::build::DATE
+        );
         for f in self.families(log, draining) {
             let _ = writeln!(
                 s,
@@ -315,6 +324,10 @@ impl Metrics {
     /// objects keyed by the label value.
     pub fn to_json(&self, log: LogUsage, draining: bool) -> Value {
         let mut out = serde_json::Map::new();
+        out.insert(
+            "build".into(),
+            json!({"version": crate::build::VERSION, "commit": crate::build::COMMIT, "build_date": crate::build::DATE}),
+        );
         for f in self.families(log, draining) {
             let key = f.name.strip_suffix("_total").unwrap_or(f.name);
             let v = if f.label.is_empty() {
@@ -396,5 +409,13 @@ mod tests {
         assert_eq!(j["sessions_closed"]["4008"], 2);
         assert_eq!(j["log"]["bytes"], 700);
         assert_eq!(j["draining"], true);
+        let info = format!(
+            "edgestream_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1\n",
+            crate::build::VERSION,
+            crate::build::COMMIT,
+            crate::build::DATE
+        );
+        assert!(text.contains(&info), "{text}");
+        assert_eq!(j["build"]["commit"], crate::build::COMMIT);
     }
 }

@@ -56,7 +56,7 @@ pub fn start(conn: Conn, server_id: Vec<u8>, ttl: Duration, peers: &Arc<Peers>) 
     });
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -306,11 +306,58 @@ impl Server {
             app.env.metrics.clone(),
             stop_http.clone(),
         ));
+        let c = &app.config;
+        let auth = match &c.auth {
+            crate::config::AuthMode::Development => {
+                "development (random secret, /v1/dev/token)".to_string()
+            }
+            crate::config::AuthMode::Keyed(a) => format!(
+                "{:?}{}{}",
+                a.alg,
+                a.issuer
+                    .as_deref()
+                    .map(|i| format!(", iss {i}"))
+                    .unwrap_or_default(),
+                a.audience
+                    .as_deref()
+                    .map(|i| format!(", aud {i}"))
+                    .unwrap_or_default()
+            ),
+        };
+        let log_target = match (&c.redis, &c.durable) {
+            (Some(crate::config::RedisTarget::Single(url)), _) => redact_url(url),
+            (Some(crate::config::RedisTarget::Cluster(seeds)), _) => format!(
+                "cluster {}",
+                seeds
+                    .iter()
+                    .map(|s| redact_url(s))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            (None, Some(d)) => format!("{} (fsync {:?})", d.dir.display(), d.fsync),
+            (None, None) => "memory".to_string(),
+        };
+        let cert = match (&c.quic.cert_files, app.certs.dev_hash()) {
+            (Some((cert, _)), _) => cert.display().to_string(),
+            (None, Some(hash)) => format!("development, sha-256 {hash}"),
+            (None, None) => "configured".to_string(),
+        };
+        // The effective configuration, without secrets.
         tracing::info!(
+            version = crate::build::VERSION,
+            commit = crate::build::COMMIT,
             http = %app.http_addr,
+            http_tls = c.http_tls,
             quic = %app.quic_addr,
+            auth = %auth,
             log = app.env.hub.log().kind(),
-            cert_sha256 = app.certs.dev_hash().as_deref().unwrap_or("configured certificate"),
+            log_target = %log_target,
+            server_id = c.quic.server_id.as_deref().map(crate::peers::hex).unwrap_or_else(|| "random CIDs".into()),
+            cert = %cert,
+            public_webtransport_url = c.public_webtransport_url.as_deref().unwrap_or("(this node's)"),
+            public_websocket_url = c.public_websocket_url.as_deref().unwrap_or("(this node's)"),
+            allowed_origins = %if c.allowed_origins.is_empty() { "(any: development mode)".to_string() } else { c.allowed_origins.join(",") },
+            drain_delay = ?c.drain_delay,
             "edgestream serving"
         );
         tokio::select! {

@@ -599,3 +599,78 @@ async fn http_tls_serves_https_and_wss_with_the_configured_certificate() {
         "plain HTTP answered on the TLS port"
     );
 }
+
+/// Issue 16, logs: stderr that is not a terminal gets no ANSI colour codes; the start line
+/// names the version, commit and effective configuration (no secret); with
+/// `--log-format json` a fatal error is a JSON line too; `--version` names the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_plain_or_json_and_the_start_line_names_the_configuration() {
+    let secret = "logs-test-secret-0123456789abcdef";
+    let mut child = tokio::process::Command::new(binary())
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--drain-delay", "0s"])
+        .env("EDGESTREAM_JWT_SECRET", secret)
+        .env("EDGESTREAM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let start = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("a start line");
+            if line.contains("edgestream serving") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!start.contains('\u{1b}'), "ANSI codes on a pipe: {start:?}");
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    for field in [
+        version.as_str(),
+        "commit=",
+        "auth=HS256",
+        "log_target=memory",
+        "drain_delay=",
+    ] {
+        assert!(start.contains(field), "{field} missing: {start}");
+    }
+    assert!(!start.contains(secret), "the secret is logged: {start}");
+    child.kill().await.unwrap();
+
+    let out = tokio::process::Command::new(binary())
+        .args(["serve", "--log-format", "json", "--jwt-secret", "short"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert_eq!(v["level"], "ERROR", "{v}");
+        assert!(
+            v["fields"]["error"].as_str().unwrap().contains("16 bytes"),
+            "{v}"
+        );
+    }
+
+    let out = tokio::process::Command::new(binary())
+        .arg("--version")
+        .output()
+        .await
+        .unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(v.contains("commit ") && v.contains("built "), "{v}");
+}
