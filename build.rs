@@ -8,14 +8,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 // The variables are not named EDGESTREAM_*: cargo also sets them when it runs the binary
 // (`cargo run`), and the server warns about EDGESTREAM_ variables it does not know.
 fn main() {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
+    // A build without .git (a container build) is told the commit.
+    let commit = std::env::var("BUILD_INFO_GIT_COMMIT_OVERRIDE")
         .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+        .filter(|c| !c.is_empty() && c != "unknown")
+        .or_else(git_commit)
         .unwrap_or_else(|| "unknown".into());
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
@@ -31,6 +28,18 @@ fn main() {
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    println!("cargo:rerun-if-env-changed=BUILD_INFO_GIT_COMMIT_OVERRIDE");
+}
+
+fn git_commit() -> Option<String> {
+    Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// `YYYY-MM-DD` of a Unix time (UTC), by Howard Hinnant's days-to-civil algorithm.
