@@ -225,9 +225,27 @@ impl Metrics {
             Family::new(
                 "log_orgs",
                 "gauge",
-                "Orgs held in memory by the replay log.",
+                "Orgs held in memory by the replay log (with Redis: orgs this node has touched; Redis holds the rest).",
                 "",
                 one(log.orgs),
+            ),
+            Family::new(
+                "log_up",
+                "gauge",
+                "1 while the log answers; 0 from a failed command (Redis unreachable) until one succeeds.",
+                "",
+                one(u64::from(!log.down)),
+            ),
+            Family::new(
+                "log_errors_total",
+                "counter",
+                "Failed log commands by kind: unavailable (nothing stored: 503), indeterminate (outcome unknown: 504), internal.",
+                "kind",
+                ["unavailable", "indeterminate", "internal"]
+                    .iter()
+                    .zip(log.errors)
+                    .map(|(k, n)| (Some(k.to_string()), n))
+                    .collect(),
             ),
             Family::new(
                 "log_idle_orgs",
@@ -239,14 +257,14 @@ impl Metrics {
             Family::new(
                 "log_events",
                 "gauge",
-                "Events retained in the replay log.",
+                "Events retained in the replay log (embedded logs; 0 with Redis, whose streams hold them).",
                 "",
                 one(log.events),
             ),
             Family::new(
                 "log_bytes",
                 "gauge",
-                "Bytes retained in the replay log.",
+                "Bytes retained in the replay log (embedded logs; 0 with Redis).",
                 "",
                 one(log.bytes),
             ),

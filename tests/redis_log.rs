@@ -974,3 +974,67 @@ async fn min_replicas_on_a_cluster_waits_on_each_orgs_primary() {
         "every org on one primary: {statuses:?}"
     );
 }
+
+/// Issue 16: a Redis outage is logged once when it starts and once when it ends (not per
+/// request), and the metrics show it: `log_up` 0 during it, failed commands counted by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_logged_once_each_way_and_shown_in_the_metrics() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let url = redis.url();
+    let node = support::node::Node::spawn_logging(&["--redis", &url], "warn", Some(&log)).await;
+    let tok = token_for("pub", &["acme"], "publish");
+    let (st, _) = node
+        .api
+        .publish_raw(&tok, "acme", "{}", None)
+        .await
+        .unwrap();
+    assert_eq!(st, 201);
+    let (_, m) = node.api.get("/v1/metrics", None).await.unwrap();
+    assert_eq!(m["log_up"], 1, "{m}");
+    redis.kill();
+    for _ in 0..5 {
+        let (st, r) = node
+            .api
+            .publish_raw(&tok, "acme", "{}", None)
+            .await
+            .unwrap();
+        assert!(st == 503 || st == 504, "{st}: {r}");
+    }
+    let (_, m) = node.api.get("/v1/metrics", None).await.unwrap();
+    assert_eq!(m["log_up"], 0, "{m}");
+    let failed = m["log_errors"]["unavailable"].as_u64().unwrap()
+        + m["log_errors"]["indeterminate"].as_u64().unwrap();
+    assert!(failed >= 5, "{m}");
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
+    loop {
+        let (st, _) = node
+            .api
+            .publish_raw(&tok, "acme", "{}", None)
+            .await
+            .unwrap();
+        if st == 201 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never published again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, m) = node.api.get("/v1/metrics", None).await.unwrap();
+    assert_eq!(m["log_up"], 1, "{m}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("redis does not answer").count(),
+        1,
+        "one line when it went down: {text}"
+    );
+    assert_eq!(
+        text.matches("redis answers again").count(),
+        1,
+        "one line when it came back: {text}"
+    );
+}

@@ -92,6 +92,11 @@ pub struct LogUsage {
     pub recovered_torn_bytes: u64,
     pub recovered_corrupt_segments: u64,
     pub recovered_reset_orgs: u64,
+    /// The backbone failed its last command (Redis unreachable); embedded logs never are.
+    pub down: bool,
+    /// Failed commands by kind: unavailable (not stored), indeterminate (outcome unknown),
+    /// internal.
+    pub errors: [u64; 3],
 }
 
 /// What a follower returns: new events and, from a shared log, org signals.

@@ -236,8 +236,50 @@ fn fenced_warning(org: &OrgId, known: &str, mark: u64, epoch: &Epoch) {
     );
 }
 
+/// Whether Redis answers, as the last command found: a transition is logged once (not per
+/// request), and the metrics show it (`log_up`, `log_errors_total`).
+#[derive(Default)]
+struct Health {
+    down: std::sync::atomic::AtomicBool,
+    errors: [std::sync::atomic::AtomicU64; 3],
+}
+
+impl Health {
+    fn record<T>(&self, r: Result<T, LogError>) -> Result<T, LogError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &r {
+            Ok(_) => {
+                if self.down.swap(false, Relaxed) {
+                    tracing::warn!("redis answers again: publishes and deliveries resume");
+                }
+            }
+            Err(e) => {
+                let (kind, outage) = match e {
+                    LogError::Unavailable(_) => (0, true),
+                    LogError::Indeterminate(_) => (1, true),
+                    LogError::Internal(_) => (2, false),
+                };
+                self.errors[kind].fetch_add(1, Relaxed);
+                if outage && !self.down.swap(true, Relaxed) {
+                    tracing::warn!(error = %e, "redis does not answer: publishes answer 503 (or 504 when the outcome is unknown) and /readyz 503 until it does");
+                }
+            }
+        }
+        r
+    }
+
+    fn usage(&self, u: &mut LogUsage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        u.down = self.down.load(Relaxed);
+        for (out, n) in u.errors.iter_mut().zip(&self.errors) {
+            *out = n.load(Relaxed);
+        }
+    }
+}
+
 /// The Redis Streams [`EventLog`].
 pub struct RedisLog {
+    health: Arc<Health>,
     /// The pub/sub connection that wakes this node's followers.
     wakes: Arc<Wakes>,
     source: Source,
@@ -475,6 +517,7 @@ impl RedisLog {
 
     fn with(source: Source, conn: Conn, retention: Retention) -> Self {
         RedisLog {
+            health: Arc::new(Health::default()),
             wakes: Wakes::start(source.clone()),
             source,
             replication: None,
@@ -655,9 +698,8 @@ fn parse_entries(org: &OrgId, entries: Value) -> Result<Vec<Arc<Event>>, LogErro
     Ok(out)
 }
 
-#[async_trait]
-impl EventLog for RedisLog {
-    async fn append(
+impl RedisLog {
+    async fn append_inner(
         &self,
         org: &OrgId,
         payloads: Vec<Bytes>,
@@ -704,11 +746,7 @@ impl EventLog for RedisLog {
         })
     }
 
-    async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
-        Ok(self.state_and_read(org, None, 0).await?.0)
-    }
-
-    async fn read(
+    async fn read_inner(
         &self,
         org: &OrgId,
         after: &Position,
@@ -723,10 +761,14 @@ impl EventLog for RedisLog {
         Ok(ReadOutcome::Events { state, events })
     }
 
-    async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
+    async fn tail_inner(
+        &self,
+        org: &OrgId,
+        after: Option<Position>,
+    ) -> Result<Box<dyn Tail>, LogError> {
         // Subscribed (and confirmed) before the first read, so no append after it goes unseen.
         let wake = self.wakes.register(stream_key(org)).await;
-        let state = self.state(org).await?;
+        let state = self.state_and_read(org, None, 0).await?.0;
         let cursor = match after {
             Some(p) if p.epoch == state.epoch && p.seq <= state.head => p,
             // A follower restarted into a new epoch (Redis lost the org, or a fence moved it):
@@ -763,8 +805,40 @@ impl EventLog for RedisLog {
             signal_cursor,
             meta: self.conn.clone(),
             reader: self.reader.clone(),
+            health: self.health.clone(),
             cursor,
         }))
+    }
+}
+
+#[async_trait]
+impl EventLog for RedisLog {
+    async fn append(
+        &self,
+        org: &OrgId,
+        payloads: Vec<Bytes>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, LogError> {
+        self.health
+            .record(self.append_inner(org, payloads, idempotency_key).await)
+    }
+
+    async fn state(&self, org: &OrgId) -> Result<OrgState, LogError> {
+        self.health
+            .record(self.state_and_read(org, None, 0).await.map(|(s, _)| s))
+    }
+
+    async fn read(
+        &self,
+        org: &OrgId,
+        after: &Position,
+        limit: usize,
+    ) -> Result<ReadOutcome, LogError> {
+        self.health.record(self.read_inner(org, after, limit).await)
+    }
+
+    async fn tail(&self, org: &OrgId, after: Option<Position>) -> Result<Box<dyn Tail>, LogError> {
+        self.health.record(self.tail_inner(org, after).await)
     }
 
     fn kind(&self) -> &'static str {
@@ -776,19 +850,18 @@ impl EventLog for RedisLog {
     }
 
     fn usage(&self) -> LogUsage {
-        LogUsage {
+        let mut u = LogUsage {
             orgs: self.reader.marks.len() as u64,
             ..Default::default()
-        }
+        };
+        self.health.usage(&mut u);
+        u
     }
 
     async fn ready(&self) -> Result<(), LogError> {
         let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let ping: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+        self.health.record(ping.map(drop).map_err(unavailable))
     }
 }
 
@@ -802,6 +875,7 @@ struct RedisTail {
     woken: Option<bool>,
     meta: Conn,
     reader: Reader,
+    health: Arc<Health>,
     cursor: Position,
     /// The last signal id read.
     signal_cursor: String,
@@ -912,6 +986,17 @@ fn xread_streams(reply: Value) -> Vec<(Value, Value)> {
 #[async_trait]
 impl Tail for RedisTail {
     async fn next(&mut self) -> Result<Tailed, LogError> {
+        let r = self.next_inner().await;
+        self.health.record(r)
+    }
+
+    fn position(&self) -> Position {
+        self.cursor.clone()
+    }
+}
+
+impl RedisTail {
+    async fn next_inner(&mut self) -> Result<Tailed, LogError> {
         loop {
             let out = if self.reader.confirmed {
                 self.read_confirmed().await?
@@ -962,9 +1047,5 @@ impl Tail for RedisTail {
                 self.new_epoch(state.epoch);
             }
         }
-    }
-
-    fn position(&self) -> Position {
-        self.cursor.clone()
     }
 }
