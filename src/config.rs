@@ -36,6 +36,43 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct List(pub Vec<String>);
 
+/// A listen address: `IP:port`, or `host:port` with a name this machine resolves (the first
+/// IPv4 address it resolves to, else the first address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr(a));
+        }
+        let hint = "give IP:port (127.0.0.1:8080, 0.0.0.0:8080, [::]:8080) or host:port with a name this machine resolves";
+        if !s.contains(':') {
+            return Err(format!("\"{s}\" has no port: {hint}"));
+        }
+        use std::net::ToSocketAddrs as _;
+        let addrs: Vec<SocketAddr> = s
+            .to_socket_addrs()
+            .map_err(|e| format!("\"{s}\": {e}: {hint}"))?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .map(|a| ListenAddr(*a))
+            .ok_or_else(|| format!("\"{s}\" resolves to no address: {hint}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for List {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -115,10 +152,10 @@ macro_rules! serve_options {
 }
 
 serve_options! {
-    /// HTTP and WebSocket listen address [default: 127.0.0.1:8080]
-    http_listen: SocketAddr,
-    /// QUIC (WebTransport) listen address, UDP [default: 127.0.0.1:4433]
-    quic_listen: SocketAddr,
+    /// HTTP and WebSocket listen address, IP:port or host:port [default: 127.0.0.1:8080]
+    http_listen: ListenAddr,
+    /// QUIC (WebTransport) listen address, UDP, IP:port or host:port [default: 127.0.0.1:4433]
+    quic_listen: ListenAddr,
     /// HS256 shared secret (at least 16 bytes). Prefer the environment variable to the flag
     jwt_secret: String,
     /// A file holding the HS256 secret (e.g. a systemd credential: %d/jwt-secret); one trailing newline is ignored
@@ -331,9 +368,11 @@ impl Config {
         let shared = a.redis.is_some() || a.redis_cluster.is_some();
         let http_listen = a
             .http_listen
+            .map(|l| l.0)
             .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid"));
         let quic_listen = a
             .quic_listen
+            .map(|l| l.0)
             .unwrap_or_else(|| "127.0.0.1:4433".parse().expect("valid"));
         let auth = match (a.jwt_secret, a.jwt_public_key) {
             (Some(_), _) | (_, Some(_)) if a.dev => {
@@ -451,7 +490,7 @@ impl Config {
                 max_idle_orgs: a.max_idle_orgs.unwrap_or(100_000),
             },
             heartbeat,
-            allowed_origins: a.allowed_origins.unwrap_or_default().0,
+            allowed_origins: origins(a.allowed_origins.unwrap_or_default().0)?,
             log_format: a.log_format.unwrap_or_default(),
             max_event_bytes: positive(a.max_event_bytes, 64 * 1024, "max-event-bytes")?,
             max_request_bytes: positive(a.max_request_bytes, 1 << 20, "max-request-bytes")?,
@@ -526,6 +565,35 @@ impl Config {
 fn default_max_connections() -> usize {
     let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
     nofile.saturating_sub(256).clamp(64, 100_000) as usize
+}
+
+/// `--allowed-origins`: each entry an origin as browsers send it (`scheme://host[:port]`, no
+/// path, no trailing slash), or `*` alone for every origin. A malformed entry never matches a
+/// browser, so it is refused here instead.
+fn origins(list: Vec<String>) -> Result<Vec<String>, String> {
+    if list.iter().any(|o| o == "*") {
+        return match list.len() {
+            1 => Ok(list),
+            _ => Err("--allowed-origins: `*` (every origin) cannot be combined with others".into()),
+        };
+    }
+    for o in &list {
+        let hint = "an origin is scheme://host[:port] as the browser sends it, e.g. https://app.example.com (no path, no trailing slash); `*` allows every origin";
+        let url =
+            url::Url::parse(o).map_err(|e| format!("--allowed-origins \"{o}\": {e}; {hint}"))?;
+        let clean = matches!(url.scheme(), "http" | "https")
+            && url.host_str().is_some()
+            && url.path() == "/"
+            && !o.ends_with('/')
+            && url.query().is_none()
+            && url.username().is_empty();
+        if !clean {
+            return Err(format!(
+                "--allowed-origins \"{o}\" is not an origin: {hint}"
+            ));
+        }
+    }
+    Ok(list)
 }
 
 /// `--NAME` or the contents of `--NAME-file` (not both), without one trailing newline.
@@ -619,6 +687,42 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(a).is_err());
+    }
+
+    #[test]
+    fn origins_and_listen_addresses_are_checked_with_a_hint() {
+        let keyed = |f: fn(&mut ServeArgs)| {
+            let mut a = ServeArgs {
+                jwt_secret: Some("s".repeat(32)),
+                ..Default::default()
+            };
+            f(&mut a);
+            Config::resolve(a)
+        };
+        let c = keyed(|a| a.allowed_origins = Some("*".parse().unwrap())).unwrap();
+        assert_eq!(c.allowed_origins, ["*"]);
+        for bad in [
+            "https://app.example.com/",
+            "app.example.com",
+            "https://a.example/x",
+            "*,https://a.example",
+        ] {
+            let e = Config::resolve(ServeArgs {
+                jwt_secret: Some("s".repeat(32)),
+                allowed_origins: Some(bad.parse().unwrap()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.contains("--allowed-origins"), "{bad}: {e}");
+        }
+        assert!(keyed(|a| a.allowed_origins =
+            Some("https://a.example,http://localhost:3000".parse().unwrap()))
+        .is_ok());
+        let l: ListenAddr = "localhost:28100".parse().unwrap();
+        assert_eq!(l.0.port(), 28100);
+        assert!(l.0.ip().is_loopback());
+        let e = "localhost".parse::<ListenAddr>().unwrap_err();
+        assert!(e.contains("no port") && e.contains("IP:port"), "{e}");
     }
 
     #[test]

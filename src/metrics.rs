@@ -87,6 +87,8 @@ pub struct Metrics {
     pub publish_rejected: Counter,
     /// HTTP connections open (requests and keep-alive; upgraded WebSockets end here).
     pub http_connections: Gauge,
+    /// Whole days before the served certificate expires (0: today or past).
+    pub certificate_days_left: Gauge,
     /// Connections over `--max-connections` (served on the health reserve or closed).
     pub http_connections_refused: Counter,
     /// Failed accepts (e.g. out of file descriptors), each followed by a back-off.
@@ -193,6 +195,13 @@ impl Metrics {
                 "Publish requests refused (4xx/5xx).",
                 "",
                 one(self.publish_rejected.get()),
+            ),
+            Family::new(
+                "certificate_days_left",
+                "gauge",
+                "Whole days before the certificate served on QUIC (and with --http-tls, HTTPS) expires.",
+                "",
+                one(self.certificate_days_left.get()),
             ),
             Family::new(
                 "http_connections",

@@ -204,7 +204,7 @@ impl Server {
             },
             shutdown: CancellationToken::new(),
         });
-        let origins = if config.is_development() {
+        let origins = if config.is_development() || config.allowed_origins == ["*"] {
             OriginPolicy::AllowAll
         } else {
             OriginPolicy::List(config.allowed_origins.clone())
@@ -278,12 +278,31 @@ impl Server {
         };
         let rotation = {
             let certs = app.certs.clone();
+            let metrics = app.env.metrics.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                let mut warned: Option<time::OffsetDateTime> = None;
                 loop {
                     tick.tick().await;
-                    if let Err(e) = certs.rotate_if_due(time::OffsetDateTime::now_utc()) {
+                    let now = time::OffsetDateTime::now_utc();
+                    if let Err(e) = certs.rotate_if_due(now) {
                         tracing::error!(error = %e, "development certificate rotation failed");
+                    }
+                    let Some(end) = certs.not_after() else {
+                        continue;
+                    };
+                    let left = end - now;
+                    metrics
+                        .certificate_days_left
+                        .set(left.whole_days().max(0) as u64);
+                    // A configured certificate near its end: once at start, then daily.
+                    let configured = certs.dev_hash().is_none();
+                    if configured
+                        && left < crate::tls::EXPIRY_WARNING
+                        && warned.is_none_or(|w| now - w >= time::Duration::days(1))
+                    {
+                        tracing::warn!(expires = %end, days_left = left.whole_days(), "the certificate expires soon: renew it and restart the node");
+                        warned = Some(now);
                     }
                 }
             })
@@ -356,7 +375,13 @@ impl Server {
             cert = %cert,
             public_webtransport_url = c.public_webtransport_url.as_deref().unwrap_or("(this node's)"),
             public_websocket_url = c.public_websocket_url.as_deref().unwrap_or("(this node's)"),
-            allowed_origins = %if c.allowed_origins.is_empty() { "(any: development mode)".to_string() } else { c.allowed_origins.join(",") },
+            allowed_origins = %if c.is_development() {
+                "(any: development mode)".to_string()
+            } else if c.allowed_origins.is_empty() {
+                "(none: browsers are refused)".to_string()
+            } else {
+                c.allowed_origins.join(",")
+            },
             drain_delay = ?c.drain_delay,
             "edgestream serving"
         );

@@ -88,6 +88,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_chain_must_start_with_the_leaf_and_be_valid_now() {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".into()]).unwrap();
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let now = OffsetDateTime::now_utc();
+        leaf.not_before = now - Duration::days(1);
+        leaf.not_after = now + Duration::days(3);
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let (l, c) = (leaf_cert.der().to_vec(), ca_cert.der().to_vec());
+        let path = std::path::Path::new("chain.pem");
+        let ok = check_configured(&[l.clone(), c.clone()], path, now).unwrap();
+        assert!(ok.not_after - now < EXPIRY_WARNING);
+        let e = check_configured(&[c.clone(), l.clone()], path, now).unwrap_err();
+        assert!(e.contains("put the server's own certificate first"), "{e}");
+        let e = check_configured(&[l.clone(), l.clone()], path, now).unwrap_err();
+        assert!(e.contains("was not issued by"), "{e}");
+        let e =
+            check_configured(std::slice::from_ref(&l), path, now + Duration::days(5)).unwrap_err();
+        assert!(e.contains("expired on"), "{e}");
+        let e = check_configured(&[l], path, now - Duration::days(2)).unwrap_err();
+        assert!(e.contains("not valid before"), "{e}");
+    }
+
+    #[test]
     fn p256_within_fourteen_days_with_a_stable_hash() {
         let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
@@ -124,3 +155,81 @@ mod tests {
         ));
     }
 }
+
+/// What start-up found wrong with a configured certificate (`--cert`, `--key`): each message
+/// names the file and what to do.
+pub fn check_configured(
+    chain: &[Vec<u8>],
+    cert_path: &std::path::Path,
+    now: OffsetDateTime,
+) -> Result<ConfiguredCert, String> {
+    use x509_parser::prelude::*;
+    let c = cert_path.display();
+    let parsed: Vec<X509Certificate<'_>> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            X509Certificate::from_der(der)
+                .map(|(_, cert)| cert)
+                .map_err(|e| {
+                    format!(
+                        "{c}: certificate {} of the chain cannot be parsed: {e}",
+                        i + 1
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let leaf = parsed
+        .first()
+        .ok_or_else(|| format!("{c}: no certificate"))?;
+    if leaf.is_ca() && parsed.iter().any(|x| !x.is_ca()) {
+        return Err(format!(
+            "{c}: the chain starts with a CA certificate; put the server's own certificate first, then its issuers"
+        ));
+    }
+    for (i, pair) in parsed.windows(2).enumerate() {
+        if pair[0].issuer() != pair[1].subject() {
+            return Err(format!(
+                "{c}: certificate {} was not issued by certificate {} (issuer {}, next subject {}); order the chain leaf first, each followed by its issuer",
+                i + 1,
+                i + 2,
+                pair[0].issuer(),
+                pair[1].subject()
+            ));
+        }
+    }
+    let not_before = leaf.validity().not_before.timestamp();
+    let not_after = leaf.validity().not_after.timestamp();
+    let now_ts = now.unix_timestamp();
+    let date = |ts: i64| {
+        OffsetDateTime::from_unix_timestamp(ts)
+            .map(|d| d.date().to_string())
+            .unwrap_or_else(|_| ts.to_string())
+    };
+    if now_ts < not_before {
+        return Err(format!(
+            "{c}: the certificate is not valid before {} (check the clock, or the file)",
+            date(not_before)
+        ));
+    }
+    if now_ts >= not_after {
+        return Err(format!(
+            "{c}: the certificate expired on {}; renew it",
+            date(not_after)
+        ));
+    }
+    Ok(ConfiguredCert {
+        not_after: OffsetDateTime::from_unix_timestamp(not_after).unwrap_or(now),
+        subject: leaf.subject().to_string(),
+    })
+}
+
+/// What start-up learned of a configured certificate.
+#[derive(Debug, Clone)]
+pub struct ConfiguredCert {
+    pub not_after: OffsetDateTime,
+    pub subject: String,
+}
+
+/// A certificate this close to its end is warned about at start and every day.
+pub const EXPIRY_WARNING: Duration = Duration::days(7);

@@ -674,3 +674,80 @@ async fn logs_are_plain_or_json_and_the_start_line_names_the_configuration() {
     let v = String::from_utf8_lossy(&out.stdout);
     assert!(v.contains("commit ") && v.contains("built "), "{v}");
 }
+
+/// Issue 16, start-up checks: a certificate or key that cannot work is refused at start with
+/// a message that names the file and what to do (before: the node logged "serving" and every
+/// handshake failed silently, or the message said "no items found").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_that_cannot_work_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = support::node::cert_files(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_key, _) = support::node::cert_files(other.path());
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    // An expired certificate (and its key), made with rcgen.
+    let expired_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+    params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let expired = params.self_signed(&expired_key).unwrap();
+    let expired_cert = write("expired.pem", &expired.pem());
+    let expired_key = write("expired-key.pem", &expired_key.serialize_pem());
+    // An encrypted key, made by openssl.
+    let encrypted = dir.path().join("encrypted.pem");
+    let status = std::process::Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-passout", "pass:secret", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&encrypted)
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let garbage = write("garbage.pem", "this is not a key\n");
+    let cases: [(&std::path::Path, &std::path::Path, &[&str]); 4] = [
+        (
+            &cert,
+            &other_key,
+            &["does not belong to the certificate", "other"],
+        ),
+        (&expired_cert, &expired_key, &["expired on", "renew"]),
+        (&cert, &encrypted, &["encrypted", "openssl pkey"]),
+        (&cert, &garbage, &["no private key found", "garbage.pem"]),
+    ];
+    for (c, k, wants) in cases {
+        let out = tokio::process::Command::new(binary())
+            .args([
+                "serve",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--cert")
+            .arg(c)
+            .arg("--key")
+            .arg(k)
+            .env("EDGESTREAM_JWT_SECRET", "startup-check-secret-0123456789")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(HANG_GUARD, out)
+            .await
+            .unwrap_or_else(|_| panic!("started and kept running with {c:?} {k:?}"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {c:?} {k:?}: {stderr}");
+        assert!(!stderr.contains("serving"), "{stderr}");
+        for want in wants {
+            let want = if *want == "other" {
+                other_key.to_str().unwrap()
+            } else {
+                want
+            };
+            assert!(stderr.contains(want), "{want:?} missing: {stderr}");
+        }
+    }
+}

@@ -85,6 +85,8 @@ impl Default for QuicConfig {
 
 /// The certificate served on UDP, replaceable while the listener runs.
 pub struct Certificates {
+    /// What the start-up checks learned of a configured certificate.
+    configured: Option<crate::tls::ConfiguredCert>,
     current: RwLock<Arc<CertifiedKey>>,
     /// The development certificate, when no files were configured.
     dev: RwLock<Option<DevCertificate>>,
@@ -98,6 +100,53 @@ impl std::fmt::Debug for Certificates {
             .field("dev", &*self.dev.read())
             .finish_non_exhaustive()
     }
+}
+
+/// Reads `--cert` and `--key` and checks them (parsable, a chain in order, valid now, a key of
+/// a supported type that matches the certificate): every refusal names the file and what to do.
+fn load_files(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    now: time::OffsetDateTime,
+) -> anyhow::Result<(CertifiedKey, crate::tls::ConfiguredCert)> {
+    use rustls::pki_types::pem::{self, PemObject};
+    let (c, k) = (cert.display(), key.display());
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    };
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{c}: not a PEM certificate file ({e})"))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "{c}: no certificate found (expected PEM blocks -----BEGIN CERTIFICATE-----)"
+    );
+    let text = String::from_utf8_lossy(&key_pem);
+    anyhow::ensure!(
+        !text.contains("ENCRYPTED"),
+        "{k}: the private key is encrypted; edgestream needs it decrypted \
+         (openssl pkey -in {k} -out key-decrypted.pem) and readable by the service only"
+    );
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => anyhow::anyhow!(
+            "{k}: no private key found (expected a PEM block BEGIN PRIVATE KEY, \
+             BEGIN EC PRIVATE KEY or BEGIN RSA PRIVATE KEY)"
+        ),
+        e => anyhow::anyhow!("{k}: not a PEM private key ({e})"),
+    })?;
+    let ders: Vec<Vec<u8>> = chain.iter().map(|d| d.to_vec()).collect();
+    let found = crate::tls::check_configured(&ders, cert, now).map_err(anyhow::Error::msg)?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&private).map_err(|e| {
+        anyhow::anyhow!(
+            "{k}: unsupported private key ({e}); use ECDSA P-256 or P-384, RSA (2048 bits or more) or Ed25519"
+        )
+    })?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified.keys_match().map_err(|e| {
+        anyhow::anyhow!("{k} does not belong to the certificate in {c} ({e}): give the key the certificate was issued for")
+    })?;
+    Ok((certified, found))
 }
 
 fn certified(
@@ -114,25 +163,19 @@ impl Certificates {
     pub fn load(cfg: &QuicConfig, names: Vec<String>) -> anyhow::Result<Self> {
         let validity = time::Duration::try_from(cfg.dev_cert_validity)
             .map_err(|e| anyhow::anyhow!("certificate validity: {e}"))?;
-        let (key, dev) = match &cfg.cert_files {
+        let (key, dev, configured) = match &cfg.cert_files {
             Some((cert, key)) => {
-                use rustls::pki_types::pem::PemObject;
-                let chain = CertificateDer::pem_file_iter(cert)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
-                anyhow::ensure!(!chain.is_empty(), "{}: no certificate", cert.display());
-                let k = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
-                (certified(chain, k)?, None)
+                let (certified, found) = load_files(cert, key, time::OffsetDateTime::now_utc())?;
+                (certified, None, Some(found))
             }
             None => {
                 let dev =
                     DevCertificate::generate(&names, time::OffsetDateTime::now_utc(), validity)?;
-                (Self::certified_dev(&dev)?, Some(dev))
+                (Self::certified_dev(&dev)?, Some(dev), None)
             }
         };
         Ok(Certificates {
+            configured,
             current: RwLock::new(Arc::new(key)),
             dev: RwLock::new(dev),
             names,
@@ -145,6 +188,14 @@ impl Certificates {
             vec![CertificateDer::from(dev.cert_der.clone())],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(dev.key_der.clone())),
         )
+    }
+
+    /// When the certificate served now expires.
+    pub fn not_after(&self) -> Option<time::OffsetDateTime> {
+        match &self.configured {
+            Some(c) => Some(c.not_after),
+            None => self.dev.read().as_ref().map(|d| d.not_after),
+        }
     }
 
     /// The base64 SHA-256 of the development certificate (`None` with a configured one).
