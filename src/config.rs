@@ -128,6 +128,9 @@ macro_rules! serve_options {
             /// certificate (--cert/--key, or the development certificate with --dev)
             #[arg(long)]
             pub http_tls: bool,
+            /// Serve the demo page at / (always on with --dev)
+            #[arg(long)]
+            pub demo: bool,
             $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
         }
 
@@ -137,6 +140,7 @@ macro_rules! serve_options {
         pub struct FileOptions {
             pub dev: Option<bool>,
             pub http_tls: Option<bool>,
+            pub demo: Option<bool>,
             $( pub $name: Option<$ty>, )*
         }
 
@@ -145,6 +149,7 @@ macro_rules! serve_options {
             pub fn merge_file(&mut self, file: FileOptions) {
                 self.dev |= file.dev.unwrap_or(false);
                 self.http_tls |= file.http_tls.unwrap_or(false);
+                self.demo |= file.demo.unwrap_or(false);
                 $( if self.$name.is_none() { self.$name = file.$name; } )*
             }
         }
@@ -154,6 +159,8 @@ macro_rules! serve_options {
 serve_options! {
     /// HTTP and WebSocket listen address, IP:port or host:port [default: 127.0.0.1:8080]
     http_listen: ListenAddr,
+    /// A separate plain-HTTP listener for /metrics, /v1/metrics, /healthz and /readyz; with it the public listener no longer serves the metrics [default: none]
+    admin_listen: ListenAddr,
     /// QUIC (WebTransport) listen address, UDP, IP:port or host:port [default: 127.0.0.1:4433]
     quic_listen: ListenAddr,
     /// HS256 shared secret (at least 16 bytes). Prefer the environment variable to the flag
@@ -321,6 +328,10 @@ pub struct Config {
     pub http: crate::http::listener::HttpLimits,
     /// `--http-tls`: HTTP and WebSocket over TLS with the QUIC certificate.
     pub http_tls: bool,
+    /// `--admin-listen`: metrics and health on their own listener.
+    pub admin_listen: Option<SocketAddr>,
+    /// The demo page at `/` (`--demo`, or development mode).
+    pub demo: bool,
     pub quic: crate::webtransport::QuicConfig,
     pub public_webtransport_url: Option<String>,
     pub public_websocket_url: Option<String>,
@@ -509,6 +520,8 @@ impl Config {
             ),
             ws_idle_timeout: dur(a.ws_idle_timeout, 30),
             http_tls: a.http_tls,
+            admin_listen: a.admin_listen.map(|l| l.0),
+            demo: a.demo || a.dev,
             http: crate::http::listener::HttpLimits {
                 max_connections: positive(
                     a.max_connections,

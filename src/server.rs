@@ -61,6 +61,8 @@ pub struct Server {
     quic: quinn::Endpoint,
     /// `--http-tls`.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `--admin-listen`.
+    admin: Option<TcpListener>,
 }
 
 /// A Redis URL without its password, for logs and errors.
@@ -117,6 +119,14 @@ impl Server {
             .await
             .with_context(|| format!("cannot listen on {}", config.http_listen))?;
         let http_addr = http.local_addr()?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--admin-listen: cannot listen on {addr}"))?,
+            ),
+            None => None,
+        };
         let certs = Arc::new(Certificates::load(
             &config.quic,
             webtransport::dev_cert_names(config.quic.listen),
@@ -238,6 +248,7 @@ impl Server {
         Ok(Server {
             app,
             http,
+            admin,
             quic,
             tls,
         })
@@ -245,6 +256,11 @@ impl Server {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.app.http_addr
+    }
+
+    /// The admin listener's address (`--admin-listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn quic_addr(&self) -> SocketAddr {
@@ -317,6 +333,18 @@ impl Server {
         ));
         let stop_http = CancellationToken::new();
         let router = crate::http::router(app.clone());
+        // The admin listener answers (readyz 503) through the drain, until the node exits.
+        let stop_admin = CancellationToken::new();
+        let admin = self.admin.map(|listener| {
+            tokio::spawn(crate::http::listener::serve(
+                listener,
+                None,
+                crate::http::admin_router(app.clone()),
+                app.config.http,
+                app.env.metrics.clone(),
+                stop_admin.clone(),
+            ))
+        });
         let mut http = tokio::spawn(crate::http::listener::serve(
             self.http,
             self.tls,
@@ -423,6 +451,10 @@ impl Server {
         }
         sweeper.abort();
         rotation.abort();
+        stop_admin.cancel();
+        if let Some(admin) = admin {
+            let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
+        }
         quic.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), quic.wait_idle()).await;
         // Development mode's temporary upload directory goes with the process.

@@ -751,3 +751,42 @@ async fn certificates_that_cannot_work_are_refused_at_start() {
         }
     }
 }
+
+/// Issue 16, admin surface: with `--admin-listen`, metrics are served there and no longer on
+/// the public listener (health stays on both); the demo page is off outside development mode
+/// unless `--demo` asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_takes_the_metrics_and_the_demo_page_is_opt_in() {
+    let s = TestServer::start_with(|a| {
+        a.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = Api::new(format!("http://{}", s.admin.expect("an admin listener")));
+    for path in ["/metrics", "/v1/metrics"] {
+        let (st, v) = s.api.get(path, None).await.unwrap();
+        assert_eq!(st, 404, "public {path}: {v}");
+        let (st, _) = admin.get(path, None).await.unwrap();
+        assert_eq!(st, 200, "admin {path}");
+    }
+    let (_, text) = admin.get("/metrics", None).await.unwrap();
+    assert!(
+        text.as_str().unwrap().contains("edgestream_build_info{"),
+        "{text}"
+    );
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(s.api.get(path, None).await.unwrap().0, 200, "public {path}");
+        assert_eq!(admin.get(path, None).await.unwrap().0, 200, "admin {path}");
+    }
+    let (st, v) = admin.get("/v1/info", None).await.unwrap();
+    assert_eq!(st, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("/metrics"), "{v}");
+    // No demo page on a keyed node...
+    let (st, v) = s.api.get("/", None).await.unwrap();
+    assert_eq!(st, 404, "{v}");
+    // ...unless asked for; the client library is served either way.
+    let demo = TestServer::start_with(|a| a.demo = true).await;
+    let (st, page) = demo.api.get("/", None).await.unwrap();
+    assert_eq!(st, 200);
+    assert!(page.as_str().unwrap().contains("<html"), "{page}");
+    assert_eq!(s.api.get("/edgestream.js", None).await.unwrap().0, 200);
+}

@@ -75,6 +75,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What the admin listener serves (`--admin-listen`): metrics and health only.
+pub fn admin_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/v1/metrics", get(metrics_json))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "the admin listener serves /metrics, /v1/metrics, /healthz and /readyz",
+            )
+        })
+        .layer(middleware::from_fn(json_errors))
+        .with_state(app)
+}
+
 /// The router of a server.
 pub fn router(app: Arc<App>) -> Router {
     let mut r = Router::new()
@@ -84,16 +101,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/uploads/{id}", get(upload::status))
         .route("/v1/orgs/{org}/rooms/{room}", get(room_view))
         .route("/v1/stream", get(stream))
-        .route("/metrics", get(metrics_text))
-        .route("/v1/metrics", get(metrics_json))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/v1/info", get(info))
         .route("/v1/cert-hash", get(cert_hash))
-        .route(
-            "/",
-            get(|| async { static_file("text/html; charset=utf-8", DEMO_PAGE) }),
-        )
         .route(
             "/edgestream.js",
             get(|| async { static_file("text/javascript; charset=utf-8", CLIENT_JS) }),
@@ -104,6 +115,18 @@ pub fn router(app: Arc<App>) -> Router {
         );
     if app.dev_secret.is_some() {
         r = r.route("/v1/dev/token", get(dev_token));
+    }
+    // With an admin listener, the metrics are served there only.
+    if app.config.admin_listen.is_none() {
+        r = r
+            .route("/metrics", get(metrics_text))
+            .route("/v1/metrics", get(metrics_json));
+    }
+    if app.config.demo {
+        r = r.route(
+            "/",
+            get(|| async { static_file("text/html; charset=utf-8", DEMO_PAGE) }),
+        );
     }
     r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), timed_bodies))

@@ -39,6 +39,8 @@ pub fn token_for(sub: &str, orgs: &[&str], scope: &str) -> String {
 pub struct TestServer {
     pub app: Arc<App>,
     pub addr: SocketAddr,
+    /// `--admin-listen`'s address, when set.
+    pub admin: Option<SocketAddr>,
     pub quic_addr: SocketAddr,
     pub api: Api,
     stop: Option<oneshot::Sender<()>>,
@@ -65,6 +67,7 @@ impl TestServer {
         let config = Config::resolve(args).expect("valid test config");
         let server = Server::bind(config).await.expect("bind");
         let addr = server.http_addr();
+        let admin = server.admin_addr();
         let quic_addr = server.quic_addr();
         let app = server.app().clone();
         let (tx, rx) = oneshot::channel::<()>();
@@ -74,6 +77,7 @@ impl TestServer {
         TestServer {
             app,
             addr,
+            admin,
             quic_addr,
             api: Api::new(format!("http://{addr}")),
             stop: Some(tx),
