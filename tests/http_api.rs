@@ -790,3 +790,53 @@ async fn admin_listener_takes_the_metrics_and_the_demo_page_is_opt_in() {
     assert!(page.as_str().unwrap().contains("<html"), "{page}");
     assert_eq!(s.api.get("/edgestream.js", None).await.unwrap().0, 200);
 }
+
+/// A configured certificate close to its end starts, with a warning at start and its days
+/// left in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_end_is_warned_about_and_counted_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(3 * 24 + 12);
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(binary())
+        .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
+        .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"])
+        .arg("--cert")
+        .arg(&cert_path)
+        .arg("--key")
+        .arg(&key_path)
+        .env("EDGESTREAM_JWT_SECRET", "near-expiry-secret-0123456789")
+        .env("EDGESTREAM_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let warning = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("a warning");
+            if line.contains("expires soon") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("no expiry warning");
+    assert!(warning.contains("days_left=3"), "{warning}");
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let (_, m) = api.get("/v1/metrics", None).await.unwrap();
+    assert_eq!(m["certificate_days_left"], 3, "{m}");
+    child.kill().await.unwrap();
+}
