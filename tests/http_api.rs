@@ -219,6 +219,23 @@ fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_edgestream")
 }
 
+/// The first line of a child's (piped) stderr that contains `needle`.
+async fn stderr_line_with(child: &mut tokio::process::Child, needle: &str) -> String {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            match lines.next_line().await.unwrap() {
+                Some(line) if line.contains(needle) => return line,
+                Some(_) => {}
+                None => panic!("stderr ended without {needle:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} on stderr"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -622,18 +639,7 @@ async fn logs_are_plain_or_json_and_the_start_line_names_the_configuration() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
-    let start = tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("a start line");
-            if line.contains("edgestream serving") {
-                return line;
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let start = stderr_line_with(&mut child, "edgestream serving").await;
     assert!(!start.contains('\u{1b}'), "ANSI codes on a pipe: {start:?}");
     let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
     for field in [
@@ -822,18 +828,7 @@ async fn a_certificate_near_its_end_is_warned_about_and_counted_down() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
-    let warning = tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("a warning");
-            if line.contains("expires soon") {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("no expiry warning");
+    let warning = stderr_line_with(&mut child, "expires soon").await;
     assert!(warning.contains("days_left=3"), "{warning}");
     let api = Api::new(format!("http://127.0.0.1:{port}"));
     let (_, m) = api.get("/v1/metrics", None).await.unwrap();
