@@ -189,6 +189,7 @@ impl Server {
                 None => None,
             };
         let env = Arc::new(SessionEnv {
+            session_permits: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
             uploads,
             presence: match log.backbone() {
                 Some(redis) => {

@@ -481,3 +481,84 @@ async fn configured_certificate_files() {
     });
     assert!(err.is_err());
 }
+
+/// Issue 17: the session cap holds under a burst. 70 WebTransport and 10 WebSocket sessions,
+/// each subscribing 64 orgs of its own on Redis (so the start sequence awaits a while),
+/// connect at once to a node capped at 10: at most 10 are open, the others close with 4029.
+/// The cap is now a semaphore taken before the start's first await; before, it was a gauge
+/// that WebTransport raised only after its subscribes (this test did not catch that race on
+/// this machine: it passed on the previous code too, 10 open every run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_never_gets_past_the_session_cap() {
+    const CAP: usize = 10;
+    // On Redis, where a subscribe's first read takes a round trip: a wide window.
+    let redis = support::redis::RedisServer::start();
+    let url = redis.url();
+    let s = TestServer::start_with(move |a| {
+        a.max_sessions = Some(CAP);
+        a.redis = Some(url);
+    })
+    .await;
+    let hash = s.cert_hash().await;
+    let connector = std::sync::Arc::new(wt::Connector::new(&hash).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        // Orgs of its own, so that every subscribe starts a feed (a round trip to Redis).
+        let orgs: Vec<String> = (0..64).map(|j| format!("s{i}-{j}")).collect();
+        let names: Vec<&str> = orgs.iter().map(String::as_str).collect();
+        let query = format!("access_token={}&orgs={}", s.token(&names), orgs.join(","));
+        let (wt_url, ws_url) = (s.wt_url(&query), s.ws_url(&query));
+        let connector = if i % 8 == 0 {
+            std::sync::Arc::new(wt::Connector::new(&hash).unwrap())
+        } else {
+            connector.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            // Open: every org SUBSCRIBED; else the close code.
+            if i % 8 != 7 {
+                let mut c = connector.connect(&wt_url).await.unwrap();
+                for _ in 0..64 {
+                    match c.next_frame().await {
+                        Ok(Frame::Subscribed { .. }) => {}
+                        _ => return Err(c.closed().await.unwrap().0),
+                    }
+                }
+                Ok(Box::new(c) as Box<dyn std::any::Any + Send>)
+            } else {
+                let mut c = edgestream_testkit::ws::WsClient::connect(&ws_url)
+                    .await
+                    .unwrap();
+                for _ in 0..64 {
+                    match c.next_non_heartbeat().await.unwrap() {
+                        edgestream_testkit::ws::Msg::Frame(Frame::Subscribed { .. }) => {}
+                        edgestream_testkit::ws::Msg::Close(code, _) => {
+                            return Err(code.unwrap_or(0) as u32)
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+                Ok(Box::new(c) as Box<dyn std::any::Any + Send>)
+            }
+        }));
+    }
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(c) => open.push(c),
+            Err(code) => {
+                assert_eq!(code, 4029);
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        open.len() <= CAP,
+        "{} sessions open at once with --max-sessions {CAP}",
+        open.len()
+    );
+    assert_eq!(open.len() + refused, 80);
+    let m = s.metrics().await;
+    let sessions = m["sessions"]["websocket"].as_u64().unwrap()
+        + m["sessions"]["webtransport"].as_u64().unwrap();
+    assert!(sessions <= CAP as u64, "{m}");
+}

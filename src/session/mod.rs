@@ -197,9 +197,21 @@ pub struct SessionEnv {
     pub encoding: Encoding,
     /// Cancelled when the node starts draining: sessions close with 4503.
     pub shutdown: CancellationToken,
+    /// `--max-sessions` permits: taken before anything else of a session's start (before any
+    /// await), held for its life, as mini-redis' `limit_connections`. The `sessions` gauge
+    /// only reports.
+    pub session_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl SessionEnv {
+    /// A permit to run one more session, or the refusal (4029).
+    pub fn session_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+        self.session_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::new(CloseCode::TooMany, "too many sessions on this node"))
+    }
+
     /// Sessions open now, all transports.
     pub fn open_sessions(&self) -> u64 {
         self.metrics

@@ -60,6 +60,8 @@ pub struct WsStreamSession {
     params: Result<ConnectParams, Refusal>,
     started: bool,
     counted: bool,
+    /// The `--max-sessions` permit, held for the session's life.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     token: Option<SessionToken>,
     cursors: Cursors,
     sink: Sink,
@@ -84,6 +86,7 @@ impl WsStreamSession {
             env,
             started: false,
             counted: false,
+            _permit: None,
             token: None,
             cursors: Cursors::default(),
             sink,
@@ -133,12 +136,7 @@ impl WsStreamSession {
             },
             Err(r) => return Err(r.clone()),
         };
-        if self.env.open_sessions() >= self.env.limits.max_sessions as u64 {
-            return Err(Refusal::new(
-                CloseCode::TooMany,
-                "too many sessions on this node",
-            ));
-        }
+        self._permit = Some(self.env.session_permit()?);
         let grant = self.env.auth.verify(&params.token)?;
         let plan = params.plan(&grant, self.env.limits.max_orgs)?;
         self.token = Some(SessionToken::new(&self.env.auth, grant)?);

@@ -81,23 +81,22 @@ struct WtSession {
     rooms: Vec<RoomMember>,
     /// Upload streams being received.
     uploads: Vec<JoinHandle<()>>,
+    /// The `--max-sessions` permit, held for the session's life.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl WtSession {
     /// Authenticates and subscribes the initial orgs (or refuses with a close code).
     async fn start(env: Arc<SessionEnv>, wt: Session, query: &str) -> Result<Self, Refusal> {
+        // The permit first, before any await of the start.
+        let permit = env.session_permit()?;
         let params = ConnectParams::parse(query, None)?;
-        if env.open_sessions() >= env.limits.max_sessions as u64 {
-            return Err(Refusal::new(
-                CloseCode::TooMany,
-                "too many sessions on this node",
-            ));
-        }
         let grant = env.auth.verify(&params.token)?;
         let plan = params.plan(&grant, env.limits.max_orgs)?;
         let token = SessionToken::new(&env.auth, grant)?;
         let (control_tx, control_rx) = mpsc::channel(16);
         let mut s = WtSession {
+            _permit: permit,
             overflow: Arc::new(Overflow::default()),
             orgs: HashMap::new(),
             control: None,
