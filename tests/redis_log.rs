@@ -1038,3 +1038,51 @@ async fn a_redis_outage_is_logged_once_each_way_and_shown_in_the_metrics() {
         "one line when it came back: {text}"
     );
 }
+
+/// Issue 17 parity: a RESET mid-stream reaches a WebSocket and a WebTransport session alike,
+/// and `events_delivered` counts events only, on both (before, WebSocket counted the RESET).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_stream_is_not_counted_as_a_delivered_event_on_either_transport() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let tok = a.token(&["acme"]);
+    let mut ws = a.client(&["acme"], "orgs=acme").await;
+    subscribed(&mut ws).await;
+    let mut wt = a.wt_client(&["acme"], "orgs=acme").await;
+    assert!(matches!(
+        wt.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+    for i in 0..3 {
+        a.api
+            .publish(&tok, "acme", &json!({ "i": i }))
+            .await
+            .unwrap();
+    }
+    assert_eq!(ws.events(3).await.unwrap().len(), 3);
+    assert_eq!(wt.events(3).await.unwrap().len(), 3);
+    // The org's keys vanish (a Redis that lost them): the next publish starts a new epoch.
+    redis.cli(&["DEL", "es:{acme}:m", "es:{acme}:s"]);
+    a.api
+        .publish(&tok, "acme", &json!({ "i": 3 }))
+        .await
+        .unwrap();
+    match ws.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Reset { .. }) => {}
+        other => panic!("websocket: expected RESET, got {other:?}"),
+    }
+    loop {
+        match wt.next_frame().await.unwrap() {
+            Frame::Reset { .. } => break,
+            Frame::Presence { .. } => {}
+            other => panic!("webtransport: expected RESET, got {other:?}"),
+        }
+    }
+    // RESET names head 1: the events after it follow.
+    a.api.publish(&tok, "acme", &json!({ "i": 4 })).await.unwrap();
+    assert_eq!(ws.events(1).await.unwrap()[0].seq, 2);
+    assert_eq!(wt.events(1).await.unwrap()[0].seq, 2);
+    let m = a.metrics().await;
+    assert_eq!(m["events_delivered"]["websocket"], 4, "{m}");
+    assert_eq!(m["events_delivered"]["webtransport"], 4, "{m}");
+}

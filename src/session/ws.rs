@@ -494,7 +494,12 @@ impl WsStreamSession {
     fn flush_deliveries(&mut self, org: &OrgId, replayed: bool, out: &mut Vec<Outgoing>) {
         let format = self.format();
         let brotli = self.brotli();
-        let n = self.deliveries.len() as u64;
+        // Events only: a RESET is not an event (as on WebTransport).
+        let n = self
+            .deliveries
+            .iter()
+            .filter(|d| matches!(d, Delivery::Event(_)))
+            .count() as u64;
         for d in self.deliveries.drain(..) {
             out.push(match d {
                 Delivery::Event(e) => match format {
