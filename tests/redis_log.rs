@@ -1079,10 +1079,76 @@ async fn a_reset_mid_stream_is_not_counted_as_a_delivered_event_on_either_transp
         }
     }
     // RESET names head 1: the events after it follow.
-    a.api.publish(&tok, "acme", &json!({ "i": 4 })).await.unwrap();
+    a.api
+        .publish(&tok, "acme", &json!({ "i": 4 }))
+        .await
+        .unwrap();
     assert_eq!(ws.events(1).await.unwrap()[0].seq, 2);
     assert_eq!(wt.events(1).await.unwrap()[0].seq, 2);
     let m = a.metrics().await;
     assert_eq!(m["events_delivered"]["websocket"], 4, "{m}");
     assert_eq!(m["events_delivered"]["webtransport"], 4, "{m}");
+}
+
+/// Issue 17 parity: Redis stops answering while a session catches up (a resume far behind,
+/// the client reading slowly so that the catch-up is still going when Redis freezes): both
+/// transports close the session with 4503 so that the client resumes, here or on another node.
+/// Before, a WebTransport org stream retried every 200 ms for as long as Redis was down, with
+/// a warning each time, and the client waited without knowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_outage_during_catch_up_closes_with_4503_on_both_transports() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::start_with(move |x| {
+        x.redis = Some(url);
+        x.replay_max_events = Some(100_000);
+    })
+    .await;
+    let tok = a.token(&["acme"]);
+    // 9,000 events of 12 KiB: a catch-up of 105 MiB, in reads of 1,024 events, more than the
+    // flow-control windows and socket buffers hold.
+    let big = "x".repeat(12 * 1024);
+    for _ in 0..180 {
+        let batch: Vec<Value> = (0..50).map(|_| json!({ "p": big })).collect();
+        a.api.publish(&tok, "acme", &json!(batch)).await.unwrap();
+    }
+    let (_, h) = a
+        .api
+        .get("/v1/orgs/acme/events?limit=0", Some(&tok))
+        .await
+        .unwrap();
+    let since = format!("orgs=acme&since=acme:{}:0", h["epoch"].as_str().unwrap());
+    let mut ws = a.client(&["acme"], &since).await;
+    let mut wt = a.wt_client(&["acme"], &since).await;
+    // A few events each, then nothing read: the catch-up stalls on flow control.
+    subscribed(&mut ws).await;
+    assert_eq!(ws.events(10).await.unwrap().len(), 10);
+    assert!(matches!(
+        wt.next_frame().await.unwrap(),
+        Frame::Subscribed { .. }
+    ));
+    assert_eq!(wt.events(10).await.unwrap().len(), 10);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.pause();
+    // Reading again lets the catch-up go on, to a read Redis does not answer.
+    let ws_close = async {
+        loop {
+            match ws.next().await {
+                Ok(Msg::Close(code, _)) => return code,
+                Ok(_) => {}
+                Err(e) => panic!("websocket: {e}"),
+            }
+        }
+    };
+    let wt_close = async {
+        loop {
+            if wt.next_frame().await.is_err() {
+                return wt.closed().await.unwrap().0;
+            }
+        }
+    };
+    let (ws_code, wt_code) = tokio::join!(ws_close, wt_close);
+    redis.resume();
+    assert_eq!(ws_code, Some(4503));
+    assert_eq!(wt_code, 4503);
 }

@@ -73,6 +73,8 @@ struct WtSession {
     token: SessionToken,
     orgs: HashMap<OrgId, OrgStream>,
     overflow: Arc<Overflow>,
+    /// An org writer's failure that ends the session.
+    failure: Arc<Failure>,
     control: Option<SendStream>,
     control_rx: mpsc::Receiver<Result<Frame, Refusal>>,
     control_tx: mpsc::Sender<Result<Frame, Refusal>>,
@@ -98,6 +100,7 @@ impl WtSession {
         let mut s = WtSession {
             _permit: permit,
             overflow: Arc::new(Overflow::default()),
+            failure: Arc::new(Failure::default()),
             orgs: HashMap::new(),
             control: None,
             readers: Vec::new(),
@@ -135,6 +138,7 @@ impl WtSession {
         let head = cursor.head_watch();
         let writer = OrgWriter {
             env: self.env.clone(),
+            failure: self.failure.clone(),
             brotli: self.brotli,
             stream,
             cursor,
@@ -191,11 +195,13 @@ impl WtSession {
         let mut next_heartbeat = Instant::now() + self.env.limits.heartbeat;
         let shutdown = self.env.shutdown.clone();
         let overflow = self.overflow.clone();
+        let failure = self.failure.clone();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Some(Refusal::new(CloseCode::GoingAway, "server draining")),
                 _ = overflow.wait() => return Some(Refusal::new(CloseCode::SlowConsumer, "slow consumer: queue full")),
+                _ = failure.raised.cancelled() => return Some(failure.take()),
                 e = self.wt.closed() => {
                     tracing::debug!(error = %e, "webtransport session ended");
                     return None;
@@ -407,8 +413,31 @@ pub fn split_heartbeat(ts: u64, heads: Vec<(String, u64)>, max: usize) -> Vec<By
 }
 
 /// Writes one org's frames to its stream, in order.
+/// The first failure an org writer cannot get past (the log failed during catch-up): the
+/// session closes with it, as a WebSocket session does.
+#[derive(Default)]
+struct Failure {
+    refusal: parking_lot::Mutex<Option<Refusal>>,
+    raised: tokio_util::sync::CancellationToken,
+}
+
+impl Failure {
+    fn raise(&self, r: Refusal) {
+        self.refusal.lock().get_or_insert(r);
+        self.raised.cancel();
+    }
+
+    fn take(&self) -> Refusal {
+        self.refusal
+            .lock()
+            .take()
+            .unwrap_or_else(|| Refusal::new(CloseCode::Internal, "internal error"))
+    }
+}
+
 struct OrgWriter {
     env: Arc<SessionEnv>,
+    failure: Arc<Failure>,
     brotli: bool,
     stream: SendStream,
     cursor: OrgCursor,
@@ -438,8 +467,10 @@ impl OrgWriter {
                     .catch_up(CATCH_UP_BATCH, &mut self.deliveries)
                     .await
                 {
-                    tracing::warn!(error = %e, "replay read failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // The client resumes with `since`, here or on another node.
+                    tracing::debug!(error = %e, "replay read failed: the session closes");
+                    self.failure.raise(e.into());
+                    return;
                 }
                 self.encode(true);
                 continue;
