@@ -219,10 +219,16 @@ fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_edgestream")
 }
 
-/// The first line of a child's (piped) stderr that contains `needle`.
-async fn stderr_line_with(child: &mut tokio::process::Child, needle: &str) -> String {
+type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// A child's (piped) stderr, line by line.
+fn stderr_lines(child: &mut tokio::process::Child) -> StderrLines {
     let stderr = child.stderr.take().expect("stderr piped");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr))
+}
+
+/// The next line that contains `needle`.
+async fn line_with(lines: &mut StderrLines, needle: &str) -> String {
     tokio::time::timeout(HANG_GUARD, async {
         loop {
             match lines.next_line().await.unwrap() {
@@ -234,6 +240,11 @@ async fn stderr_line_with(child: &mut tokio::process::Child, needle: &str) -> St
     })
     .await
     .unwrap_or_else(|_| panic!("no {needle:?} on stderr"))
+}
+
+/// The first line of a child's stderr that contains `needle`.
+async fn stderr_line_with(child: &mut tokio::process::Child, needle: &str) -> String {
+    line_with(&mut stderr_lines(child), needle).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -833,5 +844,47 @@ async fn a_certificate_near_its_end_is_warned_about_and_counted_down() {
     let api = Api::new(format!("http://127.0.0.1:{port}"));
     let (_, m) = api.get("/v1/metrics", None).await.unwrap();
     assert_eq!(m["certificate_days_left"], 3, "{m}");
+    child.kill().await.unwrap();
+}
+
+/// Issue 17: every log line of a session is written in one span naming its id, transport and
+/// `sub`, so an operator can follow one session through the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_log_lines_carry_its_span() {
+    let secret = "span-test-secret-0123456789abcdef";
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(binary())
+        .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
+        .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"])
+        .env("EDGESTREAM_JWT_SECRET", secret)
+        .env("EDGESTREAM_LOG", "edgestream=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = stderr_lines(&mut child);
+    line_with(&mut lines, "edgestream serving").await;
+    let tok = edgestream_testkit::token::hs256(
+        secret.as_bytes(),
+        &edgestream_testkit::token::claims("alice", &["acme"], "subscribe"),
+    );
+    let c = WsClient::connect(&format!(
+        "ws://127.0.0.1:{port}/v1/stream?access_token={tok}&orgs=acme"
+    ))
+    .await
+    .unwrap();
+    c.close().await;
+    let line = line_with(&mut lines, "websocket session ended").await;
+    assert!(
+        line.contains("session{id=")
+            && line.contains("transport=\"websocket\"")
+            && line.contains("sub=\"alice\""),
+        "{line}"
+    );
+    assert!(!line.contains(&tok), "{line}");
     child.kill().await.unwrap();
 }

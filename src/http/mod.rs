@@ -372,17 +372,21 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
         .extensions()
         .get::<listener::ConnectionPermit>()
         .and_then(|p| p.take());
-    app.sessions.spawn(async move {
-        let _permit = permit;
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let session = WsStreamSession::new(env, &query, bearer.as_deref());
-        // The query holds the token: free it for the session's life.
-        drop((query, bearer));
-        let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
-        tracing::debug!(?end, "websocket session ended");
-    });
+    let span = crate::session::session_span("websocket");
+    app.sessions.spawn(tracing::Instrument::instrument(
+        async move {
+            let _permit = permit;
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let session = WsStreamSession::new(env, &query, bearer.as_deref());
+            // The query holds the token: free it for the session's life.
+            drop((query, bearer));
+            let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
+            tracing::debug!(?end, "websocket session ended");
+        },
+        span,
+    ));
     response.map(|()| axum::body::Body::empty())
 }
 

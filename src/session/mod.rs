@@ -203,6 +203,19 @@ pub struct SessionEnv {
     pub session_permits: Arc<tokio::sync::Semaphore>,
 }
 
+/// The span every log line of one session is written in: a node-unique id, the transport, and
+/// the token's `sub` once it is verified (recorded by the start).
+pub fn session_span(transport: &'static str) -> tracing::Span {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info_span!("session", id, transport, sub = tracing::field::Empty)
+}
+
+/// Records the verified `sub` on the current session span.
+pub fn record_sub(sub: &str) {
+    tracing::Span::current().record("sub", sub);
+}
+
 impl SessionEnv {
     /// A permit to run one more session, or the refusal (4029).
     pub fn session_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {

@@ -138,6 +138,7 @@ impl WsStreamSession {
         };
         self._permit = Some(self.env.session_permit()?);
         let grant = self.env.auth.verify(&params.token)?;
+        super::record_sub(&grant.sub);
         let plan = params.plan(&grant, self.env.limits.max_orgs)?;
         self.token = Some(SessionToken::new(&self.env.auth, grant)?);
         self.metrics().sessions.inc();

@@ -376,7 +376,11 @@ pub async fn serve(
                 // A task of its own: the handshake's state (the larger future) is freed
                 // rather than kept for the session's life.
                 Ok(Some((wt, query))) => {
-                    sessions.spawn(async move { session::run(env, wt, &query).await });
+                    let span = crate::session::session_span("webtransport");
+                    sessions.spawn(tracing::Instrument::instrument(
+                        async move { session::run(env, wt, &query).await },
+                        span,
+                    ));
                 }
                 Ok(None) => {}
                 Err(_) => tracing::debug!("QUIC handshake or CONNECT timed out"),

@@ -94,6 +94,7 @@ impl WtSession {
         let permit = env.session_permit()?;
         let params = ConnectParams::parse(query, None)?;
         let grant = env.auth.verify(&params.token)?;
+        crate::session::record_sub(&grant.sub);
         let plan = params.plan(&grant, env.limits.max_orgs)?;
         let token = SessionToken::new(&env.auth, grant)?;
         let (control_tx, control_rx) = mpsc::channel(16);
@@ -147,7 +148,11 @@ impl WtSession {
             frames: Vec::new(),
             deliveries: Vec::new(),
         };
-        let task = tokio::spawn(writer.run(subscribed, stop_rx));
+        // In the session's span, like every line of the session.
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            writer.run(subscribed, stop_rx),
+            tracing::Span::current(),
+        ));
         let member = self.env.presence.enter(&org, &self.token.grant.sub);
         self.orgs.insert(
             org,
