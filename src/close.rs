@@ -7,37 +7,20 @@ use crate::auth::{AuthError, Forbidden};
 use crate::log::LogError;
 use crate::model::ModelError;
 
-/// A close code of PROTOCOL.md section 6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum CloseCode {
-    Unauthorized = 4001,
-    Forbidden = 4003,
-    SlowConsumer = 4008,
-    TokenExpired = 4009,
-    TooMany = 4029,
-    Protocol = 4400,
-    TooLarge = 4413,
-    Internal = 4500,
-    GoingAway = 4503,
-}
+/// The contract's close codes live in the codec crate, shared with the WebSocket library and
+/// the test clients.
+pub use edgestream_codec::CloseCode;
 
-impl CloseCode {
-    pub fn code(self) -> u16 {
-        self as u16
-    }
-
-    /// The HTTP status for the same condition.
-    pub fn status(self) -> StatusCode {
-        match self {
-            CloseCode::Unauthorized | CloseCode::TokenExpired => StatusCode::UNAUTHORIZED,
-            CloseCode::Forbidden => StatusCode::FORBIDDEN,
-            CloseCode::TooMany => StatusCode::TOO_MANY_REQUESTS,
-            CloseCode::Protocol => StatusCode::BAD_REQUEST,
-            CloseCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            CloseCode::SlowConsumer | CloseCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            CloseCode::GoingAway => StatusCode::SERVICE_UNAVAILABLE,
-        }
+/// The HTTP status for the same condition as a close code.
+pub fn status(code: CloseCode) -> StatusCode {
+    match code {
+        CloseCode::Unauthorized | CloseCode::TokenExpired => StatusCode::UNAUTHORIZED,
+        CloseCode::Forbidden => StatusCode::FORBIDDEN,
+        CloseCode::TooMany => StatusCode::TOO_MANY_REQUESTS,
+        CloseCode::Protocol => StatusCode::BAD_REQUEST,
+        CloseCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        CloseCode::SlowConsumer | CloseCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        CloseCode::GoingAway => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -8,10 +8,12 @@
 //! - [`frame`]: binary frames, encode and decode, with limits.
 //! - [`json`]: the JSON text format of the WebSocket transport.
 
+pub mod close;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod json;
 pub mod varint;
 
+pub use close::CloseCode;
 pub use frame::{encode_event, DecodeError, Frame, Resume, FLAG_BROTLI};

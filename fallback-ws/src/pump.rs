@@ -6,6 +6,7 @@
 //! that blocks (the client stopped reading) is raced against the interrupt, so a stuck socket
 //! can always be closed. Never interprets message contents: that is the session's job.
 
+use edgestream_codec::CloseCode as Code;
 use std::future::Future;
 use std::time::Duration;
 
@@ -167,7 +168,7 @@ where
                                     }
                                     Some(Err(e)) => return End::Failed(e.to_string()),
                                     None => Err(Close::new(
-                                        4008,
+                                        Code::SlowConsumer.code(),
                                         "slow consumer: pings sent while their pongs are not read",
                                     )),
                                 }
@@ -223,7 +224,10 @@ where
                 // The buffer's cap (WsConfig::max_write_buffer) was reached: the client does
                 // not read what it is sent.
                 Ok(Err(tungstenite::Error::WriteBufferFull(_))) => {
-                    break Close::new(4008, "slow consumer: write buffer full")
+                    break Close::new(
+                        Code::SlowConsumer.code(),
+                        "slow consumer: write buffer full",
+                    )
                 }
                 Ok(Err(e)) => return End::Failed(e.to_string()),
                 Ok(Ok(())) => pings = 0,

@@ -65,7 +65,7 @@ impl ApiError {
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> Self {
-        ApiError::new(r.code.status(), r.reason)
+        ApiError::new(crate::close::status(r.code), r.reason)
     }
 }
 
