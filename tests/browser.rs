@@ -297,15 +297,6 @@ async fn demo_page_shows_live_events_and_is_screenshotted() {
     assert_eq!(s.api.get("/edgestream.d.ts", None).await.unwrap().0, 200);
 }
 
-fn free_ports() -> (u16, u16) {
-    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    (
-        t.local_addr().unwrap().port(),
-        u.local_addr().unwrap().port(),
-    )
-}
-
 fn spawn_node_binary(http: u16, quic: u16, secret: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_edgestream"))
         .args([
@@ -344,7 +335,7 @@ async fn wait_healthy(http: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reconnects_after_a_server_restart_and_gets_reset() {
     let secret = "restart-test-secret-0123456789";
-    let (http, quic) = free_ports();
+    let (http, quic) = (support::free_tcp_port(), support::free_udp_port());
     let mut server = spawn_node_binary(http, quic, secret);
     wait_healthy(http).await;
     let token = edgestream_testkit::token::hs256(

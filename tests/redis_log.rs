@@ -814,14 +814,10 @@ async fn failover_to_a_stale_replica(min_replicas: bool) {
         (1..=50).collect::<Vec<_>>()
     );
     // The replica has those 50, then its link is cut.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.nodes[r].repl_offset() < cluster.nodes[p].repl_offset() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica never caught up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::eventually("the replica catches up", || async {
+        (cluster.nodes[r].repl_offset() >= cluster.nodes[p].repl_offset()).then_some(())
+    })
+    .await;
     // Frozen, and its connection dropped by the primary: what follows never reaches it (a
     // frozen replica alone would still find it in its socket buffer when it runs again).
     cluster.nodes[r].pause();
@@ -851,14 +847,10 @@ async fn failover_to_a_stale_replica(min_replicas: bool) {
     assert!(cluster.nodes[r]
         .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
         .contains("OK"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.primary_and_replica("es:{acme}:m").0 != r {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica never took over"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::eventually("the replica takes over", || async {
+        (cluster.primary_and_replica("es:{acme}:m").0 == r).then_some(())
+    })
+    .await;
     let surviving = if min_replicas {
         // The new primary has no replica, so nothing can be confirmed until it gets one: a
         // replica of another primary migrates to it.
@@ -875,17 +867,13 @@ async fn failover_to_a_stale_replica(min_replicas: bool) {
         assert!(cluster.nodes[spare]
             .cli(&["CLUSTER", "REPLICATE", id.trim()])
             .contains("OK"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !cluster.nodes[spare]
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the migrated replica never synced"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        support::eventually("the migrated replica syncs", || async {
+            cluster.nodes[spare]
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+                .then_some(())
+        })
+        .await;
         // Nothing acknowledged or delivered was lost: the same epoch goes on at seq 51, and
         // the subscriber gets exactly the new events, after the 50 it had.
         let first = acks.first_acknowledged(&a.api).await;
@@ -1008,22 +996,15 @@ async fn a_redis_outage_is_logged_once_each_way_and_shown_in_the_metrics() {
         + m["log_errors"]["indeterminate"].as_u64().unwrap();
     assert!(failed >= 5, "{m}");
     redis.restart();
-    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
-    loop {
+    support::eventually("a publish succeeds again", || async {
         let (st, _) = node
             .api
             .publish_raw(&tok, "acme", "{}", None)
             .await
             .unwrap();
-        if st == 201 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never published again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (st == 201).then_some(())
+    })
+    .await;
     let (_, m) = node.api.get("/v1/metrics", None).await.unwrap();
     assert_eq!(m["log_up"], 1, "{m}");
     let text = std::fs::read_to_string(&log).unwrap();

@@ -21,6 +21,43 @@ use tokio::task::JoinHandle;
 
 pub use edgestream_testkit::HANG_GUARD;
 
+/// A loopback TCP port free now, for a child process that must be told its port (redis-server,
+/// nginx, a node restarted on the same address). The one copy of this in the tests.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port")
+}
+
+/// A loopback UDP port free now (see [`free_tcp_port`]).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most [`HANG_GUARD`]; panics
+/// naming `what` if it never does. The one bounded wait of the tests.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened within {HANG_GUARD:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub const SECRET: &str = "test-secret-0123456789abcdef-xyz";
 
 /// A subscribe+publish token for `orgs` (user `alice`) signed with [`SECRET`].
@@ -150,18 +187,12 @@ impl TestServer {
 
     /// Polls `/v1/metrics` until `cond` holds (bounded: fails after the hang guard).
     pub async fn wait_metrics(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + HANG_GUARD;
-        loop {
+        let what = format!("metrics showing {what}");
+        eventually(&what, || async {
             let m = self.metrics().await;
-            if cond(&m) {
-                return m;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "metrics never showed {what}: {m}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            cond(&m).then_some(m)
+        })
+        .await
     }
 
     /// Triggers the graceful shutdown and waits for `run` to return.

@@ -15,13 +15,6 @@ pub struct Nginx {
 
 const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// `deploy/nginx.conf` (the documented configuration) for these nodes: each upstream's
 /// example `server` line becomes one line per node (same parameters), the listeners move to
 /// `udp` and `tcp`.
@@ -73,10 +66,12 @@ impl Nginx {
     /// configuration (`deploy/nginx.conf`).
     pub fn start(quic: &[SocketAddr], http: &[SocketAddr]) -> Nginx {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
+        let port = super::free_tcp_port();
         let (udp, tcp): (SocketAddr, SocketAddr) = (
             format!("127.0.0.1:{port}").parse().unwrap(),
-            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            format!("127.0.0.1:{}", super::free_tcp_port())
+                .parse()
+                .unwrap(),
         );
         let conf = documented_config(quic, http, udp, tcp);
         let d = dir.path().display();

@@ -16,16 +16,6 @@ pub struct Node {
     args: Vec<String>,
 }
 
-fn free_tcp() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn free_udp() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
-
 impl Node {
     /// Starts a node with the test secret and `extra` flags; waits until it is healthy.
     pub async fn spawn(extra: &[&str]) -> Node {
@@ -36,8 +26,12 @@ impl Node {
     /// stderr) when given.
     pub async fn spawn_logging(extra: &[&str], level: &str, log: Option<&std::path::Path>) -> Node {
         let mut node = Node {
-            http: format!("127.0.0.1:{}", free_tcp()).parse().unwrap(),
-            quic: format!("127.0.0.1:{}", free_udp()).parse().unwrap(),
+            http: format!("127.0.0.1:{}", super::free_tcp_port())
+                .parse()
+                .unwrap(),
+            quic: format!("127.0.0.1:{}", super::free_udp_port())
+                .parse()
+                .unwrap(),
             api: Api::new(String::new()),
             child: None,
             args: extra.iter().map(|s| s.to_string()).collect(),

@@ -11,13 +11,6 @@ pub struct RedisServer {
     durable: bool,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 impl RedisServer {
     /// A server without persistence.
     pub fn start() -> Self {
@@ -28,7 +21,7 @@ impl RedisServer {
     /// directory keeps everything that was acknowledged.
     pub fn start_with(durable: bool) -> Self {
         let mut r = RedisServer {
-            port: free_port(),
+            port: super::free_tcp_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             durable,
@@ -40,7 +33,7 @@ impl RedisServer {
     /// A replica of `primary` (no persistence), once its link to the primary is up.
     pub fn replica_of(primary: &RedisServer) -> Self {
         let mut r = RedisServer {
-            port: free_port(),
+            port: super::free_tcp_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             durable: false,
