@@ -289,18 +289,11 @@ async fn the_connection_cap_holds_and_health_still_answers() {
     assert!(m["http_connections_refused"].as_u64().unwrap() >= 2, "{m}");
     // Freed permits serve the API again.
     drop(held);
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    loop {
+    support::eventually("permits freed", || async {
         let api = edgestream_testkit::http::Api::new(s.api.base.clone());
-        if api.get("/v1/orgs/acme/events", Some(&t)).await.unwrap().0 == 200 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "permits never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (api.get("/v1/orgs/acme/events", Some(&t)).await.unwrap().0 == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -715,11 +708,10 @@ async fn accept_failures_back_off_and_the_listener_recovers() {
         .spawn()
         .unwrap();
     let api = edgestream_testkit::http::Api::new(format!("http://127.0.0.1:{port}"));
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while api.get("/healthz", None).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "node did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::eventually("the node starts", || async {
+        api.get("/healthz", None).await.ok().map(drop)
+    })
+    .await;
     // More connections than descriptors: the kernel queues them, accept fails with EMFILE.
     let mut held = Vec::new();
     for _ in 0..100 {
@@ -730,15 +722,14 @@ async fn accept_failures_back_off_and_the_listener_recovers() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(held);
     // Descriptors free again: the listener serves, and it counted what failed.
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    let m = loop {
+    let m = support::eventually("the node serves again", || async {
         let fresh = edgestream_testkit::http::Api::new(api.base.clone());
-        if let Ok((200, m)) = fresh.get("/v1/metrics", None).await {
-            break m;
+        match fresh.get("/v1/metrics", None).await {
+            Ok((200, m)) => Some(m),
+            _ => None,
         }
-        assert!(tokio::time::Instant::now() < deadline, "never served again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     assert!(m["http_accept_errors"].as_u64() >= Some(1), "{m}");
     let _ = child.kill().await;
 }
