@@ -219,6 +219,22 @@ fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_edgestream")
 }
 
+/// Starts `cmd` (an `edgestream serve`) with the JWT secret and log filter, its stderr piped
+/// for [`stderr_lines`], killed when dropped.
+fn spawn_logged(
+    cmd: &mut tokio::process::Command,
+    secret: &str,
+    log: &str,
+) -> tokio::process::Child {
+    cmd.env("EDGESTREAM_JWT_SECRET", secret)
+        .env("EDGESTREAM_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn edgestream")
+}
+
 type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
 
 /// A child's (piped) stderr, line by line.
@@ -261,8 +277,8 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
     )
     .unwrap();
     let secret = "binary-test-secret-0123456789";
-    let mut child = tokio::process::Command::new(binary())
-        .args([
+    let mut child = spawn_logged(
+        tokio::process::Command::new(binary()).args([
             "serve",
             "--config",
             cfg.to_str().unwrap(),
@@ -270,14 +286,10 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
             "127.0.0.1:0",
             "--drain-delay",
             "300ms",
-        ])
-        .env("EDGESTREAM_JWT_SECRET", secret)
-        .env("EDGESTREAM_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        ]),
+        secret,
+        "debug",
+    );
     let api = Api::new(format!("http://127.0.0.1:{port}"));
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
     while api.get("/healthz", None).await.is_err() {
@@ -634,22 +646,19 @@ async fn http_tls_serves_https_and_wss_with_the_configured_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_plain_or_json_and_the_start_line_names_the_configuration() {
     let secret = "logs-test-secret-0123456789abcdef";
-    let mut child = tokio::process::Command::new(binary())
-        .args([
-            "serve",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--quic-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--drain-delay", "0s"])
-        .env("EDGESTREAM_JWT_SECRET", secret)
-        .env("EDGESTREAM_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_logged(
+        tokio::process::Command::new(binary())
+            .args([
+                "serve",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--drain-delay", "0s"]),
+        secret,
+        "info",
+    );
     let start = stderr_line_with(&mut child, "edgestream serving").await;
     assert!(!start.contains('\u{1b}'), "ANSI codes on a pipe: {start:?}");
     let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
@@ -825,20 +834,17 @@ async fn a_certificate_near_its_end_is_warned_about_and_counted_down() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = tokio::process::Command::new(binary())
-        .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"])
-        .arg("--cert")
-        .arg(&cert_path)
-        .arg("--key")
-        .arg(&key_path)
-        .env("EDGESTREAM_JWT_SECRET", "near-expiry-secret-0123456789")
-        .env("EDGESTREAM_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_logged(
+        tokio::process::Command::new(binary())
+            .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
+            .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"])
+            .arg("--cert")
+            .arg(&cert_path)
+            .arg("--key")
+            .arg(&key_path),
+        "near-expiry-secret-0123456789",
+        "warn",
+    );
     let warning = stderr_line_with(&mut child, "expires soon").await;
     assert!(warning.contains("days_left=3"), "{warning}");
     let api = Api::new(format!("http://127.0.0.1:{port}"));
@@ -856,16 +862,13 @@ async fn a_sessions_log_lines_carry_its_span() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = tokio::process::Command::new(binary())
-        .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"])
-        .env("EDGESTREAM_JWT_SECRET", secret)
-        .env("EDGESTREAM_LOG", "edgestream=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_logged(
+        tokio::process::Command::new(binary())
+            .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
+            .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"]),
+        secret,
+        "edgestream=debug",
+    );
     let mut lines = stderr_lines(&mut child);
     line_with(&mut lines, "edgestream serving").await;
     let tok = edgestream_testkit::token::hs256(
