@@ -161,22 +161,16 @@ async fn an_interrupted_upload_resumes_from_its_offset() {
         "the first try breaks off"
     );
     // The server saw the break: the upload is resumable at what it counted.
-    let deadline = std::time::Instant::now() + support::HANG_GUARD;
-    let received = loop {
+    support::eventually("the server counts the bytes received", || async {
         let (status, st) = s.api.get("/v1/uploads/doc-1", Some(&tok)).await.unwrap();
         assert_eq!(status, 200, "{st}");
         assert_eq!(st["state"], "receiving");
-        let got = st["received"].as_u64().unwrap();
-        if got > 0 || std::time::Instant::now() > deadline {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(received > 0, "{received}");
+        st["received"].as_u64().filter(|got| *got > 0)
+    })
+    .await;
     // A wrong offset is refused with the right one named (409 "being written" until the server
     // has seen the first request break off).
-    let deadline = std::time::Instant::now() + support::HANG_GUARD;
-    let v = loop {
+    let v = support::eventually("the first request is wound down", || async {
         let r = put(&s, &tok, "doc.pdf")
             .header("upload-id", "doc-1")
             .header("upload-offset", size)
@@ -187,11 +181,9 @@ async fn an_interrupted_upload_resumes_from_its_offset() {
         assert_eq!(r.status(), 409);
         let v: Value = r.json().await.unwrap();
         let busy = v["error"].as_str().unwrap().contains("being written");
-        if !busy || std::time::Instant::now() > deadline {
-            break v;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (!busy).then_some(v)
+    })
+    .await;
     let (_, st) = s.api.get("/v1/uploads/doc-1", Some(&tok)).await.unwrap();
     let received = st["received"].as_u64().unwrap();
     assert!(received > 0 && received <= size / 2, "{received}");
@@ -598,20 +590,11 @@ async fn an_upload_survives_a_restart_of_the_node() {
         .body(body(0, size, Some(size / 2)))
         .send()
         .await;
-    let deadline = std::time::Instant::now() + support::HANG_GUARD;
-    while node
-        .api
-        .get("/v1/uploads/doc-1", Some(&tok))
-        .await
-        .unwrap()
-        .1["received"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(std::time::Instant::now() < deadline, "no bytes arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually("bytes arrive", || async {
+        let (_, st) = node.api.get("/v1/uploads/doc-1", Some(&tok)).await.unwrap();
+        st["received"].as_u64().filter(|got| *got > 0)
+    })
+    .await;
     node.kill().await;
 
     let mut node = support::node::Node::spawn(&flags).await;
