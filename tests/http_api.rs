@@ -4,7 +4,6 @@
 mod support;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use edgestream_codec::Frame;
 use edgestream_testkit::http::Api;
@@ -291,14 +290,10 @@ async fn binary_serves_with_env_config_file_and_drains_on_sigterm() {
         "debug",
     );
     let api = Api::new(format!("http://127.0.0.1:{port}"));
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while api.get("/healthz", None).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::eventually("the server starts", || async {
+        api.get("/healthz", None).await.ok().map(drop)
+    })
+    .await;
     // A token from the `token` command works against it.
     let out = tokio::process::Command::new(binary())
         .args([
@@ -424,16 +419,12 @@ async fn drain_delay_serves_with_readyz_503_before_the_drain() {
     ));
     assert_eq!(s.api.get("/readyz", None).await.unwrap().0, 200);
     s.begin_stop();
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    loop {
+    let v = support::eventually("readyz turns 503", || async {
         let (st, v) = s.api.get("/readyz", None).await.unwrap();
-        if st == 503 {
-            assert_eq!(v["status"], "draining", "{v}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "readyz stayed 200");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (st == 503).then_some(v)
+    })
+    .await;
+    assert_eq!(v["status"], "draining", "{v}");
     let (_, m) = s.api.get("/v1/metrics", None).await.unwrap();
     assert_eq!(m["draining"], true, "{m}");
     // Still serving: a publish is stored, with Connection: close.

@@ -382,14 +382,10 @@ async fn retention_by_time_trims_the_stream() {
     let tok = a.token(&["acme"]);
     a.publish_numbered(&tok, "acme", 0..5).await;
     // No node sweeps: the untouched stream expires one window after its last append.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while redis.cli(&["EXISTS", "es:{acme}:s"]).trim() != "0" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stream never expired"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::eventually("the stream expires", || async {
+        (redis.cli(&["EXISTS", "es:{acme}:s"]).trim() == "0").then_some(())
+    })
+    .await;
     assert_eq!(
         redis.cli(&["EXISTS", "es:{acme}:m"]).trim(),
         "1",
@@ -499,18 +495,15 @@ async fn a_publish_without_an_answer_is_504_and_its_retry_stores_once() {
         r["error"].as_str().unwrap().contains("Idempotency-Key"),
         "{r}"
     );
-    let deadline = tokio::time::Instant::now() + support::HANG_GUARD;
-    let (status, r) = loop {
+    let (status, r) = support::eventually("Redis answers the retry", || async {
         let (status, r) = a
             .api
             .publish_raw(&tok, "acme", body.clone(), Some("k-1"))
             .await
             .unwrap();
-        if status != 503 || tokio::time::Instant::now() > deadline {
-            break (status, r);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        (status != 503).then_some((status, r))
+    })
+    .await;
     assert_eq!(
         status, 200,
         "the frozen publish was stored; the retry is its duplicate: {r}"
