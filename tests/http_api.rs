@@ -234,6 +234,15 @@ fn spawn_logged(
         .expect("spawn edgestream")
 }
 
+/// The HTTP port a node reports in its start line (`http=127.0.0.1:PORT`): a node started on
+/// port 0 says where it listens, so no test guesses a free port for it.
+fn serving_port(start_line: &str) -> u16 {
+    start_line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("http=")?.rsplit_once(':')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no http= in {start_line}"))
+}
+
 type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
 
 /// A child's (piped) stderr, line by line.
@@ -821,22 +830,29 @@ async fn a_certificate_near_its_end_is_warned_about_and_counted_down() {
     let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     let mut child = spawn_logged(
         tokio::process::Command::new(binary())
-            .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
+            .args(["serve", "--http-listen", "127.0.0.1:0"])
             .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"])
             .arg("--cert")
             .arg(&cert_path)
             .arg("--key")
             .arg(&key_path),
         "near-expiry-secret-0123456789",
-        "warn",
+        "info",
     );
-    let warning = stderr_line_with(&mut child, "expires soon").await;
+    // The warning and the start line, in either order.
+    let mut lines = stderr_lines(&mut child);
+    let (mut warning, mut port) = (None, None);
+    while warning.is_none() || port.is_none() {
+        let line = line_with(&mut lines, "").await;
+        if line.contains("expires soon") {
+            warning = Some(line);
+        } else if line.contains("edgestream serving") {
+            port = Some(serving_port(&line));
+        }
+    }
+    let (warning, port) = (warning.unwrap(), port.unwrap());
     assert!(warning.contains("days_left=3"), "{warning}");
     let api = Api::new(format!("http://127.0.0.1:{port}"));
     let (_, m) = api.get("/v1/metrics", None).await.unwrap();
@@ -849,19 +865,15 @@ async fn a_certificate_near_its_end_is_warned_about_and_counted_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sessions_log_lines_carry_its_span() {
     let secret = "span-test-secret-0123456789abcdef";
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     let mut child = spawn_logged(
         tokio::process::Command::new(binary())
-            .args(["serve", "--http-listen", &format!("127.0.0.1:{port}")])
+            .args(["serve", "--http-listen", "127.0.0.1:0"])
             .args(["--quic-listen", "127.0.0.1:0", "--drain-delay", "0s"]),
         secret,
         "edgestream=debug",
     );
     let mut lines = stderr_lines(&mut child);
-    line_with(&mut lines, "edgestream serving").await;
+    let port = serving_port(&line_with(&mut lines, "edgestream serving").await);
     let tok = edgestream_testkit::token::hs256(
         secret.as_bytes(),
         &edgestream_testkit::token::claims("alice", &["acme"], "subscribe"),

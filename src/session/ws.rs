@@ -54,15 +54,55 @@ pub enum Wake {
     Expired,
 }
 
+/// Where a session is: not started yet (the start runs on the first wake or the client's first
+/// message), starting, or open with what the start established.
+enum Phase {
+    New,
+    Starting,
+    Open(Open),
+}
+
+/// What a started session holds for its life.
+struct Open {
+    /// Its grant and expiry.
+    token: SessionToken,
+    /// The `--max-sessions` permit.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Its place in the `sessions` gauge.
+    _counted: Counted,
+}
+
+/// Counts one open WebSocket session in the `sessions` gauge while it lives.
+struct Counted(Arc<crate::metrics::Metrics>);
+
+impl Counted {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let m = metrics.transport(Transport::WebSocket);
+        m.sessions.inc();
+        m.sessions_opened.inc();
+        Counted(metrics)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.transport(Transport::WebSocket).sessions.dec();
+    }
+}
+
+/// The grant of an open session; an internal error (never a panic) before the start.
+fn grant_of(phase: &Phase) -> Result<&crate::auth::Grant, Refusal> {
+    match phase {
+        Phase::Open(open) => Ok(&open.token.grant),
+        _ => Err(Refusal::new(CloseCode::Internal, "session not started")),
+    }
+}
+
 /// One WebSocket client.
 pub struct WsStreamSession {
     env: Arc<SessionEnv>,
     params: Result<ConnectParams, Refusal>,
-    started: bool,
-    counted: bool,
-    /// The `--max-sessions` permit, held for the session's life.
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    token: Option<SessionToken>,
+    phase: Phase,
     cursors: Cursors,
     sink: Sink,
     queue: mpsc::Receiver<Live>,
@@ -84,10 +124,7 @@ impl WsStreamSession {
         WsStreamSession {
             params: ConnectParams::parse(query, bearer),
             env,
-            started: false,
-            counted: false,
-            _permit: None,
-            token: None,
+            phase: Phase::New,
             cursors: Cursors::default(),
             sink,
             queue,
@@ -100,12 +137,12 @@ impl WsStreamSession {
         }
     }
 
-    /// When the session's token runs out (never before the session has started).
-    fn expires_at(&self) -> Instant {
-        self.token.as_ref().map_or_else(
-            || Instant::now() + std::time::Duration::from_secs(86_400 * 365),
-            |t| t.expires_at,
-        )
+    /// When the session's token runs out (none before the session is open).
+    fn expires_at(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Open(open) => Some(open.token.expires_at),
+            _ => None,
+        }
     }
 
     fn metrics(&self) -> &TransportMetrics {
@@ -136,14 +173,15 @@ impl WsStreamSession {
             },
             Err(r) => return Err(r.clone()),
         };
-        self._permit = Some(self.env.session_permit()?);
+        let permit = self.env.session_permit()?;
         let grant = self.env.auth.verify(&params.token)?;
         super::record_sub(&grant.sub);
         let plan = params.plan(&grant, self.env.limits.max_orgs)?;
-        self.token = Some(SessionToken::new(&self.env.auth, grant)?);
-        self.metrics().sessions.inc();
-        self.metrics().sessions_opened.inc();
-        self.counted = true;
+        self.phase = Phase::Open(Open {
+            token: SessionToken::new(&self.env.auth, grant)?,
+            _permit: permit,
+            _counted: Counted::new(self.env.metrics.clone()),
+        });
         for (org, since) in plan {
             self.subscribe(org, since, out).await?;
         }
@@ -167,7 +205,7 @@ impl WsStreamSession {
         out.push(self.encode_subscribed(&subscribed));
         self.cursors.insert(cursor);
         if !self.present.iter().any(|m| m.org() == &org) {
-            let user = &self.token.as_ref().expect("started").grant.sub;
+            let user = &grant_of(&self.phase)?.sub;
             self.present.push(self.env.presence.enter(&org, user));
         }
         Ok(())
@@ -184,11 +222,7 @@ impl WsStreamSession {
             Ok(o) => o,
             Err(e) => return Err(e.into()),
         };
-        let grant = &self
-            .token
-            .as_ref()
-            .expect("started sessions have a token")
-            .grant;
+        let grant = grant_of(&self.phase)?;
         if let Err(f) = grant.check_subscribe(&org) {
             out.push(self.encode_error(CloseCode::Forbidden, &f.to_string()));
             return Ok(());
@@ -225,7 +259,10 @@ impl WsStreamSession {
     /// REFRESH: a new token for the same subject moves the expiry; orgs it no longer grants
     /// are unsubscribed. A bad token is answered with ERROR 4001 and the old one stays.
     fn on_refresh(&mut self, token: &str, out: &mut Vec<Outgoing>) {
-        let session_token = self.token.as_mut().expect("started sessions have a token");
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
+        let session_token = &mut open.token;
         let revoked = match session_token.refresh(&self.env.auth, token, self.cursors.keys()) {
             Ok(revoked) => revoked,
             Err(e) => {
@@ -257,11 +294,10 @@ impl WsStreamSession {
         body: &[u8],
         out: &mut Vec<Outgoing>,
     ) {
-        let grant = &self
-            .token
-            .as_ref()
-            .expect("started sessions have a token")
-            .grant;
+        let grant = match grant_of(&self.phase) {
+            Ok(g) => g,
+            Err(r) => return out.push(self.encode_error(r.code, &r.reason)),
+        };
         match super::chat(&self.env, grant, org, room, id, body).await {
             Ok(seq) => out.push(self.text_or_frame(
                 || json::chat_ack(id, seq),
@@ -298,7 +334,7 @@ impl WsStreamSession {
             ));
         }
         let org = OrgId::parse(org)?;
-        let grant = &self.token.as_ref().expect("started").grant;
+        let grant = grant_of(&self.phase)?;
         grant
             .check_upload(&org)
             .map_err(|f| Refusal::new(CloseCode::Forbidden, f.to_string()))?;
@@ -631,7 +667,10 @@ impl WsStreamSession {
     /// JOIN: the room's members now, as PRESENCE messages; the others hear of it through the
     /// org's subscribers.
     async fn on_join(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
-        let grant = &self.token.as_ref().expect("started").grant;
+        let grant = match grant_of(&self.phase) {
+            Ok(g) => g,
+            Err(r) => return out.push(self.encode_error(r.code, &r.reason)),
+        };
         match super::join_room(&self.env, &mut self.rooms, grant, org, room).await {
             Ok(notes) => {
                 for note in notes {
@@ -643,7 +682,10 @@ impl WsStreamSession {
     }
 
     fn on_leave(&mut self, org: &str, room: &str, out: &mut Vec<Outgoing>) {
-        let grant = &self.token.as_ref().expect("started").grant;
+        let grant = match grant_of(&self.phase) {
+            Ok(g) => g,
+            Err(r) => return out.push(self.encode_error(r.code, &r.reason)),
+        };
         if let Err(r) = super::leave_room(&mut self.rooms, grant, org, room) {
             out.push(self.encode_error(r.code, &r.reason));
         }
@@ -705,14 +747,6 @@ impl Cursors {
     }
 }
 
-impl Drop for WsStreamSession {
-    fn drop(&mut self) {
-        if self.counted {
-            self.metrics().sessions.dec();
-        }
-    }
-}
-
 fn close(r: Refusal) -> Close {
     Close::new(r.code.code(), r.reason)
 }
@@ -721,14 +755,15 @@ impl WsSession for WsStreamSession {
     type Wake = Wake;
 
     async fn wait(&mut self) -> Wake {
-        if !self.started {
-            self.started = true;
+        if matches!(self.phase, Phase::New) {
+            self.phase = Phase::Starting;
             return Wake::Start;
         }
         // Timers first, so that a busy queue or a long replay never starves heartbeats (clients
         // treat three missing heartbeats as a dead link) or the token expiry.
         let now = Instant::now();
-        if now >= self.expires_at() {
+        let expires_at = self.expires_at();
+        if expires_at.is_some_and(|t| now >= t) {
             return Wake::Expired;
         }
         if now >= self.next_heartbeat {
@@ -742,7 +777,12 @@ impl WsSession for WsStreamSession {
                 Err(_) => Wake::CatchUp,
             };
         }
-        let expires_at = self.expires_at();
+        let expiry = async move {
+            match expires_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             e = self.queue.recv() => match e {
@@ -753,7 +793,7 @@ impl WsSession for WsStreamSession {
                 self.next_heartbeat = Instant::now() + self.env.limits.heartbeat;
                 Wake::Heartbeat
             }
-            _ = tokio::time::sleep_until(expires_at) => Wake::Expired,
+            _ = expiry => Wake::Expired,
         }
     }
 
@@ -775,9 +815,9 @@ impl WsSession for WsStreamSession {
     }
 
     async fn on_message(&mut self, msg: Incoming, out: &mut Vec<Outgoing>) -> Result<(), Close> {
-        if !self.started {
+        if matches!(self.phase, Phase::New) {
             // The client spoke first: authenticate and subscribe before handling it.
-            self.started = true;
+            self.phase = Phase::Starting;
             self.start(out).await.map_err(close)?;
         }
         match msg {
