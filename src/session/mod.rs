@@ -15,7 +15,7 @@ use crate::auth::{Authenticator, Grant};
 use crate::close::{CloseCode, Refusal};
 use crate::event::Encoding;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 use crate::model::{parse_org_list, parse_since_list, OrgId, Position};
 
 /// Limits every session obeys.
@@ -201,6 +201,56 @@ pub struct SessionEnv {
     /// await), held for its life, as mini-redis' `limit_connections`. The `sessions` gauge
     /// only reports.
     pub session_permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// What a session holds once admitted: its token (grant and expiry), the initial
+/// subscriptions to make, its `--max-sessions` permit and its place in the `sessions` gauge.
+pub struct Admitted {
+    pub token: SessionToken,
+    pub plan: Vec<(OrgId, Option<Position>)>,
+    pub held: Held,
+}
+
+/// The permit and the gauge place of a session, released when it ends (dropped).
+pub struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+    transport: Transport,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.metrics.transport(self.transport).sessions.dec();
+    }
+}
+
+/// The start sequence both transports share, in its one order: the `--max-sessions` permit
+/// (before any await, so a burst cannot get past the cap), the token verified, the `sub`
+/// recorded on the session's span, the initial subscriptions planned (the lists are parsed
+/// only after the token), the expiry set, and the session counted. The caller then makes the
+/// subscriptions of the plan.
+pub fn admit(
+    env: &SessionEnv,
+    params: &ConnectParams,
+    transport: Transport,
+) -> Result<Admitted, Refusal> {
+    let permit = env.session_permit()?;
+    let grant = env.auth.verify(&params.token)?;
+    record_sub(&grant.sub);
+    let plan = params.plan(&grant, env.limits.max_orgs)?;
+    let token = SessionToken::new(&env.auth, grant)?;
+    let m = env.metrics.transport(transport);
+    m.sessions.inc();
+    m.sessions_opened.inc();
+    Ok(Admitted {
+        token,
+        plan,
+        held: Held {
+            _permit: permit,
+            metrics: env.metrics.clone(),
+            transport,
+        },
+    })
 }
 
 /// The span every log line of one session is written in: a node-unique id, the transport, and

@@ -62,32 +62,11 @@ enum Phase {
     Open(Open),
 }
 
-/// What a started session holds for its life.
+/// What a started session holds for its life: its token (grant and expiry), and its
+/// `--max-sessions` permit and gauge place (released when dropped).
 struct Open {
-    /// Its grant and expiry.
     token: SessionToken,
-    /// The `--max-sessions` permit.
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    /// Its place in the `sessions` gauge.
-    _counted: Counted,
-}
-
-/// Counts one open WebSocket session in the `sessions` gauge while it lives.
-struct Counted(Arc<crate::metrics::Metrics>);
-
-impl Counted {
-    fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
-        let m = metrics.transport(Transport::WebSocket);
-        m.sessions.inc();
-        m.sessions_opened.inc();
-        Counted(metrics)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.transport(Transport::WebSocket).sessions.dec();
-    }
+    _held: super::Held,
 }
 
 /// The grant of an open session; an internal error (never a panic) before the start.
@@ -173,15 +152,12 @@ impl WsStreamSession {
             },
             Err(r) => return Err(r.clone()),
         };
-        let permit = self.env.session_permit()?;
-        let grant = self.env.auth.verify(&params.token)?;
-        super::record_sub(&grant.sub);
-        let plan = params.plan(&grant, self.env.limits.max_orgs)?;
+        let admitted = super::admit(&self.env, &params, Transport::WebSocket)?;
         self.phase = Phase::Open(Open {
-            token: SessionToken::new(&self.env.auth, grant)?,
-            _permit: permit,
-            _counted: Counted::new(self.env.metrics.clone()),
+            token: admitted.token,
+            _held: admitted.held,
         });
+        let plan = admitted.plan;
         for (org, since) in plan {
             self.subscribe(org, since, out).await?;
         }

@@ -38,11 +38,7 @@ pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
     let metrics = env.metrics.clone();
     let refusal = match WtSession::start(env.clone(), wt.clone(), query).await {
         Ok(mut s) => {
-            let m = s.metrics();
-            m.sessions.inc();
-            m.sessions_opened.inc();
             let r = s.serve().await;
-            s.metrics().sessions.dec();
             s.shutdown_streams();
             r
         }
@@ -83,23 +79,19 @@ struct WtSession {
     rooms: Vec<RoomMember>,
     /// Upload streams being received.
     uploads: Vec<JoinHandle<()>>,
-    /// The `--max-sessions` permit, held for the session's life.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The `--max-sessions` permit and the gauge place, released when the session ends.
+    _held: crate::session::Held,
 }
 
 impl WtSession {
     /// Authenticates and subscribes the initial orgs (or refuses with a close code).
     async fn start(env: Arc<SessionEnv>, wt: Session, query: &str) -> Result<Self, Refusal> {
-        // The permit first, before any await of the start.
-        let permit = env.session_permit()?;
         let params = ConnectParams::parse(query, None)?;
-        let grant = env.auth.verify(&params.token)?;
-        crate::session::record_sub(&grant.sub);
-        let plan = params.plan(&grant, env.limits.max_orgs)?;
-        let token = SessionToken::new(&env.auth, grant)?;
+        let admitted = crate::session::admit(&env, &params, Transport::WebTransport)?;
+        let (token, plan) = (admitted.token, admitted.plan);
         let (control_tx, control_rx) = mpsc::channel(16);
         let mut s = WtSession {
-            _permit: permit,
+            _held: admitted.held,
             overflow: Arc::new(Overflow::default()),
             failure: Arc::new(Failure::default()),
             orgs: HashMap::new(),
