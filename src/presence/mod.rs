@@ -216,13 +216,17 @@ impl Presence {
         (rooms, users)
     }
 
-    /// This node's sessions per `room\x1fuser` in every org that has any, and the generation
-    /// they reflect (for [`shared`]).
-    fn snapshot(&self) -> (u64, HashMap<OrgId, Vec<(String, u32)>>) {
+    /// This node's sessions per `room\x1fuser` in every `wanted` org that has any, and the
+    /// generation they reflect (for [`shared`]).
+    fn snapshot(
+        &self,
+        wanted: impl Fn(&OrgId) -> bool,
+    ) -> (u64, HashMap<OrgId, Vec<(String, u32)>>) {
         let state = self.state.lock();
         let orgs = state
             .orgs
             .iter()
+            .filter(|(org, _)| wanted(org))
             .map(|(org, p)| {
                 let entries = p
                     .rooms

@@ -278,6 +278,40 @@ struct Writer {
     live: Option<(String, u64)>,
 }
 
+/// The orgs whose whole state a tick sends: all after a lapse of the registry, else those whose
+/// change failed and this tick's audit slice.
+struct Due {
+    full: bool,
+    dirty: HashSet<OrgId>,
+    slice: u64,
+    slices: u64,
+}
+
+impl Due {
+    /// Takes the tick's repairs out of `books`.
+    fn take(books: &mut Books, ttl: Duration) -> Due {
+        let slices = (AUDIT.as_millis() / (ttl / 3).as_millis().max(1)).max(1) as u64;
+        Due {
+            full: std::mem::take(&mut books.repair),
+            dirty: std::mem::take(&mut books.dirty),
+            slice: books.ticks % slices,
+            slices,
+        }
+    }
+
+    fn includes(&self, org: &OrgId) -> bool {
+        use std::hash::BuildHasher;
+        // A fixed hasher: an org stays in its slice.
+        let audit = || {
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(org.as_str())
+                % self.slices
+                == self.slice
+        };
+        self.full || self.dirty.contains(org) || audit()
+    }
+}
+
 /// What the writer keeps between ticks.
 #[derive(Default)]
 struct Books {
@@ -321,10 +355,13 @@ impl Writer {
                     }
                     let died = self.register(&mut books).await;
                     books.ticks += 1;
+                    let due = Due::take(&mut books, self.ttl);
                     let Some(p) = presence.upgrade() else { return };
-                    let (generation, orgs) = p.snapshot();
+                    // Only the orgs this tick touches are copied out (every org only when a
+                    // peer died or the node must repair all).
+                    let (generation, orgs) = p.snapshot(|org| died || due.includes(org));
                     drop(p);
-                    self.repair(&mut books, generation, orgs, died).await;
+                    self.repair(&mut books, &due, generation, orgs, died).await;
                 }
             }
         }
@@ -366,21 +403,13 @@ impl Writer {
     async fn repair(
         &self,
         books: &mut Books,
+        due: &Due,
         generation: u64,
         orgs: HashMap<OrgId, Vec<(String, u32)>>,
         died: bool,
     ) {
-        let full = std::mem::take(&mut books.repair);
-        let dirty = std::mem::take(&mut books.dirty);
-        let slices = (AUDIT.as_millis() / (self.ttl / 3).as_millis().max(1)).max(1) as u64;
-        let audit = |org: &OrgId| {
-            use std::hash::BuildHasher;
-            // A fixed hasher: an org stays in its slice.
-            let h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(org.as_str());
-            h % slices == books.ticks % slices
-        };
-        let due = |org: &OrgId| full || dirty.contains(org) || audit(org);
+        let full = due.full;
+        let due = |org: &OrgId| due.includes(org);
         let mut failed = false;
         let gone: Vec<OrgId> = books
             .placed
