@@ -386,7 +386,14 @@ impl Server {
             (None, None) => "memory".to_string(),
         };
         let cert = match (&c.quic.cert_files, app.certs.dev_hash()) {
-            (Some((cert, _)), _) => cert.display().to_string(),
+            (Some((cert, _)), _) => format!(
+                "{} ({}, expires {})",
+                cert.display(),
+                app.certs.configured_subject().unwrap_or("?"),
+                app.certs
+                    .not_after()
+                    .map_or_else(|| "?".into(), |t| t.date().to_string())
+            ),
             (None, Some(hash)) => format!("development, sha-256 {hash}"),
             (None, None) => "configured".to_string(),
         };

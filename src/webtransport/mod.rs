@@ -190,6 +190,11 @@ impl Certificates {
         )
     }
 
+    /// A configured certificate's subject, for the start line.
+    pub fn configured_subject(&self) -> Option<&str> {
+        self.configured.as_ref().map(|c| c.subject.as_str())
+    }
+
     /// When the certificate served now expires.
     pub fn not_after(&self) -> Option<time::OffsetDateTime> {
         match &self.configured {
