@@ -403,17 +403,30 @@ impl OrgCursor {
         // event.seq < next: already delivered.
     }
 
-    /// Reads the next events from the log (at most `limit`). Ends the catch-up once the head
-    /// seen by the read is reached; a position the log cannot continue becomes a RESET.
+    /// Reads the next events from the log (at most `limit`) and applies them
+    /// ([`OrgCursor::apply_read`]).
     pub async fn catch_up(
         &mut self,
         limit: usize,
         out: &mut Vec<Delivery>,
     ) -> Result<(), LogError> {
-        let from = self.position();
-        match self.log.read(&self.org, &from, limit).await? {
+        let outcome = self.log.read(&self.org, &self.position(), limit).await?;
+        self.apply_read(outcome, out);
+        Ok(())
+    }
+
+    /// Applies a log read made after [`OrgCursor::position`] (by whoever does the I/O: a
+    /// session core asks for the read and its driver makes it). Ends the catch-up once the head
+    /// seen by the read is reached; a position the log cannot continue becomes a RESET. A read
+    /// that no longer starts at the cursor's position (events arrived meanwhile) is applied
+    /// from where it continues the cursor, its older events skipped.
+    pub fn apply_read(&mut self, outcome: ReadOutcome, out: &mut Vec<Delivery>) {
+        match outcome {
             ReadOutcome::Events { state, events } => {
                 for e in events {
+                    if e.epoch == self.epoch && e.seq < self.next {
+                        continue;
+                    }
                     self.next = e.seq + 1;
                     out.push(Delivery::Event(e));
                 }
@@ -431,7 +444,6 @@ impl OrgCursor {
                 });
             }
         }
-        Ok(())
     }
 }
 

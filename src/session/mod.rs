@@ -4,6 +4,8 @@
 //! the authorization of the initial subscriptions, and the [`SessionEnv`] every session gets.
 //! Transports live in submodules and talk only to the hub, never to the log directly.
 
+pub mod core;
+pub mod io;
 pub mod ws;
 
 use std::sync::Arc;
@@ -48,19 +50,18 @@ impl Default for SessionLimits {
     }
 }
 
-/// CHAT (PROTOCOL.md section 8), on either transport: appends
-/// `{"type":"chat.message","room":R,"from":SUB,"id":ID,"body":BODY}` to the org's log and
-/// returns its seq. A repeat of (org, from, id) inside the replay window appends nothing and
-/// returns the first seq (the log's idempotency keys). Refusals become ERROR frames; the
-/// session stays.
-pub async fn chat(
-    env: &SessionEnv,
-    grant: &crate::auth::Grant,
+/// CHAT (PROTOCOL.md section 8), on either transport: checks a chat message and builds its
+/// event, `{"type":"chat.message","room":R,"from":SUB,"id":ID,"body":BODY}`, and its
+/// idempotency key (a repeat of (org, from, id) inside the replay window appends nothing and
+/// gets the first seq). Refusals become ERROR frames; the session stays.
+pub fn chat_payload(
+    limits: &SessionLimits,
+    grant: &Grant,
     org: &str,
     room: &str,
     id: &str,
     body: &[u8],
-) -> Result<u64, Refusal> {
+) -> Result<(OrgId, bytes::Bytes, String), Refusal> {
     let org = OrgId::parse(org)?;
     if OrgId::parse(room).is_err() {
         return Err(Refusal::new(
@@ -74,10 +75,10 @@ pub async fn chat(
             "chat id must be 1 to 64 characters",
         ));
     }
-    if body.len() > env.limits.max_event_bytes {
+    if body.len() > limits.max_event_bytes {
         return Err(Refusal::new(
             CloseCode::TooLarge,
-            format!("chat body over {} bytes", env.limits.max_event_bytes),
+            format!("chat body over {} bytes", limits.max_event_bytes),
         ));
     }
     // Validated, then carried verbatim: never re-serialised through a value (which would
@@ -97,16 +98,7 @@ pub async fn chat(
     ));
     // The key names the sender: two users' ids never collide.
     let key = format!("chat\u{1f}{}\u{1f}{id}", grant.sub);
-    let appended = env
-        .hub
-        .log()
-        .append(&org, vec![payload], Some(&key))
-        .await?;
-    if !appended.duplicate {
-        env.metrics.events_published.add(1);
-        env.presence.record_chat(&org, room, crate::time::unix_ms());
-    }
-    Ok(appended.first_seq)
+    Ok((org, payload, key))
 }
 
 /// An upload failure as the close code of an ERROR frame (the session stays).
@@ -137,24 +129,6 @@ pub async fn upload_completed(
         .append(&org, vec![payload], Some(&key))
         .await?;
     Ok(())
-}
-
-/// JOIN for a session holding `rooms`: checks the org and room, joins unless already in,
-/// and returns the room's members to send (none when already joined).
-pub async fn join_room(
-    env: &SessionEnv,
-    rooms: &mut Vec<crate::presence::RoomMember>,
-    grant: &Grant,
-    org: &str,
-    room: &str,
-) -> Result<Vec<Arc<crate::presence::PresenceNote>>, Refusal> {
-    let (org, room) = room_of(grant, org, room)?;
-    if rooms.iter().any(|r| r.is(&org, &room)) {
-        return Ok(Vec::new());
-    }
-    let (member, notes) = env.presence.join(&org, &room, &grant.sub).await;
-    rooms.push(member);
-    Ok(notes)
 }
 
 /// LEAVE for a session holding `rooms` (a room not joined is a no-op).
@@ -233,12 +207,14 @@ pub fn admit(
     env: &SessionEnv,
     params: &ConnectParams,
     transport: Transport,
+    now: tokio::time::Instant,
+    unix_ms: u64,
 ) -> Result<Admitted, Refusal> {
     let permit = env.session_permit()?;
     let grant = env.auth.verify(&params.token)?;
     record_sub(&grant.sub);
     let plan = params.plan(&grant, env.limits.max_orgs)?;
-    let token = SessionToken::new(&env.auth, grant)?;
+    let token = SessionToken::new(&env.auth, grant, now, unix_ms)?;
     let m = env.metrics.transport(transport);
     m.sessions.inc();
     m.sessions_opened.inc();
@@ -293,14 +269,19 @@ pub struct SessionToken {
 }
 
 impl SessionToken {
-    /// The token of a new session; refused if it is already past its expiry.
-    pub fn new(auth: &Authenticator, grant: Grant) -> Result<Self, Refusal> {
+    /// The token of a new session at `now` (whose wall-clock time is `unix_ms`); refused if it
+    /// is already past its expiry.
+    pub fn new(
+        auth: &Authenticator,
+        grant: Grant,
+        now: tokio::time::Instant,
+        unix_ms: u64,
+    ) -> Result<Self, Refusal> {
         let at_ms = auth.expires_at_ms(&grant);
-        let now = crate::time::unix_ms();
-        if at_ms <= now {
+        if at_ms <= unix_ms {
             return Err(Refusal::new(CloseCode::Unauthorized, "token expired"));
         }
-        let expires_at = tokio::time::Instant::now() + Duration::from_millis(at_ms - now);
+        let expires_at = now + Duration::from_millis(at_ms - unix_ms);
         Ok(SessionToken { grant, expires_at })
     }
 
@@ -311,6 +292,8 @@ impl SessionToken {
         auth: &Authenticator,
         token: &str,
         subscribed: impl Iterator<Item = &'a OrgId>,
+        now: tokio::time::Instant,
+        unix_ms: u64,
     ) -> Result<Vec<OrgId>, Refusal> {
         let grant = auth.verify(token)?;
         if grant.sub != self.grant.sub {
@@ -320,7 +303,7 @@ impl SessionToken {
             .filter(|o| grant.check_subscribe(o).is_err())
             .cloned()
             .collect();
-        *self = SessionToken::new(auth, grant)?;
+        *self = SessionToken::new(auth, grant, now, unix_ms)?;
         Ok(revoked)
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod lb;
 pub mod session;
+mod upload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
