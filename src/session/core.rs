@@ -1151,3 +1151,6 @@ pub fn split_heartbeat(ts: u64, heads: Vec<(String, u64)>, max: usize) -> Vec<By
     }
     out
 }
+
+#[cfg(test)]
+mod tests;
