@@ -253,7 +253,7 @@ fn chat(id: &str) -> Frame {
 /// A session on either transport, read per key.
 enum Client {
     Ws(WsClient, Vec<(String, Frame)>),
-    Wt(WtClient),
+    Wt(Box<WtClient>),
 }
 
 fn key_of(f: &Frame) -> Option<String> {
@@ -305,7 +305,9 @@ impl Client {
             Transport::Ws => Client::Ws(WsClient::connect(&node.ws_url(query)).await?, Vec::new()),
             Transport::Wt => {
                 let url = node.wt_url(query);
-                Client::Wt(edgestream_testkit::wt::connect(&url, &node.cert_hash().await).await?)
+                Client::Wt(Box::new(
+                    edgestream_testkit::wt::connect(&url, &node.cert_hash().await).await?,
+                ))
             }
         })
     }
