@@ -252,7 +252,7 @@ fn chat(id: &str) -> Frame {
 
 /// A session on either transport, read per key.
 enum Client {
-    Ws(WsClient, Vec<(String, Frame)>),
+    Ws(Box<WsClient>, Vec<(String, Frame)>),
     Wt(Box<WtClient>),
 }
 
@@ -302,7 +302,10 @@ fn normal(f: Frame) -> Frame {
 impl Client {
     async fn connect(t: Transport, node: &TestServer, query: &str) -> anyhow::Result<Client> {
         Ok(match t {
-            Transport::Ws => Client::Ws(WsClient::connect(&node.ws_url(query)).await?, Vec::new()),
+            Transport::Ws => Client::Ws(
+                Box::new(WsClient::connect(&node.ws_url(query)).await?),
+                Vec::new(),
+            ),
             Transport::Wt => {
                 let url = node.wt_url(query);
                 Client::Wt(Box::new(
