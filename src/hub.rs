@@ -26,7 +26,7 @@ use crate::event::Event;
 use crate::log::{EventLog, LogError, ReadOutcome, Resume, Tailed};
 use crate::metrics::Metrics;
 use crate::model::{Epoch, OrgId, Position};
-use crate::presence::PresenceNote;
+use crate::note::PresenceNote;
 
 /// Raised when a session's queue is full: the session must close with 4008.
 #[derive(Debug, Default)]

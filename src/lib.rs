@@ -17,6 +17,7 @@
 //! - [`tls`]: the self-signed development certificate for QUIC and its hash.
 //! - [`config`], [`server`], [`http`]: configuration, wiring and the HTTP API.
 
+pub mod app;
 pub mod auth;
 
 /// What was built: the crate version, the git commit and the build date (build.rs).
@@ -44,6 +45,7 @@ pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod note;
 pub mod peers;
 pub mod presence;
 pub mod server;

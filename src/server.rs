@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::App;
 use crate::auth::{AuthConfig, Authenticator, JwtAlg};
 use crate::config::{AuthMode, Config, RedisTarget};
 use crate::event::Encoding;
@@ -27,32 +28,6 @@ use crate::session::{SessionEnv, SessionLimits};
 use crate::time::unix_ms;
 use crate::webtransport::{self, Certificates};
 use web_transport_quinn::quinn;
-
-/// Shared state of a running node, as the HTTP handlers see it.
-pub struct App {
-    pub env: Arc<SessionEnv>,
-    pub config: Config,
-    /// The random HS256 secret of development mode.
-    pub dev_secret: Option<Vec<u8>>,
-    pub draining: AtomicBool,
-    /// SIGTERM received: /readyz answers 503 for `--drain-delay` while the node still serves,
-    /// then the drain begins.
-    pub stopping: AtomicBool,
-    pub sessions: TaskTracker,
-    pub origins: OriginPolicy,
-    pub ws: WsConfig,
-    pub http_addr: SocketAddr,
-    pub quic_addr: SocketAddr,
-    /// The certificate served on UDP.
-    pub certs: Arc<Certificates>,
-}
-
-impl App {
-    /// Stopping or draining: /readyz 503, the `draining` metric 1.
-    pub fn leaving(&self) -> bool {
-        self.stopping.load(Ordering::Acquire) || self.draining.load(Ordering::Acquire)
-    }
-}
 
 /// A node with its listeners bound, ready to run.
 pub struct Server {

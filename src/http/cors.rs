@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::server::App;
+use crate::app::App;
 
 const ALLOW_METHODS: &str = "GET, POST, PUT, OPTIONS";
 const ALLOW_HEADERS: &str =

@@ -23,11 +23,11 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::app::App;
 use crate::auth::{mint_hs256, Claims, Grant};
 use crate::close::Refusal;
 use crate::log::ReadOutcome;
 use crate::model::{parse_org_list, OrgId, Position};
-use crate::server::App;
 use crate::session::{redact_query, ws::WsStreamSession};
 use crate::time::unix_secs;
 

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use serde_json::{json, value::RawValue};
 
 use super::{authenticate, org_param, ApiError};
+use crate::app::App;
 use crate::close::Refusal;
 use crate::log::LogError;
-use crate::server::App;
 
 /// Idempotency keys longer than this are refused.
 const MAX_IDEMPOTENCY_KEY: usize = 256;

@@ -14,9 +14,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{authenticate, org_param, ApiError};
+use crate::app::App;
 use crate::close::Refusal;
 use crate::model::OrgId;
-use crate::server::App;
 use crate::upload::{UploadError, UploadRequest, Uploads};
 
 #[derive(Deserialize)]

@@ -13,56 +13,15 @@
 
 pub mod shared;
 
+pub use crate::note::PresenceNote;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use edgestream_codec::{json, Frame};
 use parking_lot::Mutex;
 
 use crate::hub::Hub;
 use crate::model::OrgId;
-
-/// One presence change, encoded once for every session that gets it.
-#[derive(Debug)]
-pub struct PresenceNote {
-    pub org: OrgId,
-    /// Empty: the org itself.
-    pub room: String,
-    pub user: String,
-    pub joined: bool,
-    /// Users present after the change.
-    pub online: u64,
-    pub binary: Bytes,
-    pub json: Bytes,
-}
-
-impl PresenceNote {
-    fn new(org: &OrgId, room: &str, user: &str, joined: bool, online: u64) -> Arc<Self> {
-        Arc::new(PresenceNote {
-            org: org.clone(),
-            room: room.to_string(),
-            user: user.to_string(),
-            joined,
-            online,
-            binary: Frame::Presence {
-                org: org.to_string(),
-                room: room.to_string(),
-                user: user.to_string(),
-                joined,
-                online,
-            }
-            .to_bytes(),
-            json: Bytes::from(json::presence(org.as_str(), room, user, joined, online)),
-        })
-    }
-
-    /// A change announced on the org's signal stream by [`shared`] (`None`: not a note).
-    pub fn from_signal(org: &OrgId, data: &[u8]) -> Option<Arc<Self>> {
-        let (joined, online, room, user) = shared::decode_signal(data)?;
-        Some(Self::new(org, room, user, joined, online))
-    }
-}
 
 /// Sessions per member, and chat figures (kept while someone is in the org).
 #[derive(Default)]

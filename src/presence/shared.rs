@@ -178,21 +178,6 @@ pub(super) fn entry(room: &str, user: &str) -> String {
     format!("{room}{SEP}{user}")
 }
 
-/// A signal as (joined, online, room, user); `None` if it is not a presence change.
-pub(super) fn decode_signal(data: &[u8]) -> Option<(bool, u64, &str, &str)> {
-    let text = std::str::from_utf8(data).ok()?;
-    let mut parts = text.splitn(4, SEP);
-    let joined = match parts.next()? {
-        "1" => true,
-        "0" => false,
-        _ => return None,
-    };
-    let online = parts.next()?.parse().ok()?;
-    let room = parts.next()?;
-    let user = parts.next()?;
-    Some((joined, online, room, user))
-}
-
 enum Op {
     Set {
         org: OrgId,
@@ -548,11 +533,11 @@ mod tests {
     fn signals_round_trip_users_with_separators() {
         let data = format!("1{SEP}3{SEP}lobby{SEP}a{SEP}b");
         assert_eq!(
-            decode_signal(data.as_bytes()),
+            crate::note::decode_signal(data.as_bytes()),
             Some((true, 3, "lobby", &*format!("a{SEP}b")))
         );
-        assert_eq!(decode_signal(b"2\x1f1\x1fr\x1fu"), None);
-        assert_eq!(decode_signal(b"1\x1fx\x1fr\x1fu"), None);
-        assert_eq!(decode_signal(b"1\x1f1\x1fr"), None);
+        assert_eq!(crate::note::decode_signal(b"2\x1f1\x1fr\x1fu"), None);
+        assert_eq!(crate::note::decode_signal(b"1\x1fx\x1fr\x1fu"), None);
+        assert_eq!(crate::note::decode_signal(b"1\x1f1\x1fr"), None);
     }
 }

@@ -11,8 +11,9 @@ pub mod relay;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use edgestream::app::App;
 use edgestream::config::{Config, ServeArgs};
-use edgestream::server::{App, Server};
+use edgestream::server::Server;
 use edgestream_testkit::{http::Api, token, ws::WsClient};
 use serde_json::Value;
 use std::sync::Arc;
