@@ -253,7 +253,7 @@ fn chat(id: &str) -> Frame {
 /// A session on either transport, read per key.
 enum Client {
     Ws(Box<WsClient>, Vec<(String, Frame)>),
-    Wt(Box<WtClient>),
+    Wt(Box<WtClient>, Vec<(String, Frame)>),
 }
 
 fn key_of(f: &Frame) -> Option<String> {
@@ -308,9 +308,10 @@ impl Client {
             ),
             Transport::Wt => {
                 let url = node.wt_url(query);
-                Client::Wt(Box::new(
-                    edgestream_testkit::wt::connect(&url, &node.cert_hash().await).await?,
-                ))
+                Client::Wt(
+                    Box::new(edgestream_testkit::wt::connect(&url, &node.cert_hash().await).await?),
+                    Vec::new(),
+                )
             }
         })
     }
@@ -318,7 +319,7 @@ impl Client {
     async fn send(&mut self, f: &Frame) {
         match self {
             Client::Ws(c, _) => c.send_frame(f).await.unwrap(),
-            Client::Wt(c) => c.send_control(f).await.unwrap(),
+            Client::Wt(c, _) => c.send_control(f).await.unwrap(),
         }
     }
 
@@ -341,32 +342,35 @@ impl Client {
                     pending.push((k, f));
                 }
             }
-            Client::Wt(c) if key == "control" => loop {
+            Client::Wt(c, _) if key == "control" => loop {
                 match c.next_control().await.unwrap() {
                     Frame::Presence { .. } => continue,
                     f => return f,
                 }
             },
-            Client::Wt(c) => loop {
-                match c.next_item().await.unwrap() {
-                    StreamItem::Frame { org, frame } => {
-                        assert_eq!(
-                            org, key,
-                            "a frame of {org} while waiting for {key}: {frame:?}"
-                        );
-                        return frame;
-                    }
-                    StreamItem::Finished { .. } => continue, // after UNSUBSCRIBED
-                    StreamItem::Failed { org, error } => panic!("stream of {org} failed: {error}"),
+            Client::Wt(c, pending) => {
+                // Org streams are independent: another org's frame may come first.
+                if let Some(i) = pending.iter().position(|(k, _)| k == key) {
+                    return pending.remove(i).1;
                 }
-            },
+                loop {
+                    match c.next_item().await.unwrap() {
+                        StreamItem::Frame { org, frame } if org == key => return frame,
+                        StreamItem::Frame { org, frame } => pending.push((org, frame)),
+                        StreamItem::Finished { .. } => continue, // after UNSUBSCRIBED
+                        StreamItem::Failed { org, error } => {
+                            panic!("stream of {org} failed: {error}")
+                        }
+                    }
+                }
+            }
         }
     }
 
     async fn closed(&mut self) -> u16 {
         match self {
             Client::Ws(c, _) => c.expect_close().await.unwrap().0,
-            Client::Wt(c) => u16::try_from(c.closed().await.unwrap().0).unwrap(),
+            Client::Wt(c, _) => u16::try_from(c.closed().await.unwrap().0).unwrap(),
         }
     }
 }

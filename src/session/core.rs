@@ -192,9 +192,9 @@ impl Clock {
 struct Sub {
     cursor: OrgCursor,
     stream: StreamId,
-    /// Streams layout: live frames handed to the stream and not yet written, per transmit in
-    /// order (the driver reports each written transmit).
-    in_flight: VecDeque<usize>,
+    /// Streams layout: per transmit handed to the stream and not yet written, in order, its
+    /// frames and how many of them are live (the driver reports frames written).
+    in_flight: VecDeque<(usize, usize)>,
     live_pending: usize,
     /// A catch-up read is out.
     reading: bool,
@@ -437,12 +437,13 @@ impl SessionCore {
         match self.transmits.back_mut() {
             Some(Transmit::Stream(id, frames)) if *id == sub.stream => {
                 frames.push(frame);
-                *sub.in_flight.back_mut().expect("a transmit in flight") += n;
+                let last = sub.in_flight.back_mut().expect("a transmit in flight");
+                (last.0, last.1) = (last.0 + 1, last.1 + n);
             }
             _ => {
                 self.transmits
                     .push_back(Transmit::Stream(sub.stream, vec![frame]));
-                sub.in_flight.push_back(n);
+                sub.in_flight.push_back((1, n));
             }
         }
         sub.live_pending += n;
@@ -1037,23 +1038,23 @@ impl SessionCore {
         }
     }
 
-    /// A datagram from the client: a PING is answered with a PONG datagram; anything else is
-    /// ignored (datagrams are unreliable: nothing in one can be an error).
-    pub fn handle_datagram(&mut self, d: Bytes) {
-        if let Ok(Frame::Ping(body)) = Frame::decode_exact(d, self.env.limits.max_control_frame) {
-            self.transmits
-                .push_back(Transmit::Datagram(Frame::Pong(body).to_bytes()));
-        }
-    }
-
-    /// WebTransport: the stream wrote its `n` oldest outstanding [`Transmit::Stream`]s.
-    pub fn handle_sent(&mut self, stream: StreamId, n: usize) {
-        if let Some(s) = self.subs.iter_mut().find(|s| s.stream == stream) {
-            for _ in 0..n {
-                if let Some(live) = s.in_flight.pop_front() {
-                    s.live_pending -= live;
-                }
+    /// WebTransport: the stream wrote its next `frames` frames. A transmit's live frames stop
+    /// counting against the slow-consumer limit once all of it is written.
+    pub fn handle_sent(&mut self, stream: StreamId, mut frames: usize) {
+        let Some(s) = self.subs.iter_mut().find(|s| s.stream == stream) else {
+            return;
+        };
+        while frames > 0 {
+            let Some(front) = s.in_flight.front_mut() else {
+                break;
+            };
+            if frames < front.0 {
+                front.0 -= frames;
+                break;
             }
+            frames -= front.0;
+            s.live_pending -= front.1;
+            s.in_flight.pop_front();
         }
     }
 
@@ -1087,6 +1088,16 @@ fn too_many_uploads() -> Refusal {
         CloseCode::TooMany,
         format!("at most {MAX_UPLOADS} uploads at once per session"),
     )
+}
+
+/// The answer to a client's datagram: a PING gets a PONG datagram; anything else is ignored
+/// (datagrams are unreliable: nothing in one can be an error). Stateless, so the driver's
+/// datagram reader answers at once.
+pub fn answer_datagram(d: Bytes, max_frame: usize) -> Option<Bytes> {
+    match Frame::decode_exact(d, max_frame) {
+        Ok(Frame::Ping(body)) => Some(Frame::Pong(body).to_bytes()),
+        _ => None,
+    }
 }
 
 /// The checks of an upload's start, on either transport: uploads enabled, under the session's

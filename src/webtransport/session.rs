@@ -5,19 +5,21 @@
 //! protocol.
 //!
 //! Tasks: the session task runs the core; each org stream has a writer task that opens the
-//! stream, writes what the core hands it (several transmits as one chunk) and reports its
-//! progress back, so a stalled stream stalls only its org; the control stream, the datagrams
-//! and each upload stream have a task of their own.
+//! stream, writes what the core hands it through the stream's outbox (all that waits, as one
+//! chunk) and reports the frames written, so a stalled stream stalls only its org; the control
+//! stream, the datagrams (PING answered at once, by the core's rule) and each upload stream
+//! have a task of their own.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use edgestream_codec::Frame;
-use tokio::sync::mpsc;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use web_transport_quinn::{RecvStream, SendStream, Session};
@@ -32,8 +34,8 @@ use crate::session::{ConnectParams, SessionEnv};
 const LIVE_BATCH: usize = 256;
 /// How long the closing capsule may take to reach the client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Client datagrams waiting for the session task; more are dropped (datagrams are unreliable).
-const DATAGRAM_QUEUE: usize = 64;
+/// Frames a writer may write before it reports them even while it has more to write.
+const REPORT_EVERY: usize = 256;
 
 /// Runs a session until it closes.
 pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
@@ -53,23 +55,33 @@ pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
     }
 }
 
-/// What a writer or upload task reports to the session task.
-enum Progress {
-    /// The stream wrote this many transmits.
-    Sent(StreamId, usize),
-    /// The stream could not be opened, or the client stopped it.
-    Gone(StreamId),
-    /// An upload stream ended.
-    UploadEnd,
+/// What the tasks of a session report to the session task, as counters and flags (a channel
+/// per session would cost a block of slots for every idle session); the session task is woken
+/// through `wake` and reads them.
+#[derive(Default)]
+struct Reports {
+    wake: Notify,
+    /// Upload streams that ended since the last look.
+    uploads_ended: AtomicUsize,
 }
 
-enum ToWriter {
-    Frames(Vec<Bytes>),
-    Finish,
+/// One org stream's outbox: the frames the session task hands the writer, and what the writer
+/// reports back.
+#[derive(Default)]
+struct Outbox {
+    frames: Mutex<Vec<Bytes>>,
+    /// Finish the stream once the frames are written.
+    finish: AtomicBool,
+    wake: Notify,
+    /// Frames written and not yet reported to the core.
+    written: AtomicUsize,
+    /// The stream could not be opened, or the client stopped it.
+    gone: AtomicBool,
 }
 
 struct Writer {
-    tx: mpsc::UnboundedSender<ToWriter>,
+    id: StreamId,
+    outbox: Arc<Outbox>,
     task: JoinHandle<()>,
 }
 
@@ -86,10 +98,9 @@ struct Driver {
     control: Option<SendStream>,
     control_rx: mpsc::Receiver<Result<Frame, Refusal>>,
     control_tx: mpsc::Sender<Result<Frame, Refusal>>,
-    datagram_rx: mpsc::Receiver<Bytes>,
-    progress_rx: mpsc::UnboundedReceiver<Progress>,
-    progress_tx: mpsc::UnboundedSender<Progress>,
-    writers: HashMap<StreamId, Writer>,
+    reports: Arc<Reports>,
+    /// The org streams' writers (a short list: at most the per-session org limit).
+    writers: Vec<Writer>,
     /// The catch-up read out now, if any.
     read: Option<ReadFuture>,
     tasks: Vec<JoinHandle<()>>,
@@ -103,9 +114,8 @@ impl Driver {
         core.set_max_datagram(wt.max_datagram_size());
         let (io, queue, overflow) = SessionIo::new(env.clone());
         let (control_tx, control_rx) = mpsc::channel(16);
-        let (datagram_tx, datagram_rx) = mpsc::channel(DATAGRAM_QUEUE);
-        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let datagrams = tokio::spawn(read_datagrams(wt.clone(), datagram_tx));
+        let max = env.limits.max_control_frame;
+        let datagrams = tokio::spawn(answer_datagrams(wt.clone(), max));
         let mut d = Driver {
             env,
             wt,
@@ -116,10 +126,8 @@ impl Driver {
             control: None,
             control_rx,
             control_tx,
-            datagram_rx,
-            progress_rx,
-            progress_tx,
-            writers: HashMap::new(),
+            reports: Arc::default(),
+            writers: Vec::new(),
             read: None,
             tasks: vec![datagrams],
         };
@@ -132,7 +140,7 @@ impl Driver {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        for (_, w) in self.writers.drain() {
+        for w in self.writers.drain(..) {
             w.task.abort();
         }
     }
@@ -165,7 +173,7 @@ impl Driver {
                     self.core.set_max_datagram(self.wt.max_datagram_size());
                     self.core.handle_timeout(Instant::now());
                 }
-                Some(p) = self.progress_rx.recv() => self.on_progress(p),
+                _ = self.reports.wake.notified() => self.on_reports(),
                 (stream, result) = async { self.read.as_mut().expect("reading").await }, if reading => {
                     self.read = None;
                     self.core.handle_read(stream, result);
@@ -190,20 +198,36 @@ impl Driver {
                     Some(Err(r)) => self.core.handle_protocol_error(r),
                     None => {}
                 },
-                Some(d) = self.datagram_rx.recv() => self.core.handle_datagram(d),
             }
         }
     }
 
-    fn on_progress(&mut self, p: Progress) {
-        match p {
-            Progress::Sent(id, n) => self.core.handle_sent(id, n),
-            Progress::Gone(id) => {
-                self.writers.remove(&id);
-                self.core.handle_stream_gone(id);
+    /// Hands the core what the writers and upload tasks report.
+    fn on_reports(&mut self) {
+        let core = &mut self.core;
+        self.writers.retain(|w| {
+            let n = w.outbox.written.swap(0, Ordering::AcqRel);
+            if n > 0 {
+                core.handle_sent(w.id, n);
             }
-            Progress::UploadEnd => self.core.handle_upload_stream_end(),
+            let gone = w.outbox.gone.load(Ordering::Acquire);
+            if gone {
+                core.handle_stream_gone(w.id);
+            }
+            !gone
+        });
+        for _ in 0..self.reports.uploads_ended.swap(0, Ordering::AcqRel) {
+            core.handle_upload_stream_end();
         }
+    }
+
+    fn writer(&self, id: StreamId) -> Option<&Writer> {
+        self.writers.iter().find(|w| w.id == id)
+    }
+
+    fn remove_writer(&mut self, id: StreamId) -> Option<Writer> {
+        let i = self.writers.iter().position(|w| w.id == id)?;
+        Some(self.writers.swap_remove(i))
     }
 
     /// The client's first bidirectional stream is the control stream; every later one is an
@@ -219,12 +243,13 @@ impl Driver {
         self.tasks.retain(|t| !t.is_finished());
         match self.core.handle_upload_stream() {
             Ok(grant) => {
-                let (env, done) = (self.env.clone(), self.progress_tx.clone());
+                let (env, reports) = (self.env.clone(), self.reports.clone());
                 self.tasks
                     .push(tokio::spawn(tracing::Instrument::instrument(
                         async move {
                             super::upload::serve(env, grant, send, recv).await;
-                            let _ = done.send(Progress::UploadEnd);
+                            reports.uploads_ended.fetch_add(1, Ordering::AcqRel);
+                            reports.wake.notify_one();
                         },
                         tracing::Span::current(),
                     )));
@@ -252,26 +277,28 @@ impl Driver {
                     }
                 }
                 Transmit::Open(id) => {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let outbox = Arc::new(Outbox::default());
                     let task = tokio::spawn(tracing::Instrument::instrument(
-                        write_org(self.wt.clone(), id, rx, self.progress_tx.clone()),
+                        write_org(self.wt.clone(), outbox.clone(), self.reports.clone()),
                         tracing::Span::current(),
                     ));
-                    self.writers.insert(id, Writer { tx, task });
+                    self.writers.push(Writer { id, outbox, task });
                 }
                 Transmit::Stream(id, frames) => {
-                    if let Some(w) = self.writers.get(&id) {
-                        let _ = w.tx.send(ToWriter::Frames(frames));
+                    if let Some(w) = self.writer(id) {
+                        w.outbox.frames.lock().extend(frames);
+                        w.outbox.wake.notify_one();
                     }
                 }
                 Transmit::Finish(id) => {
                     // The writer finishes on its own; never wait on a client that does not read.
-                    if let Some(w) = self.writers.remove(&id) {
-                        let _ = w.tx.send(ToWriter::Finish);
+                    if let Some(w) = self.remove_writer(id) {
+                        w.outbox.finish.store(true, Ordering::Release);
+                        w.outbox.wake.notify_one();
                     }
                 }
                 Transmit::Abort(id) => {
-                    if let Some(w) = self.writers.remove(&id) {
+                    if let Some(w) = self.remove_writer(id) {
                         w.task.abort();
                     }
                 }
@@ -291,54 +318,51 @@ impl Driver {
 /// segment in a STREAM frame, so a batch of small frames written as separate chunks made packet
 /// building cost grow with the unacknowledged backlog (44% of server CPU in
 /// `write_stream_frames` in the bench profile). One copy per batch avoids that.
-async fn write_org(
-    wt: Session,
-    id: StreamId,
-    mut rx: mpsc::UnboundedReceiver<ToWriter>,
-    progress: mpsc::UnboundedSender<Progress>,
-) {
+async fn write_org(wt: Session, outbox: Arc<Outbox>, reports: Arc<Reports>) {
+    let gone = || {
+        outbox.gone.store(true, Ordering::Release);
+        reports.wake.notify_one();
+    };
     let Ok(mut stream) = wt.open_uni().await else {
-        let _ = progress.send(Progress::Gone(id));
-        return;
+        return gone();
     };
     let mut frames: Vec<Bytes> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut finish = false;
-        let mut transmits = 0;
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                ToWriter::Frames(f) => {
-                    frames.extend(f);
-                    transmits += 1;
-                    next = rx.try_recv().ok();
-                }
-                ToWriter::Finish => finish = true,
-            }
-        }
-        if !frames.is_empty() {
-            let mut chunk = if frames.len() == 1 {
-                frames.pop().expect("one frame")
-            } else {
-                let mut joined = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-                for f in frames.drain(..) {
-                    joined.extend_from_slice(&f);
-                }
-                joined.freeze()
-            };
-            if stream
-                .write_all_chunks(std::slice::from_mut(&mut chunk))
-                .await
-                .is_err()
-            {
-                let _ = progress.send(Progress::Gone(id));
+    let mut unreported = 0;
+    loop {
+        std::mem::swap(&mut frames, &mut *outbox.frames.lock());
+        if frames.is_empty() {
+            if outbox.finish.load(Ordering::Acquire) {
+                let _ = stream.finish();
                 return;
             }
-            let _ = progress.send(Progress::Sent(id, transmits));
+            outbox.wake.notified().await;
+            continue;
         }
-        if finish {
-            let _ = stream.finish();
-            return;
+        let n = frames.len();
+        let mut chunk = if n == 1 {
+            frames.pop().expect("one frame")
+        } else {
+            let mut joined = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
+            for f in frames.drain(..) {
+                joined.extend_from_slice(&f);
+            }
+            joined.freeze()
+        };
+        if stream
+            .write_all_chunks(std::slice::from_mut(&mut chunk))
+            .await
+            .is_err()
+        {
+            return gone();
+        }
+        // Reported when caught up (the core paces replays on it) or every REPORT_EVERY frames
+        // (the slow-consumer limit counts what is not reported): one wake of the session task
+        // per burst, not per write.
+        outbox.written.fetch_add(n, Ordering::AcqRel);
+        unreported += n;
+        if unreported >= REPORT_EVERY || outbox.frames.lock().is_empty() {
+            unreported = 0;
+            reports.wake.notify_one();
         }
     }
 }
@@ -368,9 +392,11 @@ async fn read_control(mut recv: RecvStream, tx: mpsc::Sender<Result<Frame, Refus
     }
 }
 
-/// Hands the client's datagrams to the session task (dropping them when it is behind).
-async fn read_datagrams(wt: Session, tx: mpsc::Sender<Bytes>) {
+/// Answers the client's datagrams (a PING gets a PONG) as the core says.
+async fn answer_datagrams(wt: Session, max: usize) {
     while let Ok(d) = wt.read_datagram().await {
-        let _ = tx.try_send(d);
+        if let Some(answer) = crate::session::core::answer_datagram(d, max) {
+            let _ = wt.send_datagram(answer);
+        }
     }
 }

@@ -437,6 +437,7 @@ async fn a_replay_on_a_stream_waits_for_the_stream_to_write_the_last_batch() {
         let (stream, result) = s.io.read(r).await;
         s.core.handle_read(stream, result);
         assert!(s.core.poll_read().is_none(), "the batch is not written yet");
+        let before = seqs.len();
         for o in s.out() {
             let Out::Stream(_, frames) = o else {
                 panic!("{o:?}")
@@ -446,7 +447,14 @@ async fn a_replay_on_a_stream_waits_for_the_stream_to_write_the_last_batch() {
                 other => panic!("{other:?}"),
             }));
         }
-        s.core.handle_sent(id, 1);
+        // Half of the batch written: the next read still waits.
+        let batch = seqs.len() - before;
+        s.core.handle_sent(id, batch / 2);
+        assert!(
+            s.core.poll_read().is_none(),
+            "half the batch is not all of it"
+        );
+        s.core.handle_sent(id, batch - batch / 2);
     }
     assert_eq!(seqs, (1..=3000).collect::<Vec<_>>());
     let m = n
