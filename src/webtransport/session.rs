@@ -11,7 +11,7 @@
 //! have a task of their own.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +77,9 @@ struct Outbox {
     written: AtomicUsize,
     /// The stream could not be opened, or the client stopped it.
     gone: AtomicBool,
+    /// The core waits on this stream's progress (a replay batch, a limit in sight): report
+    /// as soon as the outbox is written.
+    report_wanted: AtomicBool,
 }
 
 struct Writer {
@@ -147,9 +150,19 @@ impl Driver {
 
     /// The session loop; returns the close to send, or `None` when the client went away.
     async fn serve(&mut self) -> Option<Refusal> {
-        let shutdown = self.env.shutdown.clone();
-        let overflow = self.overflow.clone();
+        // The futures of the select live across iterations: the loop turns once per batch of
+        // live items, and making `closed` and `accept_bi` anew each time would lock the QUIC
+        // connection's state twice per event.
+        let (wt, shutdown) = (self.wt.clone(), self.env.shutdown.clone());
+        let (overflow, reports) = (self.overflow.clone(), self.reports.clone());
+        let mut closed = pin!(wt.closed());
+        let mut accept = pin!(wt.accept_bi());
+        let mut stop = pin!(shutdown.cancelled());
+        let mut overflowed = pin!(overflow.wait());
+        let mut reported = pin!(reports.wake.notified());
+        let mut timer = pin!(tokio::time::sleep_until(self.core.poll_timeout()));
         loop {
+            self.on_reports();
             self.io.drive(&mut self.core).await;
             if self.read.is_none() {
                 if let Some(r) = self.core.poll_read() {
@@ -159,21 +172,28 @@ impl Driver {
             if let Err(r) = self.route().await {
                 return Some(r);
             }
+            for w in &self.writers {
+                let wanted = self.core.awaits_progress(w.id);
+                w.outbox.report_wanted.store(wanted, Ordering::Release);
+            }
             let deadline = self.core.poll_timeout();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             let reading = self.read.is_some();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => self.core.handle_shutdown(),
-                _ = overflow.wait() => self.core.handle_overflow(),
-                e = self.wt.closed() => {
+                _ = &mut stop => self.core.handle_shutdown(),
+                _ = &mut overflowed => self.core.handle_overflow(),
+                e = &mut closed => {
                     tracing::debug!(error = %e, "webtransport session ended");
                     return None;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut timer => {
                     self.core.set_max_datagram(self.wt.max_datagram_size());
                     self.core.handle_timeout(Instant::now());
                 }
-                _ = self.reports.wake.notified() => self.on_reports(),
+                _ = &mut reported => reported.set(reports.wake.notified()),
                 (stream, result) = async { self.read.as_mut().expect("reading").await }, if reading => {
                     self.read = None;
                     self.core.handle_read(stream, result);
@@ -189,10 +209,13 @@ impl Driver {
                         }
                     }
                 }
-                bi = self.wt.accept_bi() => match bi {
-                    Ok((send, recv)) => self.on_bi(send, recv).await,
-                    Err(_) => return None,
-                },
+                bi = &mut accept => {
+                    accept.set(wt.accept_bi());
+                    match bi {
+                        Ok((send, recv)) => self.on_bi(send, recv).await,
+                        Err(_) => return None,
+                    }
+                }
                 frame = self.control_rx.recv() => match frame {
                     Some(Ok(f)) => self.core.handle_frame(f, Instant::now()),
                     Some(Err(r)) => self.core.handle_protocol_error(r),
@@ -355,12 +378,12 @@ async fn write_org(wt: Session, outbox: Arc<Outbox>, reports: Arc<Reports>) {
         {
             return gone();
         }
-        // Reported when caught up (the core paces replays on it) or every REPORT_EVERY frames
-        // (the slow-consumer limit counts what is not reported): one wake of the session task
-        // per burst, not per write.
+        // The session task reads the count whenever it wakes; it is woken for it only when the
+        // core waits on this stream (a replay batch, the slow-consumer limit in sight) or every
+        // REPORT_EVERY frames, never once per write.
         outbox.written.fetch_add(n, Ordering::AcqRel);
         unreported += n;
-        if unreported >= REPORT_EVERY || outbox.frames.lock().is_empty() {
+        if unreported >= REPORT_EVERY || outbox.report_wanted.load(Ordering::Acquire) {
             unreported = 0;
             reports.wake.notify_one();
         }
