@@ -352,19 +352,6 @@ impl SessionCore {
             && (self.layout != Layout::Streams || s.in_flight.is_empty())
     }
 
-    /// Whether the core waits on a stream's progress ([`SessionCore::handle_sent`]): a catch-up
-    /// read waits for the stream to write its last batch, or its live frames near the
-    /// slow-consumer limit. A driver may batch its reports otherwise.
-    pub fn awaits_progress(&self, stream: StreamId) -> bool {
-        self.subs
-            .iter()
-            .find(|s| s.stream == stream)
-            .is_some_and(|s| {
-                (s.cursor.needs_catch_up() && !s.in_flight.is_empty())
-                    || s.live_pending > self.env.limits.queue / 2
-            })
-    }
-
     /// The next catch-up read (one org at a time per org, as many orgs as are ready).
     pub fn poll_read(&mut self) -> Option<Read> {
         if self.closed {

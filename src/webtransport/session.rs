@@ -4,21 +4,23 @@
 //! datagrams, and the close as a WebTransport session error. It decides nothing about the
 //! protocol.
 //!
-//! Tasks: the session task runs the core; each org stream has a writer task that opens the
-//! stream, writes what the core hands it through the stream's outbox (all that waits, as one
-//! chunk) and reports the frames written, so a stalled stream stalls only its org; the control
-//! stream, the datagrams (PING answered at once, by the core's rule) and each upload stream
-//! have a task of their own.
+//! Tasks: the session task runs the core and writes the org streams itself: what the core
+//! hands a stream is written at once when quinn takes it (the common case: no other task is
+//! woken), else the write continues as a future the session task polls beside the others, and
+//! frames for that org wait in its outbox meanwhile, so a stalled stream stalls only its org.
+//! The control stream, the datagrams (PING answered at once, by the core's rule) and each
+//! upload stream have a task of their own.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use edgestream_codec::Frame;
-use parking_lot::Mutex;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -34,8 +36,6 @@ use crate::session::{ConnectParams, SessionEnv};
 const LIVE_BATCH: usize = 256;
 /// How long the closing capsule may take to reach the client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Frames a writer may write before it reports them even while it has more to write.
-const REPORT_EVERY: usize = 256;
 
 /// Runs a session until it closes.
 pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
@@ -55,9 +55,8 @@ pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
     }
 }
 
-/// What the tasks of a session report to the session task, as counters and flags (a channel
-/// per session would cost a block of slots for every idle session); the session task is woken
-/// through `wake` and reads them.
+/// What the upload tasks report to the session task (a counter and a wake: a channel per
+/// session would cost a block of slots for every idle session).
 #[derive(Default)]
 struct Reports {
     wake: Notify,
@@ -65,28 +64,25 @@ struct Reports {
     uploads_ended: AtomicUsize,
 }
 
-/// One org stream's outbox: the frames the session task hands the writer, and what the writer
-/// reports back.
-#[derive(Default)]
-struct Outbox {
-    frames: Mutex<Vec<Bytes>>,
+/// One org stream as the session task holds it.
+struct OrgOut {
+    id: StreamId,
+    /// `None` while it is being opened or a write is in flight.
+    stream: Option<SendStream>,
+    /// Frames waiting for the stream.
+    pending: Vec<Bytes>,
     /// Finish the stream once the frames are written.
-    finish: AtomicBool,
-    wake: Notify,
-    /// Frames written and not yet reported to the core.
-    written: AtomicUsize,
-    /// The stream could not be opened, or the client stopped it.
-    gone: AtomicBool,
-    /// The core waits on this stream's progress (a replay batch, a limit in sight): report
-    /// as soon as the outbox is written.
-    report_wanted: AtomicBool,
+    finish: bool,
 }
 
-struct Writer {
-    id: StreamId,
-    outbox: Arc<Outbox>,
-    task: JoinHandle<()>,
+/// A stream operation that did not complete at once.
+enum Op {
+    Opened(StreamId, Option<SendStream>),
+    /// The stream, the frames the write carried, and whether it succeeded.
+    Wrote(StreamId, SendStream, usize, bool),
 }
+
+type OpFuture = Pin<Box<dyn Future<Output = Op> + Send + 'static>>;
 
 type ReadFuture =
     Pin<Box<dyn Future<Output = (StreamId, Result<ReadOutcome, LogError>)> + Send + 'static>>;
@@ -102,8 +98,10 @@ struct Driver {
     control_rx: mpsc::Receiver<Result<Frame, Refusal>>,
     control_tx: mpsc::Sender<Result<Frame, Refusal>>,
     reports: Arc<Reports>,
-    /// The org streams' writers (a short list: at most the per-session org limit).
-    writers: Vec<Writer>,
+    /// The org streams (a short list: at most the per-session org limit).
+    orgs: Vec<OrgOut>,
+    /// Stream opens and writes in flight.
+    ops: FuturesUnordered<OpFuture>,
     /// The catch-up read out now, if any.
     read: Option<ReadFuture>,
     tasks: Vec<JoinHandle<()>>,
@@ -130,7 +128,8 @@ impl Driver {
             control_rx,
             control_tx,
             reports: Arc::default(),
-            writers: Vec::new(),
+            orgs: Vec::new(),
+            ops: FuturesUnordered::new(),
             read: None,
             tasks: vec![datagrams],
         };
@@ -143,9 +142,8 @@ impl Driver {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        for w in self.writers.drain(..) {
-            w.task.abort();
-        }
+        self.orgs.clear();
+        self.ops.clear();
     }
 
     /// The session loop; returns the close to send, or `None` when the client went away.
@@ -172,10 +170,6 @@ impl Driver {
             if let Err(r) = self.route().await {
                 return Some(r);
             }
-            for w in &self.writers {
-                let wanted = self.core.awaits_progress(w.id);
-                w.outbox.report_wanted.store(wanted, Ordering::Release);
-            }
             let deadline = self.core.poll_timeout();
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
@@ -194,6 +188,7 @@ impl Driver {
                     self.core.handle_timeout(Instant::now());
                 }
                 _ = &mut reported => reported.set(reports.wake.notified()),
+                Some(op) = self.ops.next(), if !self.ops.is_empty() => self.on_op(op),
                 (stream, result) = async { self.read.as_mut().expect("reading").await }, if reading => {
                     self.read = None;
                     self.core.handle_read(stream, result);
@@ -225,32 +220,96 @@ impl Driver {
         }
     }
 
-    /// Hands the core what the writers and upload tasks report.
+    /// Hands the core what the upload tasks report.
     fn on_reports(&mut self) {
-        let core = &mut self.core;
-        self.writers.retain(|w| {
-            let n = w.outbox.written.swap(0, Ordering::AcqRel);
-            if n > 0 {
-                core.handle_sent(w.id, n);
-            }
-            let gone = w.outbox.gone.load(Ordering::Acquire);
-            if gone {
-                core.handle_stream_gone(w.id);
-            }
-            !gone
-        });
         for _ in 0..self.reports.uploads_ended.swap(0, Ordering::AcqRel) {
-            core.handle_upload_stream_end();
+            self.core.handle_upload_stream_end();
         }
     }
 
-    fn writer(&self, id: StreamId) -> Option<&Writer> {
-        self.writers.iter().find(|w| w.id == id)
+    fn org(&mut self, id: StreamId) -> Option<usize> {
+        self.orgs.iter().position(|o| o.id == id)
     }
 
-    fn remove_writer(&mut self, id: StreamId) -> Option<Writer> {
-        let i = self.writers.iter().position(|w| w.id == id)?;
-        Some(self.writers.swap_remove(i))
+    /// A stream operation completed: the stream is back for the next write.
+    fn on_op(&mut self, op: Op) {
+        let (id, stream, written) = match op {
+            Op::Opened(id, stream) => (id, stream, 0),
+            Op::Wrote(id, stream, n, ok) => (id, ok.then_some(stream), n),
+        };
+        let Some(i) = self.org(id) else {
+            return; // aborted meanwhile: the stream is dropped
+        };
+        if written > 0 {
+            self.core.handle_sent(id, written);
+        }
+        match stream {
+            Some(s) => {
+                self.orgs[i].stream = Some(s);
+                self.flush(i);
+            }
+            None => self.gone(i),
+        }
+    }
+
+    /// The client stopped the stream, or it could not be opened.
+    fn gone(&mut self, i: usize) {
+        let o = self.orgs.swap_remove(i);
+        self.core.handle_stream_gone(o.id);
+    }
+
+    /// Writes what waits for an org's stream: at once if quinn takes it all, else as an
+    /// operation the session task polls. Several transmits go out as one chunk: quinn keeps
+    /// each written chunk as a segment until it is acknowledged, finds a send offset by
+    /// scanning those segments, and puts at most one segment in a STREAM frame, so a batch of
+    /// small frames written as separate chunks made packet building cost grow with the
+    /// unacknowledged backlog (44% of server CPU in `write_stream_frames` in the bench
+    /// profile). One copy per batch avoids that.
+    fn flush(&mut self, i: usize) {
+        let o = &mut self.orgs[i];
+        let Some(mut stream) = o.stream.take() else {
+            return; // opening, or a write in flight: it flushes again when done
+        };
+        if o.pending.is_empty() {
+            if o.finish {
+                let _ = stream.finish();
+                self.orgs.swap_remove(i);
+            } else {
+                o.stream = Some(stream);
+            }
+            return;
+        }
+        let (id, n) = (o.id, o.pending.len());
+        let chunk = if n == 1 {
+            o.pending.pop().expect("one frame")
+        } else {
+            let mut joined = BytesMut::with_capacity(o.pending.iter().map(Bytes::len).sum());
+            for f in o.pending.drain(..) {
+                joined.extend_from_slice(&f);
+            }
+            joined.freeze()
+        };
+        let mut bufs = [chunk];
+        // `write_chunks` is cancel-safe: if it does not resolve at once, nothing was written.
+        match stream.write_chunks(&mut bufs).now_or_never() {
+            Some(Ok(w)) if w.chunks == 1 => {
+                o.stream = Some(stream);
+                self.core.handle_sent(id, n);
+                self.flush(i); // a FIN may wait
+            }
+            Some(Err(_)) => self.gone(i),
+            // Blocked (flow control) or partly written: the rest as an operation.
+            Some(Ok(_)) | None => {
+                let [mut rest] = bufs;
+                self.ops.push(Box::pin(async move {
+                    let ok = stream
+                        .write_all_chunks(std::slice::from_mut(&mut rest))
+                        .await
+                        .is_ok();
+                    Op::Wrote(id, stream, n, ok)
+                }));
+            }
+        }
     }
 
     /// The client's first bidirectional stream is the control stream; every later one is an
@@ -300,29 +359,33 @@ impl Driver {
                     }
                 }
                 Transmit::Open(id) => {
-                    let outbox = Arc::new(Outbox::default());
-                    let task = tokio::spawn(tracing::Instrument::instrument(
-                        write_org(self.wt.clone(), outbox.clone(), self.reports.clone()),
-                        tracing::Span::current(),
+                    self.orgs.push(OrgOut {
+                        id,
+                        stream: None,
+                        pending: Vec::new(),
+                        finish: false,
+                    });
+                    let wt = self.wt.clone();
+                    self.ops.push(Box::pin(
+                        async move { Op::Opened(id, wt.open_uni().await.ok()) },
                     ));
-                    self.writers.push(Writer { id, outbox, task });
                 }
                 Transmit::Stream(id, frames) => {
-                    if let Some(w) = self.writer(id) {
-                        w.outbox.frames.lock().extend(frames);
-                        w.outbox.wake.notify_one();
+                    if let Some(i) = self.org(id) {
+                        self.orgs[i].pending.extend(frames);
+                        self.flush(i);
                     }
                 }
                 Transmit::Finish(id) => {
-                    // The writer finishes on its own; never wait on a client that does not read.
-                    if let Some(w) = self.remove_writer(id) {
-                        w.outbox.finish.store(true, Ordering::Release);
-                        w.outbox.wake.notify_one();
+                    // Written after its frames; never waited on (a client may not read).
+                    if let Some(i) = self.org(id) {
+                        self.orgs[i].finish = true;
+                        self.flush(i);
                     }
                 }
                 Transmit::Abort(id) => {
-                    if let Some(w) = self.remove_writer(id) {
-                        w.task.abort();
+                    if let Some(i) = self.org(id) {
+                        self.orgs.swap_remove(i);
                     }
                 }
                 Transmit::Datagram(d) => {
@@ -332,61 +395,6 @@ impl Driver {
             }
         }
         Ok(())
-    }
-}
-
-/// One org's stream: opens it, then writes what the session hands it, in order. Transmits
-/// waiting together are written as one chunk: quinn keeps each written chunk as a segment until
-/// it is acknowledged, finds a send offset by scanning those segments, and puts at most one
-/// segment in a STREAM frame, so a batch of small frames written as separate chunks made packet
-/// building cost grow with the unacknowledged backlog (44% of server CPU in
-/// `write_stream_frames` in the bench profile). One copy per batch avoids that.
-async fn write_org(wt: Session, outbox: Arc<Outbox>, reports: Arc<Reports>) {
-    let gone = || {
-        outbox.gone.store(true, Ordering::Release);
-        reports.wake.notify_one();
-    };
-    let Ok(mut stream) = wt.open_uni().await else {
-        return gone();
-    };
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut unreported = 0;
-    loop {
-        std::mem::swap(&mut frames, &mut *outbox.frames.lock());
-        if frames.is_empty() {
-            if outbox.finish.load(Ordering::Acquire) {
-                let _ = stream.finish();
-                return;
-            }
-            outbox.wake.notified().await;
-            continue;
-        }
-        let n = frames.len();
-        let mut chunk = if n == 1 {
-            frames.pop().expect("one frame")
-        } else {
-            let mut joined = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-            for f in frames.drain(..) {
-                joined.extend_from_slice(&f);
-            }
-            joined.freeze()
-        };
-        if stream
-            .write_all_chunks(std::slice::from_mut(&mut chunk))
-            .await
-            .is_err()
-        {
-            return gone();
-        }
-        // The session task reads the count whenever it wakes; it is woken for it only when the
-        // core waits on this stream (a replay batch, the slow-consumer limit in sight) or every
-        // REPORT_EVERY frames, never once per write.
-        outbox.written.fetch_add(n, Ordering::AcqRel);
-        unreported += n;
-        if unreported >= REPORT_EVERY || outbox.report_wanted.load(Ordering::Acquire) {
-            unreported = 0;
-            reports.wake.notify_one();
-        }
     }
 }
 
