@@ -95,8 +95,8 @@ struct Driver {
     queue: mpsc::Receiver<crate::hub::Live>,
     overflow: Arc<crate::hub::Overflow>,
     control: Option<SendStream>,
-    control_rx: mpsc::Receiver<Result<Frame, Refusal>>,
-    control_tx: mpsc::Sender<Result<Frame, Refusal>>,
+    /// The control stream's frames and the upload streams, from the accepting task.
+    from_client: mpsc::Receiver<FromClient>,
     reports: Arc<Reports>,
     /// The org streams (a short list: at most the per-session org limit).
     orgs: Vec<OrgOut>,
@@ -114,9 +114,10 @@ impl Driver {
         let mut core = SessionCore::admit(env.clone(), &params, Layout::Streams, Instant::now())?;
         core.set_max_datagram(wt.max_datagram_size());
         let (io, queue, overflow) = SessionIo::new(env.clone());
-        let (control_tx, control_rx) = mpsc::channel(16);
+        let (tx, from_client) = mpsc::channel(16);
         let max = env.limits.max_control_frame;
         let datagrams = tokio::spawn(answer_datagrams(wt.clone(), max));
+        let streams = tokio::spawn(accept_streams(wt.clone(), tx, max));
         let mut d = Driver {
             env,
             wt,
@@ -125,13 +126,12 @@ impl Driver {
             queue,
             overflow,
             control: None,
-            control_rx,
-            control_tx,
+            from_client,
             reports: Arc::default(),
             orgs: Vec::new(),
             ops: FuturesUnordered::new(),
             read: None,
-            tasks: vec![datagrams],
+            tasks: vec![datagrams, streams],
         };
         d.io.drive(&mut d.core).await;
         Ok(d)
@@ -148,13 +148,12 @@ impl Driver {
 
     /// The session loop; returns the close to send, or `None` when the client went away.
     async fn serve(&mut self) -> Option<Refusal> {
-        // The futures of the select live across iterations: the loop turns once per batch of
-        // live items, and making `closed` and `accept_bi` anew each time would lock the QUIC
-        // connection's state twice per event.
+        // The futures of the select live across iterations, and none is costly to poll: the
+        // loop turns once per batch of live items. (Accepting streams, whose poll locks the
+        // session's accept state and the connection's, has a task of its own.)
         let (wt, shutdown) = (self.wt.clone(), self.env.shutdown.clone());
         let (overflow, reports) = (self.overflow.clone(), self.reports.clone());
         let mut closed = pin!(wt.closed());
-        let mut accept = pin!(wt.accept_bi());
         let mut stop = pin!(shutdown.cancelled());
         let mut overflowed = pin!(overflow.wait());
         let mut reported = pin!(reports.wake.notified());
@@ -204,16 +203,13 @@ impl Driver {
                         }
                     }
                 }
-                bi = &mut accept => {
-                    accept.set(wt.accept_bi());
-                    match bi {
-                        Ok((send, recv)) => self.on_bi(send, recv).await,
-                        Err(_) => return None,
-                    }
-                }
-                frame = self.control_rx.recv() => match frame {
-                    Some(Ok(f)) => self.core.handle_frame(f, Instant::now()),
-                    Some(Err(r)) => self.core.handle_protocol_error(r),
+                from = self.from_client.recv() => match from {
+                    Some(FromClient::Control(send)) => self.control = Some(*send),
+                    Some(FromClient::Frame(f)) => match *f {
+                        Ok(f) => self.core.handle_frame(f, Instant::now()),
+                        Err(r) => self.core.handle_protocol_error(r),
+                    },
+                    Some(FromClient::Upload(pair)) => self.on_upload(*pair),
                     None => {}
                 },
             }
@@ -312,39 +308,31 @@ impl Driver {
         }
     }
 
-    /// The client's first bidirectional stream is the control stream; every later one is an
-    /// upload (section 9).
-    async fn on_bi(&mut self, mut send: SendStream, recv: RecvStream) {
-        if self.control.is_none() {
-            self.control = Some(send);
-            let max = self.env.limits.max_control_frame;
-            let tx = self.control_tx.clone();
-            self.tasks.push(tokio::spawn(read_control(recv, tx, max)));
-            return;
-        }
+    /// An upload stream (section 9): served by a task of its own, or refused there.
+    fn on_upload(&mut self, (mut send, recv): (SendStream, RecvStream)) {
         self.tasks.retain(|t| !t.is_finished());
-        match self.core.handle_upload_stream() {
+        let task = match self.core.handle_upload_stream() {
             Ok(grant) => {
                 let (env, reports) = (self.env.clone(), self.reports.clone());
-                self.tasks
-                    .push(tokio::spawn(tracing::Instrument::instrument(
-                        async move {
-                            super::upload::serve(env, grant, send, recv).await;
-                            reports.uploads_ended.fetch_add(1, Ordering::AcqRel);
-                            reports.wake.notify_one();
-                        },
-                        tracing::Span::current(),
-                    )));
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        super::upload::serve(env, grant, send, recv).await;
+                        reports.uploads_ended.fetch_add(1, Ordering::AcqRel);
+                        reports.wake.notify_one();
+                    },
+                    tracing::Span::current(),
+                ))
             }
-            Err(r) => {
+            Err(r) => tokio::spawn(async move {
                 let busy = Frame::Error {
                     code: r.code.code().into(),
                     message: r.reason,
                 };
                 let _ = send.write_all(&busy.to_bytes()).await;
                 let _ = send.finish();
-            }
-        }
+            }),
+        };
+        self.tasks.push(task);
     }
 
     /// Routes the core's transmits; `Err` is the close to send.
@@ -398,22 +386,49 @@ impl Driver {
     }
 }
 
+/// What the client's bidirectional streams bring the session task (boxed: the channel's
+/// slots stay small).
+enum FromClient {
+    /// The control stream's sending half.
+    Control(Box<SendStream>),
+    /// A frame read from the control stream, or why it could not be read.
+    Frame(Box<Result<Frame, Refusal>>),
+    /// An upload stream.
+    Upload(Box<(SendStream, RecvStream)>),
+}
+
+/// Accepts the client's bidirectional streams: the first is the control stream (its frames
+/// are read here), every later one an upload (section 9).
+async fn accept_streams(wt: Session, tx: mpsc::Sender<FromClient>, max: usize) {
+    let Ok((send, recv)) = wt.accept_bi().await else {
+        return;
+    };
+    if tx.send(FromClient::Control(Box::new(send))).await.is_err() {
+        return;
+    }
+    let uploads = async {
+        while let Ok(pair) = wt.accept_bi().await {
+            if tx.send(FromClient::Upload(Box::new(pair))).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(read_control(recv, &tx, max), uploads);
+}
+
 /// Reads frames from the control stream and hands them to the session task.
-async fn read_control(mut recv: RecvStream, tx: mpsc::Sender<Result<Frame, Refusal>>, max: usize) {
+async fn read_control(mut recv: RecvStream, tx: &mpsc::Sender<FromClient>, max: usize) {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         loop {
-            match Frame::decode(&mut buf, max) {
-                Ok(Some(f)) => {
-                    if tx.send(Ok(f)).await.is_err() {
-                        return;
-                    }
-                }
+            let f = match Frame::decode(&mut buf, max) {
+                Ok(Some(f)) => Ok(f),
                 Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
+                Err(e) => Err(e.into()),
+            };
+            let end = f.is_err();
+            if tx.send(FromClient::Frame(Box::new(f))).await.is_err() || end {
+                return;
             }
         }
         match recv.read_chunk(max, true).await {
