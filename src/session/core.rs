@@ -336,7 +336,12 @@ impl SessionCore {
         if self.closed {
             self.requests.clear();
         }
-        self.requests.pop_front()
+        let r = self.requests.pop_front();
+        if r.is_none() && self.requests.capacity() > 0 {
+            // Requests come in bursts (the start, a command): an idle session keeps no room.
+            self.requests = VecDeque::new();
+        }
+        r
     }
 
     /// Whether a catch-up read is ready to go ([`SessionCore::poll_read`] would return one).

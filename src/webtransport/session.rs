@@ -116,8 +116,7 @@ impl Driver {
         let (io, queue, overflow) = SessionIo::new(env.clone());
         let (tx, from_client) = mpsc::channel(16);
         let max = env.limits.max_control_frame;
-        let datagrams = tokio::spawn(answer_datagrams(wt.clone(), max));
-        let streams = tokio::spawn(accept_streams(wt.clone(), tx, max));
+        let client = tokio::spawn(serve_client(wt.clone(), tx, max));
         let mut d = Driver {
             env,
             wt,
@@ -131,7 +130,7 @@ impl Driver {
             orgs: Vec::new(),
             ops: FuturesUnordered::new(),
             read: None,
-            tasks: vec![datagrams, streams],
+            tasks: vec![client],
         };
         d.io.drive(&mut d.core).await;
         Ok(d)
@@ -397,23 +396,27 @@ enum FromClient {
     Upload(Box<(SendStream, RecvStream)>),
 }
 
-/// Accepts the client's bidirectional streams: the first is the control stream (its frames
+/// What comes from the client other than its reading of org streams, in one task: datagrams
+/// (answered here), and the bidirectional streams: the first is the control stream (its frames
 /// are read here), every later one an upload (section 9).
-async fn accept_streams(wt: Session, tx: mpsc::Sender<FromClient>, max: usize) {
-    let Ok((send, recv)) = wt.accept_bi().await else {
-        return;
-    };
-    if tx.send(FromClient::Control(Box::new(send))).await.is_err() {
-        return;
-    }
-    let uploads = async {
-        while let Ok(pair) = wt.accept_bi().await {
-            if tx.send(FromClient::Upload(Box::new(pair))).await.is_err() {
-                return;
-            }
+async fn serve_client(wt: Session, tx: mpsc::Sender<FromClient>, max: usize) {
+    let streams = async {
+        let Ok((send, recv)) = wt.accept_bi().await else {
+            return;
+        };
+        if tx.send(FromClient::Control(Box::new(send))).await.is_err() {
+            return;
         }
+        let uploads = async {
+            while let Ok(pair) = wt.accept_bi().await {
+                if tx.send(FromClient::Upload(Box::new(pair))).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::join!(read_control(recv, &tx, max), uploads);
     };
-    tokio::join!(read_control(recv, &tx, max), uploads);
+    tokio::join!(answer_datagrams(&wt, max), streams);
 }
 
 /// Reads frames from the control stream and hands them to the session task.
@@ -439,7 +442,7 @@ async fn read_control(mut recv: RecvStream, tx: &mpsc::Sender<FromClient>, max: 
 }
 
 /// Answers the client's datagrams (a PING gets a PONG) as the core says.
-async fn answer_datagrams(wt: Session, max: usize) {
+async fn answer_datagrams(wt: &Session, max: usize) {
     while let Ok(d) = wt.read_datagram().await {
         if let Some(answer) = crate::session::core::answer_datagram(d, max) {
             let _ = wt.send_datagram(answer);
