@@ -885,6 +885,9 @@ impl SessionCore {
         }
         let stream = StreamId(self.next_stream);
         self.next_stream += 1;
+        // Exact growth: most sessions hold one org, and an idle session's size is what 100,000
+        // of them cost.
+        self.subs.reserve_exact(1);
         self.subs.push(Sub {
             cursor,
             stream,
@@ -908,6 +911,7 @@ impl SessionCore {
         self.for_org(i, m, false);
         if !self.present.iter().any(|m| m.org() == &org) {
             let member = self.env.presence.enter(&org, &self.token.grant.sub);
+            self.present.reserve_exact(1);
             self.present.push(member);
         }
     }

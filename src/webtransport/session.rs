@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use edgestream_codec::Frame;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -100,8 +99,8 @@ struct Driver {
     reports: Arc<Reports>,
     /// The org streams (a short list: at most the per-session org limit).
     orgs: Vec<OrgOut>,
-    /// Stream opens and writes in flight.
-    ops: FuturesUnordered<OpFuture>,
+    /// Stream opens and writes in flight (a plain list: usually empty, which costs nothing).
+    ops: Vec<OpFuture>,
     /// The catch-up read out now, if any.
     read: Option<ReadFuture>,
     tasks: Vec<JoinHandle<()>>,
@@ -128,7 +127,7 @@ impl Driver {
             from_client,
             reports: Arc::default(),
             orgs: Vec::new(),
-            ops: FuturesUnordered::new(),
+            ops: Vec::new(),
             read: None,
             tasks: vec![client],
         };
@@ -186,7 +185,7 @@ impl Driver {
                     self.core.handle_timeout(Instant::now());
                 }
                 _ = &mut reported => reported.set(reports.wake.notified()),
-                Some(op) = self.ops.next(), if !self.ops.is_empty() => self.on_op(op),
+                op = next_op(&mut self.ops), if !self.ops.is_empty() => self.on_op(op),
                 (stream, result) = async { self.read.as_mut().expect("reading").await }, if reading => {
                     self.read = None;
                     self.core.handle_read(stream, result);
@@ -383,6 +382,19 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// The first stream operation to complete.
+fn next_op(ops: &mut Vec<OpFuture>) -> impl Future<Output = Op> + '_ {
+    std::future::poll_fn(move |cx| {
+        for i in 0..ops.len() {
+            if let std::task::Poll::Ready(op) = ops[i].as_mut().poll(cx) {
+                drop(ops.swap_remove(i));
+                return std::task::Poll::Ready(op);
+            }
+        }
+        std::task::Poll::Pending
+    })
 }
 
 /// What the client's bidirectional streams bring the session task (boxed: the channel's
