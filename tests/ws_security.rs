@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use edgestream_codec::{varint, Frame};
+use edgestream_codec::{varint, CloseCode, Frame};
 use edgestream_testkit::token;
 use edgestream_testkit::ws::{Msg, Options, WsClient};
 use serde_json::{json, Value};
@@ -153,7 +153,7 @@ async fn tenant_isolation() {
     let mut x = WsClient::connect(&s.ws_url(&format!("access_token={tok_a}&orgs=org-a,org-b")))
         .await
         .unwrap();
-    assert_eq!(x.expect_close().await.unwrap().0, 4003);
+    assert_eq!(x.expect_close_code().await.unwrap(), CloseCode::Forbidden);
     a.send_frame(&Frame::Subscribe {
         org: "org-b".into(),
         epoch: String::new(),
@@ -195,7 +195,7 @@ async fn tenant_isolation() {
     let mut st = WsClient::connect(&s.ws_url(&format!("access_token={star}&orgs=org-b")))
         .await
         .unwrap();
-    assert_eq!(st.expect_close().await.unwrap().0, 4003);
+    assert_eq!(st.expect_close_code().await.unwrap(), CloseCode::Forbidden);
 
     // B's canaries never reach A; A's own event does.
     for i in 0..50 {
@@ -385,7 +385,10 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
         "the slow consumer was closed: {m}"
     );
     // The slow client, reading at last, finds the close after what was already buffered.
-    assert_eq!(slow.expect_close().await.unwrap().0, 4008);
+    assert_eq!(
+        slow.expect_close_code().await.unwrap(),
+        CloseCode::SlowConsumer
+    );
     // The fast one got everything; stop it cleanly.
     s.wait_metrics("fast consumer caught up", |m| {
         m["events_delivered"]["websocket"].as_u64().unwrap() >= published
@@ -467,7 +470,10 @@ async fn token_expiry_closes_with_4009_unless_refreshed() {
         .await
         .unwrap();
 
-    assert_eq!(expiring.expect_close().await.unwrap().0, 4009);
+    assert_eq!(
+        expiring.expect_close_code().await.unwrap(),
+        CloseCode::TokenExpired
+    );
     // The refreshed session outlives the first token: a PING is still answered after it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     refreshed
@@ -531,7 +537,7 @@ async fn token_expiry_closes_a_webtransport_session_with_4009() {
         wt.next_frame().await.unwrap(),
         Frame::Subscribed { .. }
     ));
-    assert_eq!(wt.closed().await.unwrap().0, 4009);
+    assert_eq!(wt.closed_code().await.unwrap(), CloseCode::TokenExpired);
     let m = s.metrics().await;
     assert_eq!(m["sessions_closed"]["4009"], 1, "{m}");
 }

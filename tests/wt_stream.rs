@@ -4,7 +4,7 @@
 
 mod support;
 
-use edgestream_codec::{Frame, Resume};
+use edgestream_codec::{CloseCode, Frame, Resume};
 use edgestream_testkit::token;
 use edgestream_testkit::wt::{self, StreamItem, WtClient};
 use serde_json::{json, Value};
@@ -319,7 +319,7 @@ async fn slow_consumer_4008_and_release_and_shutdown_4503() {
             break;
         }
     }
-    assert_eq!(slow.closed().await.unwrap().0, 4008);
+    assert_eq!(slow.closed_code().await.unwrap(), CloseCode::SlowConsumer);
     assert_eq!(
         delivered,
         (1..=published).collect::<Vec<_>>(),
@@ -377,9 +377,9 @@ async fn session_cap_refuses_with_4029_on_both_transports() {
     )
     .await
     .unwrap();
-    assert_eq!(second.closed().await.unwrap().0, 4029);
+    assert_eq!(second.closed_code().await.unwrap(), CloseCode::TooMany);
     let mut ws = s.client(&["acme"], "").await;
-    assert_eq!(ws.expect_close().await.unwrap().0, 4029);
+    assert_eq!(ws.expect_close_code().await.unwrap(), CloseCode::TooMany);
     let m = s.metrics().await;
     assert_eq!(m["sessions_closed"]["4029"], 2, "{m}");
 }

@@ -467,6 +467,74 @@ async fn subscribers(
     Ok(handles)
 }
 
+/// The figures of one fan-out run (edgestream or a baseline).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Fanout {
+    subscribers: usize,
+    events: u64,
+    delivered: u64,
+    seconds: f64,
+    delivered_per_sec: f64,
+    server_cpu_seconds: f64,
+    server_cpu_us_per_delivered: f64,
+    /// Publish-to-receive latency (edgestream runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_us: Option<Percentiles>,
+    /// The latency CDF, one value per percent (edgestream runs only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    latency_cdf_us: Vec<u64>,
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Percentiles {
+    samples: usize,
+    p50: u64,
+    p99: u64,
+    p999: u64,
+}
+
+/// A fan-out figure: the median run of edgestream and its baseline, every ratio, and the
+/// latency at half the peak rate.
+#[derive(Debug, serde::Serialize)]
+struct FanoutFigure {
+    edgestream: Fanout,
+    baseline: Fanout,
+    ratio: f64,
+    ratios: Vec<f64>,
+    latency_at_half_peak: LatencyAt,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LatencyAt {
+    events_per_sec: f64,
+    subscribers: usize,
+    us: Option<Percentiles>,
+    cdf_us: Vec<u64>,
+}
+
+/// RSS at two session counts, and the growth per session between them.
+#[derive(Debug, Clone, serde::Serialize)]
+struct IdleRss {
+    low: usize,
+    high: usize,
+    rss_low: u64,
+    rss_high: u64,
+    bytes_per_session: f64,
+}
+
+/// Idle memory per session, edgestream against the bare-library baseline.
+#[derive(Debug, serde::Serialize)]
+struct IdleMemory {
+    low: usize,
+    high: usize,
+    rss_low: u64,
+    rss_high: u64,
+    bytes_per_session: f64,
+    baseline_bytes_per_session: f64,
+    ratio: f64,
+}
+
 fn payload(epoch: Instant) -> Value {
     json!({"t": now_us(epoch), "p": "x".repeat(PAYLOAD_BYTES - 30)})
 }
@@ -479,7 +547,7 @@ async fn fanout_edgestream(
     n: usize,
     events: u64,
     rate: Option<f64>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Fanout> {
     let mut es = start_edgestream(cli, events).await?;
     let epoch = Instant::now();
     let seen = Arc::new(Seen {
@@ -542,13 +610,23 @@ async fn fanout_edgestream(
     let delivered = seen.delivered.load(Ordering::Relaxed);
     let mut lat = std::mem::take(&mut *seen.latencies_us.lock().expect("not poisoned"));
     lat.sort_unstable();
-    Ok(json!({
-        "subscribers": n, "events": events, "delivered": delivered, "seconds": secs,
-        "delivered_per_sec": delivered as f64 / secs,
-        "server_cpu_seconds": cpu, "server_cpu_us_per_delivered": cpu * 1e6 / delivered as f64,
-        "latency_us": percentiles(&lat),
-        "latency_cdf_us": (0..=100).map(|i| lat.get(((lat.len().max(1) - 1) * i) / 100).copied().unwrap_or(0)).collect::<Vec<u64>>(),
-    }))
+    Ok(Fanout {
+        subscribers: n,
+        events,
+        delivered,
+        seconds: secs,
+        delivered_per_sec: delivered as f64 / secs,
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_delivered: cpu * 1e6 / delivered as f64,
+        latency_us: Some(percentiles(&lat)),
+        latency_cdf_us: (0..=100)
+            .map(|i| {
+                lat.get(((lat.len().max(1) - 1) * i) / 100)
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect(),
+    })
 }
 
 /// A baseline server process of `transport` with `subscribers` and `events`, started and
@@ -586,7 +664,7 @@ async fn fanout_baseline(
     transport: Transport,
     n: usize,
     events: u64,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Fanout> {
     let Baseline {
         proc: mut p,
         port,
@@ -615,11 +693,17 @@ async fn fanout_baseline(
     let secs =
         (seen.last_rx.load(Ordering::Relaxed) - seen.first_rx.load(Ordering::Relaxed)) as f64 / 1e6;
     let delivered = seen.delivered.load(Ordering::Relaxed);
-    Ok(json!({
-        "subscribers": n, "events": events, "delivered": delivered, "seconds": secs,
-        "delivered_per_sec": delivered as f64 / secs,
-        "server_cpu_seconds": cpu, "server_cpu_us_per_delivered": cpu * 1e6 / delivered as f64,
-    }))
+    Ok(Fanout {
+        subscribers: n,
+        events,
+        delivered,
+        seconds: secs,
+        delivered_per_sec: delivered as f64 / secs,
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_delivered: cpu * 1e6 / delivered as f64,
+        latency_us: None,
+        latency_cdf_us: Vec::new(),
+    })
 }
 
 async fn wait_all(
@@ -647,14 +731,19 @@ async fn wait_all(
     Ok(())
 }
 
-fn percentiles(sorted: &[u64]) -> Value {
+fn percentiles(sorted: &[u64]) -> Percentiles {
     let p = |q: f64| {
         sorted
             .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
             .copied()
             .unwrap_or(0)
     };
-    json!({"samples": sorted.len(), "p50": p(0.5), "p99": p(0.99), "p999": p(0.999)})
+    Percentiles {
+        samples: sorted.len(),
+        p50: p(0.5),
+        p99: p(0.99),
+        p999: p(0.999),
+    }
 }
 
 /// Catch-up rate of one client reconnecting `behind` events behind.
@@ -781,7 +870,7 @@ async fn idle_memory(
     transport: Transport,
     low: usize,
     high: usize,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<IdleMemory> {
     let key = transport.key();
     let es = start_edgestream(cli, 1000).await?;
     let t = tok(&["idle"]);
@@ -803,14 +892,15 @@ async fn idle_memory(
         api: None,
     };
     let base = idle_rss(&target, transport, key, low, high).await?;
-    let per = |v: &Value| v["bytes_per_session"].as_f64().unwrap_or(0.0);
-    Ok(json!({
-        "low": low, "high": high,
-        "rss_low": ours["rss_low"], "rss_high": ours["rss_high"],
-        "bytes_per_session": per(&ours),
-        "baseline_bytes_per_session": per(&base),
-        "ratio": per(&ours) / per(&base).max(1.0),
-    }))
+    Ok(IdleMemory {
+        low,
+        high,
+        rss_low: ours.rss_low,
+        rss_high: ours.rss_high,
+        bytes_per_session: ours.bytes_per_session,
+        baseline_bytes_per_session: base.bytes_per_session,
+        ratio: ours.bytes_per_session / base.bytes_per_session.max(1.0),
+    })
 }
 
 /// A server whose RSS is read while idle sessions are opened.
@@ -829,7 +919,7 @@ async fn idle_rss(
     key: &str,
     low: usize,
     high: usize,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<IdleRss> {
     let connectors: Vec<wt::Connector> = match transport {
         Transport::Wt => (0..16)
             .map(|_| wt::Connector::new(&target.cert))
@@ -870,10 +960,13 @@ async fn idle_rss(
         tokio::time::sleep(Duration::from_secs(1)).await;
         rss.push(rss_bytes(target.proc));
     }
-    let per = (rss[1] as f64 - rss[0] as f64) / (high - low) as f64;
-    Ok(
-        json!({"low": low, "high": high, "rss_low": rss[0], "rss_high": rss[1], "bytes_per_session": per}),
-    )
+    Ok(IdleRss {
+        low,
+        high,
+        rss_low: rss[0],
+        rss_high: rss[1],
+        bytes_per_session: (rss[1] as f64 - rss[0] as f64) / (high - low) as f64,
+    })
 }
 
 /// Bytes on the WebSocket per delivered event (WebSocket frame headers included, TCP/IP
@@ -979,12 +1072,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let base = fanout_baseline(&cli, transport, n, events)
                 .await
                 .with_context(|| format!("{name} baseline"))?;
-            let ratio = ours["delivered_per_sec"].as_f64().unwrap_or(0.0)
-                / base["delivered_per_sec"].as_f64().unwrap_or(1.0);
+            let ratio = ours.delivered_per_sec / base.delivered_per_sec.max(f64::MIN_POSITIVE);
             eprintln!(
                 "{name}: {:.0}/s vs baseline {:.0}/s: {ratio:.2}x",
-                ours["delivered_per_sec"].as_f64().unwrap_or(0.0),
-                base["delivered_per_sec"].as_f64().unwrap_or(0.0)
+                ours.delivered_per_sec, base.delivered_per_sec
             );
             runs.push((ratio, ours, base));
         }
@@ -992,7 +1083,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let ratios: Vec<f64> = runs.iter().map(|r| r.0).collect();
         let (ratio, ours, base) = runs.swap_remove(runs.len() / 2);
         // Latency at half the peak rate measured above, with the same fan-out.
-        let peak = ours["delivered_per_sec"].as_f64().unwrap_or(1000.0) / n as f64;
+        let peak = ours.delivered_per_sec / n as f64;
         let paced_events = if cli.quick { 200 } else { 3000 };
         eprintln!(
             "{name}: latency at {:.0} events/s (half the peak) ...",
@@ -1001,11 +1092,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let paced = fanout_edgestream(&cli, transport, n, paced_events, Some(peak / 2.0))
             .await
             .with_context(|| format!("{name} paced"))?;
-        let latency = json!({"events_per_sec": peak / 2.0, "subscribers": n, "us": paced["latency_us"], "cdf_us": paced["latency_cdf_us"]});
-        report.insert(
-            name.into(),
-            json!({"edgestream": ours, "baseline": base, "ratio": ratio, "ratios": ratios, "latency_at_half_peak": latency}),
-        );
+        let figure = FanoutFigure {
+            edgestream: ours,
+            baseline: base,
+            ratio,
+            ratios,
+            latency_at_half_peak: LatencyAt {
+                events_per_sec: peak / 2.0,
+                subscribers: n,
+                us: paced.latency_us,
+                cdf_us: paced.latency_cdf_us,
+            },
+        };
+        report.insert(name.into(), serde_json::to_value(figure)?);
     }
     let behind = if cli.quick { 10_000 } else { 100_000 };
     if cli.wants("replay") {
@@ -1122,9 +1221,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("idle_memory: {name}, {low} -> {high} sessions ...");
         idle.insert(
             name.into(),
-            idle_memory(&cli, transport, low, high)
-                .await
-                .context("idle_memory")?,
+            serde_json::to_value(
+                idle_memory(&cli, transport, low, high)
+                    .await
+                    .context("idle_memory")?,
+            )?,
         );
     }
     if !idle.is_empty() {

@@ -156,6 +156,13 @@ impl WsClient {
         }
     }
 
+    /// Waits for the server's close; its code as one of the contract's (an error otherwise).
+    pub async fn expect_close_code(&mut self) -> anyhow::Result<edgestream_codec::CloseCode> {
+        let (code, reason) = self.expect_close().await?;
+        edgestream_codec::CloseCode::from_code(code)
+            .with_context(|| format!("close code {code} ({reason}) is not the contract's"))
+    }
+
     /// Collects `n` events (any org), skipping heartbeats and presence, failing on anything else.
     pub async fn events(&mut self, n: usize) -> anyhow::Result<Vec<Ev>> {
         let mut out = Vec::with_capacity(n);

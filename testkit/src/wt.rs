@@ -379,6 +379,15 @@ impl WtClient {
         close_code(&e).with_context(|| format!("closed without a session close code: {e}"))
     }
 
+    /// Waits for the server to close the session; its code as one of the contract's.
+    pub async fn closed_code(&self) -> anyhow::Result<edgestream_codec::CloseCode> {
+        let (code, reason) = self.closed().await?;
+        u16::try_from(code)
+            .ok()
+            .and_then(edgestream_codec::CloseCode::from_code)
+            .with_context(|| format!("close code {code} ({reason}) is not the contract's"))
+    }
+
     /// Closes the session from the client side.
     pub fn close(&self, code: u32) {
         self.session.close(code, b"client done");
