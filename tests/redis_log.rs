@@ -609,6 +609,9 @@ async fn thousands_of_orgs_share_two_redis_connections_and_idle_reads_nothing() 
         x.redis = Some(url);
         // A presence tick every 500 ms: six in each idle window below.
         x.presence_ttl = Some("1500ms".parse().unwrap());
+        // The clients are read only at the end: on a loaded machine the test outlasts the
+        // default 30 s, after which the server closes clients that never answer its pings.
+        x.ws_idle_timeout = Some("600s".parse().unwrap());
     })
     .await;
     let orgs: Vec<String> = (0..ORGS).map(|i| format!("o{i}")).collect();
