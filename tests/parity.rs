@@ -266,39 +266,6 @@ fn key_of(f: &Frame) -> Option<String> {
     }
 }
 
-/// The frame with what differs between two nodes (epochs, timestamps) replaced.
-fn normal(f: Frame) -> Frame {
-    match f {
-        Frame::Subscribed {
-            org, head, resume, ..
-        } => Frame::Subscribed {
-            org,
-            epoch: "E".into(),
-            head,
-            resume,
-        },
-        Frame::Reset { org, head, .. } => Frame::Reset {
-            org,
-            epoch: "E".into(),
-            head,
-        },
-        Frame::Event {
-            org,
-            seq,
-            flags,
-            payload,
-            ..
-        } => Frame::Event {
-            org,
-            seq,
-            ts: 0,
-            flags,
-            payload,
-        },
-        f => f,
-    }
-}
-
 impl Client {
     async fn connect(t: Transport, node: &TestServer, query: &str) -> anyhow::Result<Client> {
         Ok(match t {
@@ -421,7 +388,7 @@ async fn run(s: &Scenario, t: Transport) -> Transcript {
             }
             Step::Send(f) => c.send(f).await,
             Step::Expect(key) => {
-                let f = normal(c.next(key).await);
+                let f = edgestream_testkit::node_neutral(c.next(key).await);
                 tr.frames.push((key.to_string(), f));
             }
             Step::Closed(code) => {

@@ -601,7 +601,7 @@ async fn both_layouts_answer_a_script_with_the_same_frames() {
             frames
                 .iter()
                 .filter(|(d, _)| d == dest)
-                .map(|(_, f)| same_epoch(f.clone()))
+                .map(|(_, f)| edgestream_testkit::node_neutral(f.clone()))
                 .collect()
         };
         let mut per_org = Vec::new();
@@ -647,39 +647,6 @@ async fn both_layouts_answer_a_script_with_the_same_frames() {
     assert_eq!(ws_rest, wt_control.iter().collect::<Vec<_>>());
     assert_eq!(ws_close, wt_close);
     assert_eq!(ws_close.len(), 1, "the malformed since closes the session");
-}
-
-/// The frame with its epoch replaced by "E" (two nodes' logs have different epochs).
-fn same_epoch(f: Frame) -> Frame {
-    match f {
-        Frame::Subscribed {
-            org, head, resume, ..
-        } => Frame::Subscribed {
-            org,
-            epoch: "E".into(),
-            head,
-            resume,
-        },
-        Frame::Reset { org, head, .. } => Frame::Reset {
-            org,
-            epoch: "E".into(),
-            head,
-        },
-        Frame::Event {
-            org,
-            seq,
-            ts: _,
-            flags,
-            payload,
-        } => Frame::Event {
-            org,
-            seq,
-            ts: 0,
-            flags,
-            payload,
-        },
-        f => f,
-    }
 }
 
 #[test]
