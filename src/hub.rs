@@ -79,15 +79,12 @@ impl Sink {
     /// A bounded queue of `capacity` events: the sink for the hub, the receiver for the session.
     pub fn bounded(capacity: usize) -> (Sink, mpsc::Receiver<Live>, Arc<Overflow>) {
         let overflow = Arc::new(Overflow::default());
-        let (sink, rx) = Sink::bounded_with(capacity, overflow.clone());
-        (sink, rx, overflow)
-    }
-
-    /// A bounded queue that raises a shared overflow signal (one signal per session, several
-    /// queues: WebTransport has one queue per org stream).
-    pub fn bounded_with(capacity: usize, overflow: Arc<Overflow>) -> (Sink, mpsc::Receiver<Live>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Sink { tx, overflow }, rx)
+        let sink = Sink {
+            tx,
+            overflow: overflow.clone(),
+        };
+        (sink, rx, overflow)
     }
 
     fn push(&self, item: Live) {
@@ -325,16 +322,6 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
     }
 }
 
-/// Reads an org's head on this node from any task.
-#[derive(Clone)]
-pub struct HeadWatch(Arc<Feed>);
-
-impl HeadWatch {
-    pub fn head(&self) -> u64 {
-        self.0.head.load(Ordering::Acquire)
-    }
-}
-
 /// What a cursor asks its session to send.
 #[derive(Debug, Clone)]
 pub enum Delivery {
@@ -360,11 +347,6 @@ pub struct OrgCursor {
 impl OrgCursor {
     pub fn org(&self) -> &OrgId {
         &self.org
-    }
-
-    /// A handle that reads the org's head on this node (for heartbeats sent by another task).
-    pub fn head_watch(&self) -> HeadWatch {
-        HeadWatch(self.registration.feed.clone())
     }
 
     /// The org's head as far as this node knows (for heartbeats).

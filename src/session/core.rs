@@ -297,11 +297,6 @@ impl SessionCore {
         self.token.expires_at
     }
 
-    /// The verified subject.
-    pub fn sub(&self) -> &str {
-        &self.token.grant.sub
-    }
-
     /// Whether the core has closed (a [`Transmit::Close`] was emitted).
     pub fn is_closed(&self) -> bool {
         self.closed
