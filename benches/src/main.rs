@@ -513,6 +513,23 @@ struct LatencyAt {
     cdf_us: Vec<u64>,
 }
 
+/// A catch-up figure: `events` replayed to one client in `seconds`.
+#[derive(Debug, serde::Serialize)]
+struct Replay {
+    events: u64,
+    seconds: f64,
+    events_per_sec: f64,
+}
+
+/// An ingest figure: `events` published in requests of `batch` by 4 publishers.
+#[derive(Debug, serde::Serialize)]
+pub struct Ingest {
+    batch: u64,
+    events: u64,
+    seconds: f64,
+    events_per_sec: f64,
+}
+
 /// RSS at two session counts, and the growth per session between them.
 #[derive(Debug, Clone, serde::Serialize)]
 struct IdleRss {
@@ -747,7 +764,7 @@ fn percentiles(sorted: &[u64]) -> Percentiles {
 }
 
 /// Catch-up rate of one client reconnecting `behind` events behind.
-async fn replay(cli: &Cli, behind: u64) -> anyhow::Result<Value> {
+async fn replay(cli: &Cli, behind: u64) -> anyhow::Result<Replay> {
     let es = start_edgestream(cli, behind).await?;
     let t = tok(&["replay"]);
     let mut epoch_name = String::new();
@@ -785,11 +802,15 @@ async fn replay(cli: &Cli, behind: u64) -> anyhow::Result<Value> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(json!({"events": behind, "seconds": secs, "events_per_sec": behind as f64 / secs}))
+    Ok(Replay {
+        events: behind,
+        seconds: secs,
+        events_per_sec: behind as f64 / secs,
+    })
 }
 
 /// Publish rate over HTTP with `batch` events per request, from 4 concurrent publishers.
-async fn ingest(cli: &Cli, events: u64, batch: u64, fsync: Option<&str>) -> anyhow::Result<Value> {
+async fn ingest(cli: &Cli, events: u64, batch: u64, fsync: Option<&str>) -> anyhow::Result<Ingest> {
     // The durable log in a fresh directory, removed after the run.
     let dir = std::env::temp_dir().join(format!("edgestream-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -812,7 +833,7 @@ async fn ingest_into(
     events: u64,
     batch: u64,
     extra: &[String],
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Ingest> {
     let es = start_edgestream_with(cli, events, extra).await?;
     let t = tok(&["ingest"]);
     let start = Instant::now();
@@ -844,9 +865,12 @@ async fn ingest_into(
     if h["head"].as_u64() != Some(per * 4) {
         bail!("ingest head {} != {}", h["head"], per * 4);
     }
-    Ok(
-        json!({"batch": batch, "events": per * 4, "seconds": secs, "events_per_sec": (per * 4) as f64 / secs}),
-    )
+    Ok(Ingest {
+        batch,
+        events: per * 4,
+        seconds: secs,
+        events_per_sec: (per * 4) as f64 / secs,
+    })
 }
 
 /// Resident set size of a process, in bytes.
@@ -1111,7 +1135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("replay: {behind} events behind ...");
         report.insert(
             "replay".into(),
-            replay(&cli, behind).await.context("replay")?,
+            serde_json::to_value(replay(&cli, behind).await.context("replay")?)?,
         );
     }
     let ingest_events = if cli.quick { 2_000 } else { 200_000 };
@@ -1139,9 +1163,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             ing.insert(
                 key,
-                ingest(&cli, count, batch, fsync)
-                    .await
-                    .with_context(|| format!("ingest {label}"))?,
+                serde_json::to_value(
+                    ingest(&cli, count, batch, fsync)
+                        .await
+                        .with_context(|| format!("ingest {label}"))?,
+                )?,
             );
         }
     }
@@ -1165,9 +1191,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("redis_ingest: {key} ...");
                 ri.insert(
                     key.clone(),
-                    redis_ingest(&cli, count, batch, min_replicas)
-                        .await
-                        .with_context(|| format!("redis_ingest {key}"))?,
+                    serde_json::to_value(
+                        redis_ingest(&cli, count, batch, min_replicas)
+                            .await
+                            .with_context(|| format!("redis_ingest {key}"))?,
+                    )?,
                 );
             }
         }

@@ -69,7 +69,7 @@ pub(crate) async fn redis_ingest(
     events: u64,
     batch: u64,
     min_replicas: bool,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<crate::Ingest> {
     let primary = RedisProc::start(None)?;
     let _replica = RedisProc::start(Some(primary.1))?;
     let mut extra = vec![
