@@ -191,6 +191,10 @@ serve_options! {
     redis_replica_timeout: HumanDuration,
     /// With --redis or --redis-cluster: a node refreshes its entry in the presence node registry every third of this; a node silent this long (dead, cut off) has its users leave [default: 15s]
     presence_ttl: HumanDuration,
+    /// Presence batches: at most one PRESENCE frame per org (and room) per this, with the changes since the previous one [default: 500ms]
+    presence_interval: HumanDuration,
+    /// Presence frames of a group (an org, a room) with more users than this carry the count only; the HTTP routes still page the members [default: 1000]
+    presence_max_members: usize,
     /// With --redis and --server-id: a node refreshes its entry in the node registry every third of this; a node silent this long counts as dead, and only then do its peers answer its connections with stateless resets [default: 3s]
     node_ttl: HumanDuration,
     /// Keep the embedded log on disk in this directory: a restart keeps epochs, seqs and the replay window [default: in memory only]
@@ -306,6 +310,8 @@ pub struct Config {
     pub redis_replica_timeout: Duration,
     /// How long a node's shared presence entries live without a refresh.
     pub presence_ttl: Duration,
+    /// How presence is batched.
+    pub presence: crate::presence::Batching,
     /// How long a node stays in the node registry without a refresh.
     pub node_ttl: Duration,
     /// The embedded log's directory and sync policy; `None`: in memory.
@@ -480,6 +486,13 @@ impl Config {
                 .presence_ttl
                 .map_or(Duration::from_secs(15), |d| d.0)
                 .max(Duration::from_millis(300)),
+            presence: crate::presence::Batching {
+                interval: a
+                    .presence_interval
+                    .map_or(Duration::from_millis(500), |d| d.0)
+                    .max(Duration::from_millis(10)),
+                max_members: a.presence_max_members.unwrap_or(1000),
+            },
             uploads: a.upload_dir.map(|dir| crate::upload::UploadConfig {
                 dir,
                 max_bytes: a.max_upload_bytes.unwrap_or(100 << 20),

@@ -28,6 +28,12 @@ use crate::metrics::Metrics;
 use crate::model::{Epoch, OrgId, Position};
 use crate::note::PresenceNote;
 
+/// Takes an org's signals (a shared log's side channel: presence batches) as its follower on
+/// this node reads them. Installed once with [`Hub::on_signals`].
+pub trait SignalHandler: Send + Sync {
+    fn signals(&self, org: &OrgId, signals: &[bytes::Bytes]);
+}
+
 /// Raised when a session's queue is full: the session must close with 4008.
 #[derive(Debug, Default)]
 pub struct Overflow {
@@ -61,7 +67,7 @@ impl Overflow {
     }
 }
 
-/// What a session's queue carries: the org's next events, and presence changes of the org.
+/// What a session's queue carries: the org's next events, and presence batches it listens to.
 #[derive(Debug, Clone)]
 pub enum Live {
     Event(Arc<Event>),
@@ -87,7 +93,7 @@ impl Sink {
         (sink, rx, overflow)
     }
 
-    fn push(&self, item: Live) {
+    pub fn push(&self, item: Live) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(item) {
             self.overflow.raise();
         }
@@ -99,7 +105,9 @@ struct Feed {
     org: OrgId,
     /// The latest seq seen upstream (for heartbeats).
     head: AtomicU64,
-    subscribers: Mutex<Vec<(u64, Sink)>>,
+    /// Sinks that receive the org's events (`None`: a [`Watch`], which only keeps the org
+    /// followed).
+    subscribers: Mutex<Vec<(u64, Option<Sink>)>>,
     task: Mutex<Option<AbortHandle>>,
     /// True once the upstream follows the log. Subscribers wait for it before reading the
     /// head, so the follower's start is never after a head a subscriber relies on.
@@ -111,6 +119,7 @@ struct HubInner {
     feeds: Mutex<HashMap<OrgId, Arc<Feed>>>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
+    signals: std::sync::OnceLock<Weak<dyn SignalHandler>>,
 }
 
 /// The pool of upstream subscriptions. Cheap to clone.
@@ -142,6 +151,7 @@ impl Hub {
                 feeds: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 metrics,
+                signals: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -164,7 +174,7 @@ impl Hub {
     ) -> Result<(OrgCursor, Subscribed), LogError> {
         // Register first, and wait until the org's upstream follows the log: then every event
         // after the head read below reaches the sink.
-        let registration = self.register(org, sink);
+        let registration = self.register(org, Some(sink));
         let mut following = registration.feed.following.subscribe();
         match tokio::time::timeout(FOLLOW_TIMEOUT, following.wait_for(|f| *f)).await {
             Ok(Ok(_)) => {}
@@ -193,17 +203,27 @@ impl Hub {
         Ok((cursor, subscribed))
     }
 
-    /// Sends a presence change to the org's subscribers on this node.
-    pub fn notify(&self, org: &OrgId, note: Arc<PresenceNote>) {
-        let feed = self.inner.feeds.lock().get(org).cloned();
-        if let Some(feed) = feed {
-            for (_, sink) in feed.subscribers.lock().iter() {
-                sink.push(Live::Presence(note.clone()));
-            }
-        }
+    /// Where the orgs' signals go (set once, by presence on a shared log).
+    pub fn on_signals(&self, handler: Weak<dyn SignalHandler>) {
+        let _ = self.inner.signals.set(handler);
     }
 
-    fn register(&self, org: &OrgId, sink: &Sink) -> Registration {
+    /// Keeps `org` followed on this node (so that its signals arrive) while the watch lives,
+    /// without receiving its events.
+    pub async fn watch(&self, org: &OrgId) -> Result<Watch, LogError> {
+        let registration = self.register(org, None);
+        let mut following = registration.feed.following.subscribe();
+        let followed = matches!(
+            tokio::time::timeout(FOLLOW_TIMEOUT, following.wait_for(|f| *f)).await,
+            Ok(Ok(_))
+        );
+        if !followed {
+            return Err(LogError::Unavailable("cannot follow the org's log".into()));
+        }
+        Ok(Watch(registration))
+    }
+
+    fn register(&self, org: &OrgId, sink: Option<&Sink>) -> Registration {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut feeds = self.inner.feeds.lock();
         let feed = match feeds.get(org) {
@@ -216,14 +236,18 @@ impl Hub {
                     task: Mutex::new(None),
                     following: watch::channel(false).0,
                 });
-                let task = tokio::spawn(upstream(self.inner.log.clone(), Arc::downgrade(&feed)));
+                let task = tokio::spawn(upstream(
+                    self.inner.log.clone(),
+                    Arc::downgrade(&feed),
+                    self.inner.signals.get().cloned(),
+                ));
                 *feed.task.lock() = Some(task.abort_handle());
                 feeds.insert(org.clone(), feed.clone());
                 self.inner.metrics.orgs_subscribed.set(feeds.len() as u64);
                 feed
             }
         };
-        feed.subscribers.lock().push((id, sink.clone()));
+        feed.subscribers.lock().push((id, sink.cloned()));
         Registration {
             hub: Arc::downgrade(&self.inner),
             feed,
@@ -231,6 +255,9 @@ impl Hub {
         }
     }
 }
+
+/// Keeps an org followed on this node ([`Hub::watch`]).
+pub struct Watch(#[allow(dead_code)] Registration);
 
 /// A sink's place in a feed; dropping it unsubscribes, and the last one out releases the
 /// org's upstream subscription.
@@ -266,7 +293,11 @@ impl Drop for Registration {
 }
 
 /// The upstream subscription of one org: follows the log and pushes each event to every sink.
-async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
+async fn upstream(
+    log: Arc<dyn EventLog>,
+    feed: Weak<Feed>,
+    handler: Option<Weak<dyn SignalHandler>>,
+) {
     let mut backoff = Duration::from_millis(100);
     let Some(org) = feed.upgrade().map(|f| f.org.clone()) else {
         return;
@@ -304,18 +335,17 @@ async fn upstream(log: Arc<dyn EventLog>, feed: Weak<Feed>) {
             if let Some(last) = events.last() {
                 feed.head.store(last.seq, Ordering::Release);
             }
-            let subs = feed.subscribers.lock();
-            for event in &events {
-                for (_, sink) in subs.iter() {
-                    sink.push(Live::Event(event.clone()));
+            {
+                let subs = feed.subscribers.lock();
+                for event in &events {
+                    for sink in subs.iter().filter_map(|(_, s)| s.as_ref()) {
+                        sink.push(Live::Event(event.clone()));
+                    }
                 }
             }
-            for note in signals
-                .iter()
-                .filter_map(|s| PresenceNote::from_signal(&org, s))
-            {
-                for (_, sink) in subs.iter() {
-                    sink.push(Live::Presence(note.clone()));
+            if !signals.is_empty() {
+                if let Some(h) = handler.as_ref().and_then(Weak::upgrade) {
+                    h.signals(&org, &signals);
                 }
             }
         }

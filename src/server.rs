@@ -167,10 +167,13 @@ impl Server {
             session_permits: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
             uploads,
             presence: match log.backbone() {
-                Some(redis) => {
-                    crate::presence::Presence::shared(hub.clone(), redis, config.presence_ttl)
-                }
-                None => crate::presence::Presence::new(hub.clone()),
+                Some(redis) => crate::presence::Presence::shared(
+                    hub.clone(),
+                    redis,
+                    config.presence_ttl,
+                    config.presence,
+                ),
+                None => crate::presence::Presence::new(hub.clone(), config.presence),
             },
             hub,
             auth: Arc::new(auth),

@@ -117,14 +117,16 @@ pub enum Frame {
     Ping(Bytes),
     /// 0x08, server to client: the chat message `id` is the org's event `seq`.
     ChatAck { id: String, seq: u64 },
-    /// 0x09, server to client: `user` joined (or left) `room` of `org` (an empty room: the org
-    /// itself); `online` users are present now.
+    /// 0x09, server to client: a batch of presence changes of `room` in `org` (an empty room:
+    /// the org itself): each user whose presence changed since the previous batch, with their
+    /// state now (`true`: present), and `online`, the users present after the changes. A
+    /// snapshot lists every present user as joined; above the member limit `changes` is empty
+    /// and only `online` travels.
     Presence {
         org: String,
         room: String,
-        user: String,
-        joined: bool,
         online: u64,
+        changes: Vec<(String, bool)>,
     },
     /// 0x14, client to server.
     Join { org: String, room: String },
@@ -264,15 +266,14 @@ impl Frame {
             Frame::Presence {
                 org,
                 room,
-                user,
-                joined,
                 online,
+                changes,
             } => {
                 str_len(org)
                     + str_len(room)
-                    + str_len(user)
-                    + varint::len(u64::from(*joined))
                     + varint::len(*online)
+                    + varint::len(changes.len() as u64)
+                    + changes.iter().map(|(u, _)| str_len(u) + 1).sum::<usize>()
             }
             Frame::Join { org, room } | Frame::Leave { org, room } => str_len(org) + str_len(room),
             Frame::Chat {
@@ -376,15 +377,17 @@ impl Frame {
             Frame::Presence {
                 org,
                 room,
-                user,
-                joined,
                 online,
+                changes,
             } => {
                 put_str(buf, org);
                 put_str(buf, room);
-                put_str(buf, user);
-                varint::write(buf, u64::from(*joined));
                 varint::write(buf, *online);
+                varint::write(buf, changes.len() as u64);
+                for (user, joined) in changes {
+                    put_str(buf, user);
+                    varint::write(buf, u64::from(*joined));
+                }
             }
             Frame::Join { org, room } | Frame::Leave { org, room } => {
                 put_str(buf, org);
@@ -561,13 +564,27 @@ fn decode_body(kind: u64, mut body: Bytes) -> Result<Frame, DecodeError> {
             id: get_str(b)?,
             seq: varint::read(b)?,
         },
-        kind::PRESENCE => Frame::Presence {
-            org: get_str(b)?,
-            room: get_str(b)?,
-            user: get_str(b)?,
-            joined: varint::read(b)? != 0,
-            online: varint::read(b)?,
-        },
+        kind::PRESENCE => {
+            let org = get_str(b)?;
+            let room = get_str(b)?;
+            let online = varint::read(b)?;
+            let count = varint::read(b)?;
+            // Each change takes at least two bytes: never trust `count` for the allocation.
+            if count > (b.remaining() / 2) as u64 {
+                return Err(DecodeError::Truncated);
+            }
+            let mut changes = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let user = get_str(b)?;
+                changes.push((user, varint::read(b)? != 0));
+            }
+            Frame::Presence {
+                org,
+                room,
+                online,
+                changes,
+            }
+        }
         kind::JOIN => Frame::Join {
             org: get_str(b)?,
             room: get_str(b)?,
@@ -729,16 +746,14 @@ mod tests {
             (
                 any_string(),
                 any_string(),
-                any_string(),
-                any::<bool>(),
-                any_u62()
+                any_u62(),
+                proptest::collection::vec((any_string(), any::<bool>()), 0..4)
             )
-                .prop_map(|(org, room, user, joined, online)| Frame::Presence {
+                .prop_map(|(org, room, online, changes)| Frame::Presence {
                     org,
                     room,
-                    user,
-                    joined,
-                    online
+                    online,
+                    changes
                 }),
             (any_string(), any_string()).prop_map(|(org, room)| Frame::Join { org, room }),
             (any_string(), any_string()).prop_map(|(org, room)| Frame::Leave { org, room }),

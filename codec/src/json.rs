@@ -167,21 +167,44 @@ pub fn chat_ack(id: &str, seq: u64) -> String {
     format!(r#"{{"t":"chat_ack","id":{},"seq":{seq}}}"#, quoted(id))
 }
 
-/// `{"t":"presence","org":"acme","room":"lobby","user":"alice","joined":1,"online":2}`
-pub fn presence(org: &str, room: &str, user: &str, joined: bool, online: u64) -> String {
-    format!(
-        r#"{{"t":"presence","org":{},"room":{},"user":{},"joined":{},"online":{online}}}"#,
+/// `{"t":"presence","org":"acme","room":"lobby","online":2,"changes":[{"user":"alice","joined":true}]}`
+pub fn presence(org: &str, room: &str, online: u64, changes: &[(String, bool)]) -> String {
+    let mut out = format!(
+        r#"{{"t":"presence","org":{},"room":{},"online":{online},"changes":["#,
         quoted(org),
         quoted(room),
-        quoted(user),
-        u8::from(joined)
-    )
+    );
+    for (i, (user, joined)) in changes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r#"{"user":"#);
+        out.push_str(&quoted(user));
+        out.push_str(r#","joined":"#);
+        out.push_str(if *joined { "true" } else { "false" });
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn presence_batches_are_json_with_a_change_list() {
+        let changes = vec![("a\"b".to_string(), true), ("c".to_string(), false)];
+        let v: Value = serde_json::from_str(&presence("acme", "", 1, &changes)).unwrap();
+        assert_eq!(
+            v,
+            json!({"t": "presence", "org": "acme", "room": "", "online": 1,
+                   "changes": [{"user": "a\"b", "joined": true}, {"user": "c", "joined": false}]})
+        );
+        let v: Value = serde_json::from_str(&presence("acme", "lobby", 5000, &[])).unwrap();
+        assert_eq!(v["changes"], json!([]));
+    }
 
     fn v(s: &str) -> Value {
         serde_json::from_str(s).expect("valid JSON")

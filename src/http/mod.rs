@@ -236,28 +236,60 @@ fn granted_org(app: &App, org: &str, headers: &HeaderMap, uri: &Uri) -> Result<O
     Ok(org)
 }
 
-/// `GET /v1/orgs/{org}/presence`: the users online in the org (on every node sharing the log).
+/// `?limit=N&after=SUB` of the member routes.
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// Members per page: the default and the most.
+const PAGE_MAX: usize = 1000;
+
+impl PageQuery {
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            Some(0) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "limit must be 1 to 1000",
+            )),
+            l => Ok(l.unwrap_or(PAGE_MAX).min(PAGE_MAX)),
+        }
+    }
+}
+
+/// `GET /v1/orgs/{org}/presence?limit=N&after=SUB`: a page of the users online in the org (on
+/// every node sharing the log), in `sub` order; `next` continues it.
 async fn org_presence(
     State(app): State<Arc<App>>,
     Path(org): Path<String>,
     headers: HeaderMap,
     uri: Uri,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let org = granted_org(&app, &org, &headers, &uri)?;
-    let users = app.env.presence.org_users(&org).await;
+    let limit = q.limit()?;
+    let r = app
+        .env
+        .presence
+        .room(&org, "", q.after.as_deref(), limit)
+        .await;
     Ok(Json(json!({
         "org": org.as_str(),
-        "online": users.len(),
-        "users": users.iter().map(|(sub, n)| json!({"sub": sub, "sessions": n})).collect::<Vec<_>>(),
+        "online": r.online,
+        "users": r.members.iter().map(|(sub, n)| json!({"sub": sub, "sessions": n})).collect::<Vec<_>>(),
+        "next": r.next,
     })))
 }
 
-/// `GET /v1/orgs/{org}/rooms/{room}`: a room's members and chat figures (on every node sharing the log).
+/// `GET /v1/orgs/{org}/rooms/{room}?limit=N&after=SUB`: a room's chat figures and a page of
+/// its members (on every node sharing the log); `next` continues it.
 async fn room_view(
     State(app): State<Arc<App>>,
     Path((org, room)): Path<(String, String)>,
     headers: HeaderMap,
     uri: Uri,
+    Query(q): Query<PageQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let org = granted_org(&app, &org, &headers, &uri)?;
     if OrgId::parse(&room).is_err() {
@@ -266,11 +298,16 @@ async fn room_view(
             "invalid room: 1 to 64 bytes of [A-Za-z0-9_.-]",
         ));
     }
-    let r = app.env.presence.room(&org, &room).await;
+    let limit = q.limit()?;
+    let r = app
+        .env
+        .presence
+        .room(&org, &room, q.after.as_deref(), limit)
+        .await;
     let members: Vec<&str> = r.members.iter().map(|(m, _)| m.as_str()).collect();
     Ok(Json(json!({
-        "org": org.as_str(), "room": room, "online": members.len(), "members": members,
-        "messages": r.messages, "last_message_ts": r.last_message_ts,
+        "org": org.as_str(), "room": room, "online": r.online, "members": members,
+        "next": r.next, "messages": r.messages, "last_message_ts": r.last_message_ts,
     })))
 }
 

@@ -1,10 +1,17 @@
 //! Presence shared by the nodes of one Redis (`--redis`, `--redis-cluster`).
 //!
 //! Each node publishes its own sessions per (org, room, user); one Lua script keeps the
-//! combined view and announces each change of it (a user's first session anywhere, or last)
-//! on the org's signal stream, which every node following the org reads beside its events
-//! (`crate::log::redis::signal_key`) and hands to its subscribers as PRESENCE. Every node
-//! therefore sends the same changes in the same order, with the combined `online` figure.
+//! combined view, records each change of it (a user's first session anywhere, or last) as
+//! pending, and sends the pending changes of an org as batches (and the snapshots a node asked
+//! for) on the org's signal stream, at most once per presence interval (the script keeps the
+//! time of the org's last flush, on the Redis clock, so the throttle holds whichever node
+//! flushes). Every node following the org reads that stream beside its events
+//! (`crate::log::redis::signal_key`) and hands each batch to its listeners: every node sends
+//! the same batches in the same order, with the combined `online` figure.
+//!
+//! A script run that finds the org's batch throttled answers how long until it may go; the
+//! writer runs `flush` for the org then (whichever node made the change, so a dead node's
+//! pending changes are sent by the node whose script run reaped it).
 //!
 //! ## Layout (hash tag `{org}`, like the log's keys, so one slot holds an org)
 //! - `es:presence:nodes` (one key for all orgs): sorted set, node id -> deadline (ms, Redis
@@ -23,7 +30,12 @@
 //! - `es:{org}:pu`: hash `room\x1fuser` -> sessions on all nodes;
 //! - `es:{org}:pm:<room>`: set of the users present (`pm:` with no room: the org);
 //! - `es:{org}:pc`: hash `room\x1fm` (messages), `room\x1ft` (last message time);
-//! - the signal stream, capped at about 1000 entries: `joined\x1fonline\x1froom\x1fuser`.
+//! - `es:{org}:pr`: set of rooms with a pending batch; `es:{org}:pd:<room>`: hash user ->
+//!   present at the last batch (1/0), for the users that flipped since; `es:{org}:po`: hash
+//!   room -> `online` as last sent; `es:{org}:pw`: rooms a node wants a snapshot of;
+//!   `es:{org}:pt`: the last flush (ms), living one interval;
+//! - the signal stream, capped at about 1000 entries, one batch or snapshot per entry
+//!   ([`crate::note::Signal`]).
 //!
 //! Keys expire an hour after their last write, so an org every node has left disappears.
 //!
@@ -46,7 +58,7 @@ use std::time::Duration;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Presence, RoomView};
+use super::{Batching, Presence, RoomView};
 use crate::log::redis::{signal_key, Conn};
 use crate::model::OrgId;
 
@@ -79,23 +91,36 @@ return {now, was > now and 1 or 0, redis.call('ZRANGE', KEYS[1], 0, -1)}
 "#;
 
 /// KEYS = the org's node set, signal stream; ARGV = key prefix `es:{org}:`, node, keep ms,
-/// live nodes (comma-separated; `?`: unknown), when the registry said so (ms), op, op
-/// arguments: `set` entry sessions | `sync` (entry sessions)... | `chat` room ts | `read` room
-/// | `reap`. `read` returns {{user, sessions, ...}, messages, last message ts}.
+/// live nodes (comma-separated; `?`: unknown), when the registry said so (ms), op, presence
+/// interval ms, member limit, op arguments: `set` entry sessions | `sync` (entry sessions)... |
+/// `want` room | `flush` | `reap` | `chat` room ts | `read` room. The first five return the ms
+/// until the org's pending batch may be sent (0: nothing pending); `read` returns
+/// {{user, sessions, ...}, messages, last message ts}.
 const PRESENCE: &str = r#"
 local SKEW_MS = 1000
 local p, node, keep, live, since, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local interval, limit = tonumber(ARGV[7]), tonumber(ARGV[8])
 local SEP = '\31'
 local nodes, signals = KEYS[1], KEYS[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local function announce(room, user, joined, online)
-  redis.call('XADD', signals, 'MAXLEN', '~', 1000, '*', 'd',
-    joined .. SEP .. online .. SEP .. room .. SEP .. user)
+-- A batch ('b') or snapshot ('s') on the signal stream (crate::note::Signal's format).
+local function emit(kind, online, room, changes)
+  local parts = {kind, SEP, online, SEP, room, SEP}
+  for i = 1, #changes, 2 do
+    local u = changes[i]
+    table.insert(parts, changes[i + 1] .. string.len(u) .. ':' .. u)
+  end
+  redis.call('XADD', signals, 'MAXLEN', '~', 1000, '*', 'd', table.concat(parts))
   redis.call('PEXPIRE', signals, keep)
   -- Wakes the org's followers on every node (crate::log::wakes: the events stream's channel).
   redis.call('PUBLISH', p .. 's', 'signal')
+end
+
+local function pending(room)
+  redis.call('SADD', p .. 'pr', room)
+  redis.call('PEXPIRE', p .. 'pr', keep)
 end
 
 -- Node n now has s sessions of entry ru (room SEP user).
@@ -110,13 +135,88 @@ local function set(n, ru, s)
   if old == s then return end
   if s > 0 then redis.call('HSET', nk, ru, s) else redis.call('HDEL', nk, ru) end
   local total = redis.call('HINCRBY', p .. 'pu', ru, s - old)
+  local flipped
   if total <= 0 then
     redis.call('HDEL', p .. 'pu', ru)
-    if redis.call('SREM', mk, user) == 1 then announce(room, user, 0, redis.call('SCARD', mk)) end
-  elseif redis.call('SADD', mk, user) == 1 then
+    flipped = redis.call('SREM', mk, user) == 1
+  else
+    flipped = redis.call('SADD', mk, user) == 1
     redis.call('PEXPIRE', mk, keep)
-    announce(room, user, 1, redis.call('SCARD', mk))
   end
+  if flipped then
+    -- Whether the user was present at the last batch: the opposite of now, at the first flip.
+    local dk = p .. 'pd:' .. room
+    redis.call('HSETNX', dk, user, total <= 0 and '1' or '0')
+    redis.call('PEXPIRE', dk, keep)
+    pending(room)
+  end
+end
+
+local function sorted(room)
+  local all = redis.call('SMEMBERS', p .. 'pm:' .. room)
+  table.sort(all)
+  return all
+end
+
+-- Sends the org's pending batches (one per room with changes, then the snapshots asked for),
+-- at most once per interval; returns the ms until it may, or 0.
+local function flush()
+  local rooms = redis.call('SMEMBERS', p .. 'pr')
+  if #rooms == 0 then return 0 end
+  local last = tonumber(redis.call('GET', p .. 'pt') or '0')
+  if now < last + interval then return last + interval - now end
+  redis.call('SET', p .. 'pt', now, 'PX', math.max(interval, 1))
+  redis.call('DEL', p .. 'pr')
+  table.sort(rooms)
+  for _, room in ipairs(rooms) do
+    local mk, dk = p .. 'pm:' .. room, p .. 'pd:' .. room
+    local online = redis.call('SCARD', mk)
+    local was = tonumber(redis.call('HGET', p .. 'po', room) or '0')
+    local changes = nil
+    if online > limit then
+      if online ~= was then changes = {} end
+    elseif was > limit then
+      changes = {}
+      for _, u in ipairs(sorted(room)) do
+        table.insert(changes, u)
+        table.insert(changes, '1')
+      end
+    else
+      local d = redis.call('HGETALL', dk)
+      local users = {}
+      for j = 1, #d, 2 do
+        local present = redis.call('SISMEMBER', mk, d[j]) == 1
+        if present ~= (d[j + 1] == '1') then table.insert(users, d[j]) end
+      end
+      if #users > 0 then
+        table.sort(users)
+        changes = {}
+        for _, u in ipairs(users) do
+          table.insert(changes, u)
+          table.insert(changes, redis.call('SISMEMBER', mk, u) == 1 and '1' or '0')
+        end
+      end
+    end
+    redis.call('DEL', dk)
+    if online > 0 then
+      redis.call('HSET', p .. 'po', room, online)
+      redis.call('PEXPIRE', p .. 'po', keep)
+    else
+      redis.call('HDEL', p .. 'po', room)
+    end
+    if changes then emit('b', online, room, changes) end
+    if redis.call('SREM', p .. 'pw', room) == 1 then
+      local snap = {}
+      if online <= limit then
+        for _, u in ipairs(sorted(room)) do
+          table.insert(snap, u)
+          table.insert(snap, '1')
+        end
+      end
+      emit('s', online, room, snap)
+    end
+  end
+  return 0
 end
 
 -- Nodes out of the registry that wrote here before it was read leave with their sessions.
@@ -139,30 +239,35 @@ local function alive()
 end
 
 if op == 'set' then
-  set(node, ARGV[7], tonumber(ARGV[8]))
+  set(node, ARGV[9], tonumber(ARGV[10]))
   alive()
-  return 1
-elseif op == 'reap' then
-  return 1
+  return flush()
+elseif op == 'reap' or op == 'flush' then
+  return flush()
+elseif op == 'want' then
+  redis.call('SADD', p .. 'pw', ARGV[9])
+  redis.call('PEXPIRE', p .. 'pw', keep)
+  pending(ARGV[9])
+  return flush()
 elseif op == 'sync' then
   local want = {}
-  for i = 7, #ARGV, 2 do want[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  for i = 9, #ARGV, 2 do want[ARGV[i]] = tonumber(ARGV[i + 1]) end
   for _, ru in ipairs(redis.call('HKEYS', p .. 'pn:' .. node)) do
     if not want[ru] then set(node, ru, 0) end
   end
   local any = false
   for ru, s in pairs(want) do set(node, ru, s); any = true end
   if any then alive() else redis.call('ZREM', nodes, node) end
-  return 1
+  return flush()
 elseif op == 'chat' then
   local k = p .. 'pc'
-  redis.call('HINCRBY', k, ARGV[7] .. SEP .. 'm', 1)
-  local last = tonumber(redis.call('HGET', k, ARGV[7] .. SEP .. 't') or '0')
-  if tonumber(ARGV[8]) > last then redis.call('HSET', k, ARGV[7] .. SEP .. 't', ARGV[8]) end
+  redis.call('HINCRBY', k, ARGV[9] .. SEP .. 'm', 1)
+  local last = tonumber(redis.call('HGET', k, ARGV[9] .. SEP .. 't') or '0')
+  if tonumber(ARGV[10]) > last then redis.call('HSET', k, ARGV[9] .. SEP .. 't', ARGV[10]) end
   redis.call('PEXPIRE', k, keep)
   return 1
 end
-local room = ARGV[7]
+local room = ARGV[9]
 local members = {}
 for _, user in ipairs(redis.call('SMEMBERS', p .. 'pm:' .. room)) do
   table.insert(members, user)
@@ -190,9 +295,15 @@ enum Op {
         room: String,
         ts: u64,
     },
+    Want {
+        org: OrgId,
+        room: String,
+    },
     Read {
         org: OrgId,
         room: String,
+        after: Option<String>,
+        limit: usize,
         reply: oneshot::Sender<Result<RoomView, String>>,
     },
 }
@@ -204,7 +315,12 @@ pub(super) struct Shared {
 
 impl Shared {
     /// Starts the writer; it ends when the registry is dropped, after the changes queued.
-    pub(super) fn start(conn: Conn, ttl: Duration, presence: Weak<Presence>) -> Shared {
+    pub(super) fn start(
+        conn: Conn,
+        ttl: Duration,
+        batching: Batching,
+        presence: Weak<Presence>,
+    ) -> Shared {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             conn,
@@ -212,6 +328,7 @@ impl Shared {
             register: Script::new(REGISTER),
             node: crate::model::Epoch::random().as_str().to_string(),
             ttl,
+            batching,
             live: None,
         };
         tokio::spawn(writer.run(rx, presence));
@@ -227,6 +344,14 @@ impl Shared {
         });
     }
 
+    /// A session of this node waits for a snapshot of (org, room).
+    pub(super) fn want(&self, org: &OrgId, room: &str) {
+        let _ = self.tx.send(Op::Want {
+            org: org.clone(),
+            room: room.to_string(),
+        });
+    }
+
     pub(super) fn record_chat(&self, org: &OrgId, room: &str, ts: u64) {
         let _ = self.tx.send(Op::Chat {
             org: org.clone(),
@@ -235,12 +360,20 @@ impl Shared {
         });
     }
 
-    pub(super) async fn read(&self, org: &OrgId, room: &str) -> Result<RoomView, String> {
+    pub(super) async fn read(
+        &self,
+        org: &OrgId,
+        room: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RoomView, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Read {
                 org: org.clone(),
                 room: room.to_string(),
+                after: after.map(str::to_string),
+                limit,
                 reply,
             })
             .map_err(|_| "presence writer stopped".to_string())?;
@@ -258,6 +391,7 @@ struct Writer {
     register: Script,
     node: String,
     ttl: Duration,
+    batching: Batching,
     /// The live nodes as the registry last said (comma-separated), and when (ms, Redis
     /// clock); `None` while the registry cannot be read.
     live: Option<(String, u64)>,
@@ -314,6 +448,27 @@ struct Books {
     ticks: u64,
     /// Every org is synced at the next tick (the registry did not know this node as live).
     repair: bool,
+    /// Orgs whose batch waits for the end of their interval, and when to flush them.
+    due: std::collections::BinaryHeap<std::cmp::Reverse<(tokio::time::Instant, OrgId)>>,
+    waiting: HashSet<OrgId>,
+}
+
+impl Books {
+    /// A script run answered `delay_ms` until the org's pending batch may go (0: none).
+    fn after(&mut self, org: &OrgId, reply: &Result<redis::Value, redis::RedisError>) {
+        let delay: u64 = match reply {
+            Ok(v) => redis::from_redis_value(v.clone()).unwrap_or(0),
+            Err(_) => return,
+        };
+        if delay > 0 && self.waiting.insert(org.clone()) {
+            let at = tokio::time::Instant::now() + Duration::from_millis(delay);
+            self.due.push(std::cmp::Reverse((at, org.clone())));
+        }
+    }
+
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.due.peek().map(|std::cmp::Reverse((at, _))| *at)
+    }
 }
 
 impl Writer {
@@ -329,11 +484,21 @@ impl Writer {
         tick.tick().await;
         self.register(&mut books).await;
         loop {
+            let next = books.next_due();
             tokio::select! {
                 op = rx.recv() => match op {
                     Some(op) => self.apply(op, &mut books).await,
                     None => return,
                 },
+                () = tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)), if next.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    while books.next_due().is_some_and(|at| at <= now) {
+                        let Some(std::cmp::Reverse((_, org))) = books.due.pop() else { break };
+                        books.waiting.remove(&org);
+                        let reply = self.call(&org, "flush", &[]).await;
+                        books.after(&org, &reply);
+                    }
+                }
                 _ = tick.tick() => {
                     while let Ok(op) = rx.try_recv() {
                         self.apply(op, &mut books).await;
@@ -403,7 +568,7 @@ impl Writer {
             .cloned()
             .collect();
         for org in gone {
-            match self.sync(&org, &[]).await {
+            match self.sync(books, &org, &[]).await {
                 Ok(()) => {
                     books.placed.remove(&org);
                     books.floors.remove(&org);
@@ -417,9 +582,11 @@ impl Writer {
         for (org, entries) in orgs {
             let result = if due(&org) {
                 books.placed.insert(org.clone());
-                self.sync(&org, &entries).await.map(|()| true)
+                self.sync(books, &org, &entries).await.map(|()| true)
             } else if died {
-                self.call(&org, "reap", &[]).await.map(|_| false)
+                let reply = self.call(&org, "reap", &[]).await;
+                books.after(&org, &reply);
+                reply.map(|_| false)
             } else {
                 continue;
             };
@@ -452,9 +619,20 @@ impl Writer {
                 }
                 books.placed.insert(org.clone());
                 let args = [entry, sessions.to_string()];
-                if let Err(e) = self.call(&org, "set", &args).await {
+                let reply = self.call(&org, "set", &args).await;
+                books.after(&org, &reply);
+                if let Err(e) = reply {
                     tracing::debug!(org = %org, error = %e, "presence change not shared yet");
                     books.dirty.insert(org);
+                }
+            }
+            Op::Want { org, room } => {
+                let reply = self.call(&org, "want", std::slice::from_ref(&room)).await;
+                books.after(&org, &reply);
+                if let Err(e) = reply {
+                    // The session waits for its snapshot until a later flush of the room
+                    // carries one; the next want (another session) or sync asks again.
+                    tracing::debug!(org = %org, error = %e, "presence snapshot not asked for");
                 }
             }
             Op::Chat { org, room, ts } => {
@@ -462,7 +640,13 @@ impl Writer {
                     tracing::debug!(org = %org, error = %e, "room figures not shared");
                 }
             }
-            Op::Read { org, room, reply } => {
+            Op::Read {
+                org,
+                room,
+                after,
+                limit,
+                reply,
+            } => {
                 let view = self
                     .call(&org, "read", std::slice::from_ref(&room))
                     .await
@@ -477,11 +661,13 @@ impl Writer {
                             })
                             .collect();
                         members.sort();
-                        Ok(RoomView {
+                        Ok(page(
                             members,
+                            after.as_deref(),
+                            limit,
                             messages,
                             last_message_ts,
-                        })
+                        ))
                     })
                     .map_err(|e| e.to_string());
                 let _ = reply.send(view);
@@ -489,17 +675,21 @@ impl Writer {
         }
     }
 
-    async fn sync(&self, org: &OrgId, entries: &[(String, u32)]) -> Result<(), redis::RedisError> {
+    async fn sync(
+        &self,
+        books: &mut Books,
+        org: &OrgId,
+        entries: &[(String, u32)],
+    ) -> Result<(), redis::RedisError> {
         let args: Vec<String> = entries
             .iter()
             .flat_map(|(e, n)| [e.clone(), n.to_string()])
             .collect();
-        self.call(org, "sync", &args)
-            .await
-            .map(drop)
-            .inspect_err(|e| {
-                tracing::debug!(org = %org, error = %e, "presence sync failed; a later tick retries");
-            })
+        let reply = self.call(org, "sync", &args).await;
+        books.after(org, &reply);
+        reply.map(drop).inspect_err(|e| {
+            tracing::debug!(org = %org, error = %e, "presence sync failed; a later tick retries");
+        })
     }
 
     async fn call(
@@ -517,7 +707,9 @@ impl Writer {
             .arg(KEEP_MS)
             .arg(self.live.as_ref().map_or("?", |(ids, _)| ids.as_str()))
             .arg(self.live.as_ref().map_or(0, |(_, at)| *at))
-            .arg(op);
+            .arg(op)
+            .arg(self.batching.interval.as_millis() as u64)
+            .arg(self.batching.max_members);
         for a in args {
             call.arg(a);
         }
@@ -525,19 +717,26 @@ impl Writer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signals_round_trip_users_with_separators() {
-        let data = format!("1{SEP}3{SEP}lobby{SEP}a{SEP}b");
-        assert_eq!(
-            crate::note::decode_signal(data.as_bytes()),
-            Some((true, 3, "lobby", &*format!("a{SEP}b")))
-        );
-        assert_eq!(crate::note::decode_signal(b"2\x1f1\x1fr\x1fu"), None);
-        assert_eq!(crate::note::decode_signal(b"1\x1fx\x1fr\x1fu"), None);
-        assert_eq!(crate::note::decode_signal(b"1\x1f1\x1fr"), None);
+/// One page of a sorted member list (byte order, as the embedded registry pages).
+fn page(
+    members: Vec<(String, u32)>,
+    after: Option<&str>,
+    limit: usize,
+    messages: u64,
+    last_message_ts: u64,
+) -> RoomView {
+    let online = members.len() as u64;
+    let start = after.map_or(0, |a| members.partition_point(|(u, _)| u.as_str() <= a));
+    let mut members: Vec<(String, u32)> = members.into_iter().skip(start).take(limit + 1).collect();
+    let next = (members.len() > limit).then(|| {
+        members.truncate(limit);
+        members[limit - 1].0.clone()
+    });
+    RoomView {
+        online,
+        members,
+        next,
+        messages,
+        last_message_ts,
     }
 }

@@ -36,6 +36,14 @@ use crate::log::{Appended, LogError, ReadOutcome};
 use crate::metrics::{Transport, TransportMetrics};
 use crate::model::{OrgId, Position};
 use crate::presence::{OrgMember, PresenceNote, RoomMember};
+
+/// The session's user enters an org's presence with its subscription; `listen`: and gets the
+/// org's presence (`presence=1`).
+#[derive(Debug, Clone)]
+pub struct Enter {
+    pub user: String,
+    pub listen: bool,
+}
 use crate::upload::{UploadError, UploadView, UploadWriter};
 
 /// Uploads one session may run at once (WebSocket messages or WebTransport streams).
@@ -95,6 +103,8 @@ pub enum Request {
         org: OrgId,
         since: Option<Position>,
         initial: bool,
+        /// When the session is not yet present in the org.
+        enter: Option<Enter>,
     },
     /// Append a chat message (CHAT), with its idempotency key.
     Chat {
@@ -133,6 +143,7 @@ pub enum Response {
         org: OrgId,
         initial: bool,
         result: Result<(OrgCursor, Subscribed), LogError>,
+        member: Option<OrgMember>,
     },
     Chatted {
         org: OrgId,
@@ -140,9 +151,9 @@ pub enum Response {
         id: String,
         result: Result<Appended, LogError>,
     },
+    /// The room's snapshot follows on the session's queue.
     Joined {
-        member: RoomMember,
-        notes: Vec<Arc<PresenceNote>>,
+        member: Result<RoomMember, LogError>,
     },
     UploadBegun(Result<Box<UploadWriter>, UploadError>),
     UploadWritten {
@@ -217,6 +228,8 @@ pub struct SessionCore {
     layout: Layout,
     transport: Transport,
     brotli: bool,
+    /// `presence=1`.
+    listen: bool,
     clock: Clock,
     token: SessionToken,
     // Field order is drop order: a session leaves its rooms before its orgs.
@@ -259,12 +272,17 @@ impl SessionCore {
         };
         let Admitted { token, plan, held } =
             super::admit(&env, params, transport, now, clock.unix_ms)?;
+        let enter = Enter {
+            user: token.grant.sub.clone(),
+            listen: params.presence,
+        };
         let requests = plan
             .into_iter()
             .map(|(org, since)| Request::Subscribe {
                 org,
                 since,
                 initial: true,
+                enter: Some(enter.clone()),
             })
             .collect();
         Ok(SessionCore {
@@ -273,6 +291,7 @@ impl SessionCore {
             layout,
             transport,
             brotli: params.brotli,
+            listen: params.presence,
             clock,
             token,
             rooms: Vec::new(),
@@ -607,10 +626,15 @@ impl SessionCore {
             );
             return Ok(());
         }
+        let enter = (!self.present.iter().any(|m| m.org() == &org)).then(|| Enter {
+            user: self.token.grant.sub.clone(),
+            listen: self.listen,
+        });
         self.requests.push_back(Request::Subscribe {
             org,
             since,
             initial: false,
+            enter,
         });
         Ok(())
     }
@@ -761,8 +785,9 @@ impl SessionCore {
                 org,
                 initial,
                 result,
+                member,
             } => match result {
-                Ok((cursor, subscribed)) => self.subscribed(cursor, subscribed),
+                Ok((cursor, subscribed)) => self.subscribed(cursor, subscribed, member),
                 Err(e) if initial => self.close(e.into()),
                 Err(e) => {
                     let r: Refusal = e.into();
@@ -793,13 +818,12 @@ impl SessionCore {
                 }
                 Err(e) => self.refused(e.into()),
             },
-            Response::Joined { member, notes } => {
-                self.rooms.push(member);
-                for note in notes {
-                    let m = self.note(&note);
-                    self.control(m);
-                }
-            }
+            Response::Joined { member } => match member {
+                // A second JOIN of the room raced the first: one membership is enough.
+                Ok(m) if self.rooms.iter().any(|r| r.is(m.org(), m.room())) => {}
+                Ok(m) => self.rooms.push(m),
+                Err(e) => self.refused(e.into()),
+            },
             Response::UploadBegun(Err(e)) => self.refused(super::upload_refusal(e)),
             Response::UploadBegun(Ok(writer)) => {
                 self.control(Message::Binary(progress(
@@ -869,7 +893,7 @@ impl SessionCore {
         }
     }
 
-    fn subscribed(&mut self, cursor: OrgCursor, s: Subscribed) {
+    fn subscribed(&mut self, cursor: OrgCursor, s: Subscribed, member: Option<OrgMember>) {
         let org = s.org.clone();
         if let Some(i) = self.sub_index(&org) {
             // A new SUBSCRIBE replaces the subscription: it starts from its own position.
@@ -904,10 +928,12 @@ impl SessionCore {
         );
         let i = self.subs.len() - 1;
         self.for_org(i, m, false);
-        if !self.present.iter().any(|m| m.org() == &org) {
-            let member = self.env.presence.enter(&org, &self.token.grant.sub);
-            self.present.reserve_exact(1);
-            self.present.push(member);
+        if let Some(member) = member {
+            // A SUBSCRIBE that raced another for the org brings a second one: dropped.
+            if !self.present.iter().any(|m| m.org() == &org) {
+                self.present.reserve_exact(1);
+                self.present.push(member);
+            }
         }
     }
 
@@ -947,9 +973,15 @@ impl SessionCore {
                 }
             }
             Live::Presence(note) => {
+                // With the org's events when subscribed (its stream, on WebTransport); a room
+                // joined without subscribing to its org hears it on the control channel.
+                let m = self.note(&note);
                 if let Some(i) = self.sub_index(&note.org) {
-                    let m = self.note(&note);
                     self.for_org(i, m, true);
+                } else if !note.room.is_empty()
+                    && self.rooms.iter().any(|r| r.is(&note.org, &note.room))
+                {
+                    self.control(m);
                 }
             }
         }

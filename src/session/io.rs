@@ -43,12 +43,22 @@ impl SessionIo {
                 org,
                 since,
                 initial,
+                enter,
             } => {
                 let result = env.hub.subscribe(&org, since.as_ref(), &self.sink).await;
+                // Present (and listening) once subscribed: a snapshot finds the org's sub.
+                let member = match (&result, enter) {
+                    (Ok(_), Some(e)) => {
+                        let listen = e.listen.then_some(&self.sink);
+                        Some(env.presence.enter(&org, &e.user, listen))
+                    }
+                    _ => None,
+                };
                 Response::Subscribed {
                     org,
                     initial,
                     result,
+                    member,
                 }
             }
             Request::Chat {
@@ -67,8 +77,8 @@ impl SessionIo {
                 }
             }
             Request::Join { org, room, user } => {
-                let (member, notes) = env.presence.join(&org, &room, &user).await;
-                Response::Joined { member, notes }
+                let member = env.presence.join(&org, &room, &user, &self.sink).await;
+                Response::Joined { member }
             }
             Request::UploadBegin {
                 org,

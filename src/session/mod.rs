@@ -327,6 +327,8 @@ pub struct ConnectParams {
     pub since: Option<String>,
     pub brotli: bool,
     pub format: Format,
+    /// `presence=1`: the session gets the presence of the orgs it subscribes to.
+    pub presence: bool,
 }
 
 /// The initial subscriptions a query asks for, parsed.
@@ -342,12 +344,28 @@ impl ConnectParams {
             since: None,
             brotli: false,
             format: Format::Binary,
+            presence: false,
         };
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
                 "orgs" => p.orgs = Some(v.into_owned()),
                 "since" => p.since = Some(v.into_owned()),
                 "enc" => p.brotli = v.split(',').any(|e| e.trim() == "br"),
+                "presence" => {
+                    p.presence = match &*v {
+                        "1" | "true" => true,
+                        "0" | "false" | "" => false,
+                        other => {
+                            return Err(Refusal::new(
+                                CloseCode::Protocol,
+                                format!(
+                                    "presence must be 1 or 0, not {:?}",
+                                    other.chars().take(16).collect::<String>()
+                                ),
+                            ))
+                        }
+                    }
+                }
                 "format" => {
                     p.format = match &*v {
                         "bin" | "" => Format::Binary,

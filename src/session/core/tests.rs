@@ -48,7 +48,7 @@ fn node_with(limits: SessionLimits, retention: Retention) -> Node {
     let env = Arc::new(SessionEnv {
         session_permits: Arc::new(tokio::sync::Semaphore::new(limits.max_sessions)),
         uploads: None,
-        presence: crate::presence::Presence::new(hub.clone()),
+        presence: crate::presence::Presence::new(hub.clone(), Default::default()),
         hub,
         auth: Arc::new(auth),
         metrics,
@@ -516,7 +516,8 @@ async fn a_reset_is_not_counted_as_a_delivered_event_on_either_layout() {
 async fn both_layouts_answer_a_script_with_the_same_frames() {
     let t0 = Instant::now();
     let (tok, _) = token("alice", &["acme", "beta"], 3600);
-    let q = format!("access_token={tok}&orgs=acme");
+    // presence=1: each org's snapshot (the session itself) comes on its stream too.
+    let q = format!("access_token={tok}&orgs=acme&presence=1");
     let script = || {
         [
             ClientCommand::Ping(Bytes::from_static(b"p1")),
@@ -571,8 +572,8 @@ async fn both_layouts_answer_a_script_with_the_same_frames() {
         publish(&n, "acme", 1).await;
         publish(&n, "beta", 1).await;
         // Wait for the hub's follower (the only real wait: the in-memory log's tail task).
-        // Two events and the session's own two arrivals (presence) come through the hub's
-        // follower task: the one wait of these tests, bounded.
+        // Two events (through the hub's follower task: the one wait of these tests, bounded)
+        // and the two presence snapshots (pushed when the session entered each org).
         let queued = async {
             while s.queue.len() < 4 {
                 tokio::task::yield_now().await;
@@ -630,9 +631,9 @@ async fn both_layouts_answer_a_script_with_the_same_frames() {
         .filter(|f| org_of(f).as_deref() == Some("beta"))
         .collect();
     let kinds = |fs: &[&Frame]| fs.iter().map(|f| f.kind()).collect::<Vec<_>>();
-    // SUBSCRIBED, this session's own arrival, the live event.
+    // SUBSCRIBED, the presence snapshot (this session), the live event.
     assert_eq!(kinds(&ws_acme), [0x01, 0x09, 0x02], "{ws_acme:?}");
-    // SUBSCRIBED, arrival, the live event, UNSUBSCRIBED.
+    // SUBSCRIBED, snapshot, the live event, UNSUBSCRIBED.
     assert_eq!(kinds(&ws_beta), [0x01, 0x09, 0x02, 0x07], "{ws_beta:?}");
     assert_eq!(ws_acme, wt_orgs[0].1.iter().collect::<Vec<_>>());
     assert_eq!(ws_beta, wt_orgs[1].1.iter().collect::<Vec<_>>());
