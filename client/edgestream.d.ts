@@ -7,14 +7,20 @@ export interface StatusDetail {
   transport: 'webtransport' | 'websocket' | null;
   reason: string;
 }
+export interface PresenceChange { user: string; joined: boolean }
 export interface PresenceDetail {
   org: string;
   /** Empty for the org itself. */
   room: string;
-  user: string;
-  joined: boolean;
   /** Users present now. */
   online: number;
+  /** The users whose presence changed since the previous frame (a snapshot: everyone, as
+   * joined); empty above the server's member limit. */
+  changes: PresenceChange[];
+  /** The first frame of the group on this connection: it replaces the previous view. */
+  snapshot: boolean;
+  /** The members now (sorted), or null above the member limit. */
+  members: string[] | null;
 }
 
 export interface HeartbeatDetail { ts: number; heads: Record<string, number> }
@@ -30,6 +36,8 @@ export interface EdgeStreamOptions {
   refreshToken?: () => Promise<string>;
   /** How long a WebTransport session may take to open before falling back (ms, default 4000). */
   webTransportTimeoutMs?: number;
+  /** Receive the presence of the subscribed orgs (`presence=1`); rooms joined are heard either way. */
+  presence?: boolean;
 }
 
 export declare class EdgeStreamClient extends EventTarget {
@@ -50,6 +58,9 @@ export declare class EdgeStreamClient extends EventTarget {
   /** Sends a chat message (any JSON value); resolves with its seq in the org. */
   chat(org: string, room: string, body: unknown, timeoutMs?: number): Promise<number>;
   unsubscribe(org: string): void;
+  /** Who is present in an org (room '') or a room, as the frames told it; members is null
+   * above the server's member limit; null when nothing was heard of the group. */
+  members(org: string, room?: string): { online: number; members: string[] | null } | null;
   /** Drops the current connection and resumes with `since`. */
   reconnect(): void;
   close(): void;
@@ -57,7 +68,7 @@ export declare class EdgeStreamClient extends EventTarget {
   addEventListener(type: 'reset', listener: (e: CustomEvent<ResetDetail>) => void): void;
   addEventListener(type: 'status', listener: (e: CustomEvent<StatusDetail>) => void): void;
   addEventListener(type: 'heartbeat', listener: (e: CustomEvent<HeartbeatDetail>) => void): void;
-  /** Someone joined or left an org (room "") or one of its rooms (PROTOCOL.md section 8). */
+  /** A presence batch or snapshot of an org (room "") or one of its rooms (PROTOCOL.md section 8). */
   addEventListener(type: 'presence', listener: (e: CustomEvent<PresenceDetail>) => void): void;
   addEventListener(type: 'error', listener: (e: CustomEvent<ErrorDetail>) => void): void;
 }

@@ -76,9 +76,14 @@ export function decodeBody(type, b) {
       return { type: 'upload_done', id, size, sha256 };
     }
     case T.PRESENCE: {
-      const [org, a] = readStr(b, 0); const [room, c] = readStr(b, a); const [user, d] = readStr(b, c);
-      const [joined, e] = need(readVarint(b, d)); const [online] = need(readVarint(b, e));
-      return { type: 'presence', org, room, user, joined: joined === 1, online };
+      const [org, a] = readStr(b, 0); const [room, c] = readStr(b, a);
+      const [online, d] = need(readVarint(b, c)); let [count, i] = need(readVarint(b, d));
+      const changes = [];
+      while (count-- > 0) {
+        const [user, j] = readStr(b, i); const [joined, k] = need(readVarint(b, j));
+        changes.push({ user, joined: joined === 1 }); i = k;
+      }
+      return { type: 'presence', org, room, online, changes };
     }
     default: return { type: 'unknown', kind: type };
   }
@@ -123,6 +128,8 @@ export class EdgeStreamClient extends EventTarget {
    * @param {'auto'|'webtransport'|'websocket'} [o.transport]
    * @param {() => Promise<string>} [o.refreshToken] called on 4009 for a new token
    * @param {number} [o.webTransportTimeoutMs] how long a WebTransport session may take to open
+   * @param {boolean} [o.presence] receive the presence of the subscribed orgs (rooms joined are
+   *   heard either way)
    */
   constructor(o) {
     super();
@@ -134,6 +141,8 @@ export class EdgeStreamClient extends EventTarget {
     this.mode = o.transport || 'auto';
     this.refreshToken = o.refreshToken;
     this.wtTimeout = o.webTransportTimeoutMs || 4000;
+    this.wantPresence = !!o.presence;
+    this._presence = new Map();      // "org\u0000room" -> { online, members: Set | null }
     this.transport = null;
     this.positions = {};
     this.stats = { connects: 0, reconnects: 0, events: 0, heartbeats: 0 };
@@ -193,6 +202,7 @@ export class EdgeStreamClient extends EventTarget {
     if (since.length) p.set('since', since.join(','));
     if (brotliSupported()) p.set('enc', 'br');
     if (format) p.set('format', format);
+    if (this.wantPresence) p.set('presence', '1');
     return p.toString();
   }
 
@@ -334,6 +344,7 @@ export class EdgeStreamClient extends EventTarget {
   _watch(conn) {
     conn.lastHeartbeat = Date.now();
     conn.gapSince = {};
+    conn.presenceSeen = new Set();   // groups whose snapshot came on this connection
     return new Promise((resolve) => {
       const every = Math.max(50, this.heartbeatMs / 4);
       const t = setInterval(() => {
@@ -410,9 +421,27 @@ export class EdgeStreamClient extends EventTarget {
         if (p) { this._pendingChats.delete(f.id); p.resolve(f.seq); }
         break;
       }
-      case 'presence':
-        this.dispatchEvent(new CustomEvent('presence', { detail: { org: f.org, room: f.room, user: f.user, joined: f.joined, online: f.online } }));
+      case 'presence': {
+        // The first frame of a group on a connection is its snapshot: it replaces what the
+        // previous connection told. A frame listing nobody is a count (above the server's
+        // member limit) or an empty group: the list is unknown (null) or empty.
+        const key = `${f.org}\u0000${f.room}`;
+        const snapshot = !conn.presenceSeen || !conn.presenceSeen.has(key);
+        if (conn.presenceSeen) conn.presenceSeen.add(key);
+        let g = this._presence.get(key);
+        if (!g || snapshot) { g = { online: 0, members: new Set() }; this._presence.set(key, g); }
+        g.online = f.online;
+        if (f.changes.length === 0) g.members = f.online > 0 ? null : new Set();
+        else {
+          if (!g.members) g.members = new Set();
+          for (const c of f.changes) { if (c.joined) g.members.add(c.user); else g.members.delete(c.user); }
+        }
+        this.dispatchEvent(new CustomEvent('presence', { detail: {
+          org: f.org, room: f.room, online: f.online, changes: f.changes, snapshot,
+          members: g.members ? [...g.members].sort() : null,
+        } }));
         break;
+      }
       default:
     }
   }
@@ -432,8 +461,19 @@ export class EdgeStreamClient extends EventTarget {
   }
 
   /** Stops receiving an org. */
+  /**
+   * Who is present in an org (room '') or a room, as the server's frames told it:
+   * `{ online, members }`, `members` sorted, or null above the server's member limit; null
+   * when nothing was heard of the group.
+   */
+  members(org, room = '') {
+    const g = this._presence.get(`${org}\u0000${room}`);
+    return g ? { online: g.online, members: g.members ? [...g.members].sort() : null } : null;
+  }
+
   unsubscribe(org) {
     this.wanted.delete(org);
+    this._presence.delete(`${org}\u0000`);
     if (this._conn && !this._conn.dead) this._conn.send(encodeFrame(T.UNSUBSCRIBE, [strBytes(org)])).catch(() => {});
   }
 
@@ -448,6 +488,7 @@ export class EdgeStreamClient extends EventTarget {
   /** Leaves a room. */
   leave(org, room) {
     this.rooms.delete(`${org}\u0000${room}`);
+    this._presence.delete(`${org}\u0000${room}`);
     if (this._conn && !this._conn.dead && this._conn.up) {
       this._conn.send(encodeFrame(T.LEAVE, [strBytes(org), strBytes(room)])).catch(() => {});
     }

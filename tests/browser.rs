@@ -265,6 +265,7 @@ async fn demo_page_shows_live_events_and_is_screenshotted() {
     assert_eq!(r["count"], 7, "{r}");
     assert_eq!(r["rows"], 7, "{r}");
     assert_eq!(r["online"], "demo", "{r}");
+    assert_eq!(r["orgOnline"], "demo", "{r}");
     assert!(
         r["chat"][0]
             .as_str()
@@ -424,10 +425,42 @@ async fn two_browser_clients_chat_in_a_room_over_both_transports() {
             "{who} sees one order: {r}"
         );
     }
-    let left = r["annPresence"]
+    // Presence through the client's members map: ann (presence: true) hears the org and the
+    // room, bob (no presence option) only the room he joined.
+    let members = |v: &serde_json::Value| v["members"].clone();
+    assert_eq!(
+        members(&r["before"]["annLobby"]),
+        json!(["ann", "bob"]),
+        "{r}"
+    );
+    assert_eq!(
+        members(&r["before"]["annOrg"]),
+        json!(["ann", "bob"]),
+        "{r}"
+    );
+    assert_eq!(
+        members(&r["before"]["bobLobby"]),
+        json!(["ann", "bob"]),
+        "{r}"
+    );
+    assert_eq!(r["before"]["annOrg"]["online"], 2, "{r}");
+    assert_eq!(members(&r["after"]["annLobby"]), json!(["ann"]), "{r}");
+    assert_eq!(members(&r["after"]["annOrg"]), json!(["ann"]), "{r}");
+    assert_eq!(
+        r["bobOrg"],
+        serde_json::Value::Null,
+        "bob did not ask for the org: {r}"
+    );
+    let bob_rooms: Vec<&str> = r["bobPresence"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|p| p["room"] == "lobby" && p["user"] == "bob" && p["joined"] == false);
-    assert!(left, "ann sees bob leave: {r}");
+        .map(|p| p["room"].as_str().unwrap())
+        .collect();
+    assert!(bob_rooms.iter().all(|room| *room == "lobby"), "{r}");
+    let first = &r["annPresence"][0];
+    assert_eq!(
+        first["snapshot"], true,
+        "the first frame is a snapshot: {r}"
+    );
 }

@@ -33,6 +33,7 @@ try {
     // Chat in a room and upload a file from the page.
     await page.click('#join');
     await page.waitForFunction(() => document.getElementById('online').textContent.includes('demo'));
+    await page.waitForFunction(() => document.getElementById('orgonline').textContent.includes('demo'));
     await page.click('#send');
     await page.waitForFunction(() => document.getElementById('chatlog').children.length >= 1);
     await page.setInputFiles('#file', { name: 'report.bin', mimeType: 'application/octet-stream',
@@ -48,6 +49,7 @@ try {
       rows: document.querySelectorAll('#events tr').length,
       chat: [...document.querySelectorAll('#chatlog li')].map((li) => li.textContent),
       online: document.getElementById('online').textContent,
+      orgOnline: document.getElementById('orgonline').textContent,
       upload: document.getElementById('uresult').textContent,
       progress: Number(document.getElementById('uprogress').value),
     }));
@@ -74,9 +76,10 @@ try {
       };
       if (scenario === 'no-webtransport') delete window.WebTransport;
       if (scenario === 'chat') {
-        // ann over WebTransport, bob over WebSocket, both in room "lobby" of acme.
+        // ann over WebTransport (with the org's presence), bob over WebSocket (without), both
+        // in room "lobby" of acme.
         const mint = async (sub) => (await (await fetch(`${base}/v1/dev/token?sub=${sub}&orgs=acme&scope=subscribe%20chat`)).json()).token;
-        const ann = new EdgeStreamClient({ server: base, token: await mint('ann'), orgs: ['acme'] });
+        const ann = new EdgeStreamClient({ server: base, token: await mint('ann'), orgs: ['acme'], presence: true });
         const bob = new EdgeStreamClient({ server: base, token: await mint('bob'), orgs: ['acme'], transport: 'websocket' });
         const seen = { ann: [], bob: [] }; const presence = { ann: [], bob: [] };
         for (const [name, c] of [['ann', ann], ['bob', bob]]) {
@@ -85,15 +88,22 @@ try {
         }
         await ann.connect(); await bob.connect();
         ann.join('acme', 'lobby'); bob.join('acme', 'lobby');
-        await until(() => presence.ann.some((p) => p.room === 'lobby' && p.user === 'bob' && p.joined));
+        const names = (m) => (m && m.members ? m.members.join(',') : '');
+        await until(() => names(ann.members('acme', 'lobby')) === 'ann,bob');
+        await until(() => names(ann.members('acme')) === 'ann,bob');
+        await until(() => names(bob.members('acme', 'lobby')) === 'ann,bob');
+        const before = { annLobby: ann.members('acme', 'lobby'), annOrg: ann.members('acme'), bobLobby: bob.members('acme', 'lobby') };
         const s1 = await ann.chat('acme', 'lobby', { text: 'hi bob' });
         const s2 = await bob.chat('acme', 'lobby', { text: 'hi ann' });
         await until(() => seen.ann.length >= 2 && seen.bob.length >= 2);
         const transports = [ann.transport, bob.transport];
         bob.close();
-        await until(() => presence.ann.some((p) => p.room === 'lobby' && p.user === 'bob' && !p.joined));
+        await until(() => names(ann.members('acme', 'lobby')) === 'ann');
+        await until(() => names(ann.members('acme')) === 'ann');
+        const after = { annLobby: ann.members('acme', 'lobby'), annOrg: ann.members('acme') };
         ann.close();
-        return { transports, acks: [s1, s2], ann: seen.ann, bob: seen.bob, annPresence: presence.ann };
+        return { transports, acks: [s1, s2], ann: seen.ann, bob: seen.bob, annPresence: presence.ann,
+                 bobPresence: presence.bob, bobOrg: bob.members('acme'), before, after };
       }
       if (scenario === 'refresh') {
         // A token that expires in 2 s; on 4009 the hook fetches a new one and the client resumes.
