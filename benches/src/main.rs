@@ -7,6 +7,7 @@
 //! shared and noisy, absolute numbers are context.
 
 mod baseline;
+mod presence;
 mod redis;
 mod report;
 mod storage;
@@ -49,6 +50,10 @@ struct Cli {
     /// The edgestream binary [default: next to this one].
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
+    /// Users of the presence storm on WebSocket [default: 10000, quick: 500]; WebTransport
+    /// runs a tenth (at least 100).
+    #[arg(long)]
+    storm_users: Option<usize>,
     /// Subscribers per fan-out run [default: 1000, quick: 50].
     #[arg(long)]
     subscribers: Option<usize>,
@@ -67,7 +72,7 @@ struct Cli {
     repeat: Option<usize>,
     /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest,
     /// redis_ingest, redis_latency and redis_orgs (need redis-server; only when named), wire_bytes,
-    /// idle_memory [default: all].
+    /// idle_memory, presence_storm [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -1232,6 +1237,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "wire_bytes".into(),
             wire_bytes(&cli).await.context("wire_bytes")?,
         );
+    }
+    if cli.wants("presence_storm") {
+        let ws_users = cli
+            .storm_users
+            .unwrap_or(if cli.quick { 500 } else { 10_000 });
+        let mut ps = serde_json::Map::new();
+        for (name, transport, users) in [
+            ("websocket", Transport::Ws, ws_users),
+            ("webtransport", Transport::Wt, (ws_users / 10).max(100)),
+        ] {
+            eprintln!("presence_storm: {name}, {users} users on one org ...");
+            ps.insert(
+                name.into(),
+                serde_json::to_value(
+                    presence::presence_storm(&cli, transport, users)
+                        .await
+                        .with_context(|| format!("presence_storm {name}"))?,
+                )?,
+            );
+        }
+        report.insert("presence_storm".into(), Value::Object(ps));
     }
     let (low, high) = if cli.quick {
         (100, 500)

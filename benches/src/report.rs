@@ -164,6 +164,25 @@ pub(crate) fn markdown(r: &Value) -> String {
             f(&m["ratio"])
         );
     }
+    for t in ["websocket", "webtransport"] {
+        let p = &r["presence_storm"][t];
+        if p.is_null() {
+            continue;
+        }
+        let (h, n) = (&p["half"], &p["nobody"]);
+        s += &format!(
+            "| presence storm, {t}: {} users on one org connect, half with presence=1 (vs nobody opted in) | {:.2} s | {:.2} s | {:.2}x |\n",
+            h["users"], f(&h["connect_seconds"]), f(&n["connect_seconds"]), f(&p["connect_ratio"])
+        );
+        s += &format!(
+            "| presence storm, {t}: PRESENCE frames per opted-in client, mean / max (bound: intervals + snapshot) | {:.1} / {} | bound {} | |\n",
+            f(&h["frames_mean"]), h["frames_max"], h["frames_bound"]
+        );
+        s += &format!(
+            "| presence storm, {t}: PRESENCE bytes per opted-in client, mean / max; 4008 closes; node RSS | {:.0} / {} B; {}; {:.0} MiB | | |\n",
+            f(&h["bytes_mean"]), h["bytes_max"], h["closed_4008"], f(&h["rss_bytes"]) / 1048576.0
+        );
+    }
     s += &format!(
         "\nRun took {:.1} s (quick: {}).\n",
         f(&r["meta"]["duration_seconds"]),
