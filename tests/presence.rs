@@ -166,7 +166,8 @@ async fn presence_before_marker(s: &TestServer, c: &mut WsClient) -> Vec<Batch> 
         .expect("publish");
     let mut seen = Vec::new();
     loop {
-        match c.next_non_heartbeat().await.unwrap() {
+        // `next`, not `next_non_heartbeat`, which skips PRESENCE.
+        match c.next().await.unwrap() {
             Msg::Frame(Frame::Event { payload, .. })
                 if serde_json::from_slice::<Value>(&payload).unwrap()["marker"] == true =>
             {
@@ -174,7 +175,8 @@ async fn presence_before_marker(s: &TestServer, c: &mut WsClient) -> Vec<Batch> 
             }
             Msg::Frame(f) => seen.extend(batch_of(f)),
             Msg::Json(v) if v["t"] == "presence" => seen.push((String::new(), 0, vec![])),
-            _ => {}
+            Msg::Close(code, reason) => panic!("closed: {code:?} {reason}"),
+            Msg::Json(_) => {}
         }
     }
 }
@@ -485,6 +487,26 @@ async fn two_nodes_send_the_same_batches_in_the_same_order_and_a_dead_nodes_user
     assert!(!tail_a.is_empty());
     assert_eq!(tail_a, tail_b, "node A and node B told different stories");
 
+    // A session that JOINs the lobby without subscribing to acme hears the room on its socket
+    // (on Redis, its node follows acme's signal stream for it meanwhile).
+    let side_tok = a.token_for("side", &["acme", "side"], "subscribe chat");
+    let mut side = ws_user(&format!(
+        "ws://{}/v1/stream?access_token={side_tok}&orgs=side",
+        b.http
+    ))
+    .await;
+    side.send_frame(&room(true, "lobby")).await.unwrap();
+    let mut vs = View::default();
+    ws_until(
+        &mut side,
+        &mut vs,
+        "lobby",
+        &["side", "w0u0", "w1u0", "w2u0", "w3u0"],
+    )
+    .await;
+    assert!(vs.frames.iter().all(|f| f.0 == "lobby"), "{vs:?}");
+    drop(side);
+
     // Node B dies: its users (ob and the odd ones) leave on A within the presence ttl.
     b.kill().await;
     let on_a: Vec<&str> = all
@@ -493,4 +515,24 @@ async fn two_nodes_send_the_same_batches_in_the_same_order_and_a_dead_nodes_user
         .filter(|u| *u == "oa" || u.ends_with('0') || u.ends_with('2') || u.ends_with('4'))
         .collect();
     ws_until(&mut oa, &mut va, "", &on_a).await;
+}
+
+/// `presence` takes 1/true or 0/false; anything else is a bad request (4400, after the upgrade).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_presence_parameter_closes_with_4400() {
+    let s = TestServer::start().await;
+    let t = s.token_for("ann", &["acme"], "subscribe");
+    let mut c = WsClient::connect(&s.ws_url(&format!("access_token={t}&orgs=acme&presence=yes")))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.expect_close_code().await.unwrap(),
+        edgestream_codec::CloseCode::Protocol
+    );
+    for ok in ["1", "true", "0", "false"] {
+        let mut c = ws_user(&s.ws_url(&format!("access_token={t}&orgs=acme&presence={ok}"))).await;
+        c.send_frame(&Frame::Ping(bytes::Bytes::from_static(b"p")))
+            .await
+            .unwrap();
+    }
 }
