@@ -67,66 +67,61 @@ fn batch_of(f: Frame) -> Option<Batch> {
     }
 }
 
-/// The next PRESENCE on a WebSocket, skipping everything else.
-async fn ws_batch(c: &mut WsClient) -> Batch {
-    loop {
-        match c.next().await.expect("the socket is open") {
-            Msg::Frame(f) => {
-                if let Some(b) = batch_of(f) {
-                    return b;
+/// A client that receives PRESENCE frames.
+trait Hears {
+    /// The next PRESENCE, everything else skipped.
+    async fn batch(&mut self) -> Batch;
+}
+
+impl Hears for WsClient {
+    async fn batch(&mut self) -> Batch {
+        loop {
+            match self.next().await.expect("the socket is open") {
+                Msg::Frame(f) => {
+                    if let Some(b) = batch_of(f) {
+                        return b;
+                    }
                 }
+                Msg::Json(v) if v["t"] == "presence" => {
+                    let changes = v["changes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|c| (c["user"].as_str().unwrap().to_string(), c["joined"] == true))
+                        .collect();
+                    return (
+                        v["room"].as_str().unwrap().to_string(),
+                        v["online"].as_u64().unwrap(),
+                        changes,
+                    );
+                }
+                _ => {}
             }
-            Msg::Json(v) if v["t"] == "presence" => {
-                let changes = v["changes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|c| (c["user"].as_str().unwrap().to_string(), c["joined"] == true))
-                    .collect();
-                return (
-                    v["room"].as_str().unwrap().to_string(),
-                    v["online"].as_u64().unwrap(),
-                    changes,
-                );
-            }
-            _ => {}
         }
     }
 }
 
-/// The next PRESENCE on any org stream of a WebTransport session, skipping everything else.
-async fn wt_batch(c: &mut WtClient) -> Batch {
-    loop {
-        match c.next_any_item().await.expect("the session is open") {
-            StreamItem::Frame { frame, .. } => {
-                if let Some(b) = batch_of(frame) {
-                    return b;
+impl Hears for WtClient {
+    /// On any org stream of the session.
+    async fn batch(&mut self) -> Batch {
+        loop {
+            match self.next_any_item().await.expect("the session is open") {
+                StreamItem::Frame { frame, .. } => {
+                    if let Some(b) = batch_of(frame) {
+                        return b;
+                    }
                 }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
         }
     }
 }
 
-/// Reads WebSocket PRESENCE frames into `v` until `room` lists exactly `users` (bounded).
-async fn ws_until(c: &mut WsClient, v: &mut View, room: &str, users: &[&str]) {
+/// Reads PRESENCE frames into `v` until `room` lists exactly `users` (bounded).
+async fn until(c: &mut impl Hears, v: &mut View, room: &str, users: &[&str]) {
     let reach = async {
         while !v.is(room, users) {
-            v.apply(ws_batch(c).await);
-        }
-    };
-    if tokio::time::timeout(support::HANG_GUARD, reach)
-        .await
-        .is_err()
-    {
-        panic!("presence of {room:?} never became {users:?}: {v:?}");
-    }
-}
-
-async fn wt_until(c: &mut WtClient, v: &mut View, room: &str, users: &[&str]) {
-    let reach = async {
-        while !v.is(room, users) {
-            v.apply(wt_batch(c).await);
+            v.apply(c.batch().await);
         }
     };
     if tokio::time::timeout(support::HANG_GUARD, reach)
@@ -195,14 +190,14 @@ async fn presence_is_opt_in_and_rooms_are_heard_while_joined() {
     .await;
     let mut av = View::default();
     // The first PRESENCE is the snapshot: cat and ann (or cat alone, ann following in a batch).
-    let first = ws_batch(&mut ann).await;
+    let first = ann.batch().await;
     assert_eq!(first.0, "");
     assert!(
         first.2.iter().all(|(_, j)| *j),
         "a snapshot lists joins: {first:?}"
     );
     av.apply(first);
-    ws_until(&mut ann, &mut av, "", &["ann", "cat"]).await;
+    until(&mut ann, &mut av, "", &["ann", "cat"]).await;
 
     let mut bob = edgestream_testkit::wt::connect(
         &s.wt_url(&format!("access_token={}&orgs=acme&presence=1", tok("bob"))),
@@ -211,18 +206,18 @@ async fn presence_is_opt_in_and_rooms_are_heard_while_joined() {
     .await
     .unwrap();
     let mut bv = View::default();
-    wt_until(&mut bob, &mut bv, "", &["ann", "bob", "cat"]).await;
-    ws_until(&mut ann, &mut av, "", &["ann", "bob", "cat"]).await;
+    until(&mut bob, &mut bv, "", &["ann", "bob", "cat"]).await;
+    until(&mut ann, &mut av, "", &["ann", "bob", "cat"]).await;
 
     // bob joins the lobby: its snapshot comes on his org stream; ann, not in it, hears nothing
     // of it.
     bob.send_control(&room(true, "lobby")).await.unwrap();
-    wt_until(&mut bob, &mut bv, "lobby", &["bob"]).await;
+    until(&mut bob, &mut bv, "lobby", &["bob"]).await;
     ann.send_text(&json!({"t": "join", "org": "acme", "room": "lobby"}).to_string())
         .await
         .unwrap();
-    ws_until(&mut ann, &mut av, "lobby", &["ann", "bob"]).await;
-    wt_until(&mut bob, &mut bv, "lobby", &["ann", "bob"]).await;
+    until(&mut ann, &mut av, "lobby", &["ann", "bob"]).await;
+    until(&mut bob, &mut bv, "lobby", &["ann", "bob"]).await;
     // ann's first lobby frame is her snapshot: she heard nothing of the room before joining.
     let lobby = |v: &View| -> Vec<Batch> {
         v.frames
@@ -244,11 +239,11 @@ async fn presence_is_opt_in_and_rooms_are_heard_while_joined() {
     ann.send_text(&json!({"t": "leave", "org": "acme", "room": "lobby"}).to_string())
         .await
         .unwrap();
-    wt_until(&mut bob, &mut bv, "lobby", &["bob"]).await;
+    until(&mut bob, &mut bv, "lobby", &["bob"]).await;
     // bob's session ends without a LEAVE: he leaves the room and the org.
     bob.close(0);
     drop(bob);
-    ws_until(&mut ann, &mut av, "", &["ann", "cat"]).await;
+    until(&mut ann, &mut av, "", &["ann", "cat"]).await;
     assert!(
         !lobby(&av)
             .iter()
@@ -272,7 +267,7 @@ async fn a_storm_inside_one_interval_is_one_batch_without_the_users_who_came_and
     let url = |u: &str, extra: &str| s.ws_url(&format!("access_token={}&orgs=acme{extra}", tok(u)));
     let mut obs = ws_user(&url("obs", "&presence=1")).await;
     // The snapshot starts the interval (the org's first flush goes at once).
-    let snapshot = ws_batch(&mut obs).await;
+    let snapshot = obs.batch().await;
     let start = Instant::now();
     assert_eq!(
         snapshot,
@@ -292,7 +287,7 @@ async fn a_storm_inside_one_interval_is_one_batch_without_the_users_who_came_and
     let names: Vec<String> = (0..100).map(|i| format!("u{i:03}")).collect();
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
     all.push("obs");
-    ws_until(&mut obs, &mut v, "", &all).await;
+    until(&mut obs, &mut v, "", &all).await;
     let batches = &v.frames[1..];
     if storm < interval {
         assert_eq!(batches.len(), 1, "one batch: {batches:?}");
@@ -324,7 +319,7 @@ async fn above_the_member_limit_only_counts_travel_and_http_pages_the_members() 
     let mut obs =
         ws_user(&s.ws_url(&format!("access_token={}&orgs=acme&presence=1", tok("obs")))).await;
     let mut v = View::default();
-    ws_until(&mut obs, &mut v, "", &["obs"]).await;
+    until(&mut obs, &mut v, "", &["obs"]).await;
     let mut others = Vec::new();
     for u in ["a", "b", "c", "d"] {
         others.push(ws_user(&s.ws_url(&format!("access_token={}&orgs=acme", tok(u)))).await);
@@ -332,7 +327,7 @@ async fn above_the_member_limit_only_counts_travel_and_http_pages_the_members() 
     // Until the count reaches 5: every frame above the limit lists nobody.
     let reach = async {
         loop {
-            let b = ws_batch(&mut obs).await;
+            let b = obs.batch().await;
             if b.1 > 3 {
                 assert!(b.2.is_empty(), "above the limit only the count: {b:?}");
             }
@@ -351,7 +346,7 @@ async fn above_the_member_limit_only_counts_travel_and_http_pages_the_members() 
     )))
     .await
     .unwrap();
-    let snap = ws_batch(&mut late).await;
+    let snap = late.batch().await;
     assert!(snap.1 > 3 && snap.2.is_empty(), "{snap:?}");
 
     // Pages of 2, in sub order, on both routes.
@@ -382,7 +377,7 @@ async fn above_the_member_limit_only_counts_travel_and_http_pages_the_members() 
     drop(late);
     let reach = async {
         loop {
-            let b = ws_batch(&mut obs).await;
+            let b = obs.batch().await;
             if b.1 <= 3 {
                 return b;
             }
@@ -448,11 +443,11 @@ async fn two_nodes_send_the_same_batches_in_the_same_order_and_a_dead_nodes_user
     };
     let mut oa = ws_user(&a_url("oa", "&presence=1")).await;
     let mut va = View::default();
-    ws_until(&mut oa, &mut va, "", &["oa"]).await;
+    until(&mut oa, &mut va, "", &["oa"]).await;
     let mut ob = ws_user(&b_url("ob", "&presence=1")).await;
     let mut vb = View::default();
-    ws_until(&mut ob, &mut vb, "", &["oa", "ob"]).await;
-    ws_until(&mut oa, &mut va, "", &["oa", "ob"]).await;
+    until(&mut ob, &mut vb, "", &["oa", "ob"]).await;
+    until(&mut oa, &mut va, "", &["oa", "ob"]).await;
     let (a_mark, b_mark) = (va.frames.len(), vb.frames.len());
 
     // Users on both nodes, in waves, joining a room too.
@@ -479,8 +474,8 @@ async fn two_nodes_send_the_same_batches_in_the_same_order_and_a_dead_nodes_user
         }
     }
     let all: Vec<&str> = names.iter().map(String::as_str).collect();
-    ws_until(&mut oa, &mut va, "", &all).await;
-    ws_until(&mut ob, &mut vb, "", &all).await;
+    until(&mut oa, &mut va, "", &all).await;
+    until(&mut ob, &mut vb, "", &all).await;
     // Everything after both observers were listening: the same frames in the same order.
     let tail_a = &va.frames[a_mark..];
     let tail_b = &vb.frames[b_mark..];
@@ -497,7 +492,7 @@ async fn two_nodes_send_the_same_batches_in_the_same_order_and_a_dead_nodes_user
     .await;
     side.send_frame(&room(true, "lobby")).await.unwrap();
     let mut vs = View::default();
-    ws_until(
+    until(
         &mut side,
         &mut vs,
         "lobby",
@@ -514,7 +509,7 @@ async fn two_nodes_send_the_same_batches_in_the_same_order_and_a_dead_nodes_user
         .copied()
         .filter(|u| *u == "oa" || u.ends_with('0') || u.ends_with('2') || u.ends_with('4'))
         .collect();
-    ws_until(&mut oa, &mut va, "", &on_a).await;
+    until(&mut oa, &mut va, "", &on_a).await;
 }
 
 /// `presence` takes 1/true or 0/false; anything else is a bad request (4400, after the upgrade).

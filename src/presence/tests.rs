@@ -64,6 +64,21 @@ impl Ear {
     }
 }
 
+impl Ear {
+    /// Applies every frame queued now to a member set, as a client does.
+    fn apply_to(&mut self, view: &mut BTreeSet<String>) {
+        for (_, _, changes) in self.heard() {
+            for (u, j) in changes {
+                if j {
+                    view.insert(u);
+                } else {
+                    view.remove(&u);
+                }
+            }
+        }
+    }
+}
+
 /// Lets the timer task run at the (virtual) time reached.
 async fn pass(d: Duration) {
     tokio::time::advance(d).await;
@@ -231,15 +246,7 @@ async fn a_snapshot_and_the_batches_after_it_always_add_up_to_the_truth() {
             _ => pass(Duration::from_millis(next(400))).await,
         }
         for (e, _, view) in &mut ears {
-            for (_, _, changes) in e.heard() {
-                for (u, j) in changes {
-                    if j {
-                        view.insert(u);
-                    } else {
-                        view.remove(&u);
-                    }
-                }
-            }
+            e.apply_to(view);
         }
     }
     pass(I * 2).await;
@@ -252,15 +259,7 @@ async fn a_snapshot_and_the_batches_after_it_always_add_up_to_the_truth() {
         .collect();
     assert!(!ears.is_empty());
     for (e, _, view) in &mut ears {
-        for (_, _, changes) in e.heard() {
-            for (u, j) in changes {
-                if j {
-                    view.insert(u);
-                } else {
-                    view.remove(&u);
-                }
-            }
-        }
+        e.apply_to(view);
         assert_eq!(*view, truth);
     }
 }
