@@ -8,23 +8,7 @@ use edgestream_testkit::ws::{Msg, WsClient};
 use serde_json::{json, Value};
 use support::TestServer;
 
-async fn subscribed(c: &mut WsClient) {
-    match c.next_non_heartbeat().await.unwrap() {
-        Msg::Frame(Frame::Subscribed { .. }) => {}
-        Msg::Json(v) if v["t"] == "subscribed" => {}
-        other => panic!("expected SUBSCRIBED, got {other:?}"),
-    }
-}
-
-/// JOIN (true) or LEAVE (false) of a room of acme.
-fn room_frame(join: bool, room: &str) -> Frame {
-    let (org, room) = ("acme".to_string(), room.to_string());
-    if join {
-        Frame::Join { org, room }
-    } else {
-        Frame::Leave { org, room }
-    }
-}
+use support::{acme_room as room_frame, subscribed};
 
 /// A binary WebSocket client of acme with this token, past its SUBSCRIBED.
 async fn ws_user(s: &TestServer, token: &str) -> WsClient {

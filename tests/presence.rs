@@ -132,25 +132,14 @@ async fn until(c: &mut impl Hears, v: &mut View, room: &str, users: &[&str]) {
     }
 }
 
-/// A WebSocket client of acme, past SUBSCRIBED; `query` is added to the URL.
+/// A WebSocket client, past SUBSCRIBED.
 async fn ws_user(url: &str) -> WsClient {
     let mut c = WsClient::connect(url).await.unwrap();
-    match c.next_non_heartbeat().await.unwrap() {
-        Msg::Frame(Frame::Subscribed { .. }) => {}
-        Msg::Json(v) if v["t"] == "subscribed" => {}
-        other => panic!("expected SUBSCRIBED, got {other:?}"),
-    }
+    support::subscribed(&mut c).await;
     c
 }
 
-fn room(join: bool, room: &str) -> Frame {
-    let (org, room) = ("acme".to_string(), room.to_string());
-    if join {
-        Frame::Join { org, room }
-    } else {
-        Frame::Leave { org, room }
-    }
-}
+use support::acme_room as room;
 
 /// Publishes one event to acme and reads `c` up to it: returns the PRESENCE frames before it.
 async fn presence_before_marker(s: &TestServer, c: &mut WsClient) -> Vec<Batch> {

@@ -221,3 +221,25 @@ impl Drop for TestServer {
         self.begin_stop();
     }
 }
+
+/// Waits for SUBSCRIBED (binary or JSON) on a WebSocket; anything else first fails.
+pub async fn subscribed(c: &mut WsClient) {
+    use edgestream_codec::Frame;
+    use edgestream_testkit::ws::Msg;
+    match c.next_non_heartbeat().await.unwrap() {
+        Msg::Frame(Frame::Subscribed { .. }) => {}
+        Msg::Json(v) if v["t"] == "subscribed" => {}
+        other => panic!("expected SUBSCRIBED, got {other:?}"),
+    }
+}
+
+/// JOIN (true) or LEAVE (false) of a room of acme.
+pub fn acme_room(join: bool, room: &str) -> edgestream_codec::Frame {
+    use edgestream_codec::Frame;
+    let (org, room) = ("acme".to_string(), room.to_string());
+    if join {
+        Frame::Join { org, room }
+    } else {
+        Frame::Leave { org, room }
+    }
+}
