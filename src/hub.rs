@@ -160,6 +160,21 @@ impl Hub {
         &self.inner.log
     }
 
+    /// Appends to the log ([`EventLog::append`]), timed for the metrics.
+    pub async fn append(
+        &self,
+        org: &OrgId,
+        payloads: Vec<bytes::Bytes>,
+        idempotency_key: Option<&str>,
+    ) -> Result<crate::log::Appended, LogError> {
+        let started = std::time::Instant::now();
+        let result = self.inner.log.append(org, payloads, idempotency_key).await;
+        self.inner
+            .metrics
+            .observe_append(self.inner.log.kind(), started.elapsed());
+        result
+    }
+
     /// Upstream subscriptions held (one per org with subscribers on this node).
     pub fn orgs_subscribed(&self) -> usize {
         self.inner.feeds.lock().len()

@@ -1,49 +1,35 @@
-//! Counters and gauges, rendered as Prometheus text (`/metrics`) and JSON (`/v1/metrics`).
+//! Counters, gauges and latency histograms, rendered by the Prometheus project's client
+//! (`prometheus-client`) as OpenMetrics or Prometheus text (`/metrics`), and as JSON
+//! (`/v1/metrics`).
 //!
-//! Lock-free atomics on every hot path; the only lock guards the rarely-touched close-code
-//! table. Never holds a label value that comes from a client (no org names, no tokens).
+//! Lock-free atomics on every hot path. The histograms take a short lock per observation, so
+//! the per-delivery one is sampled ([`DELIVERY_SAMPLE_EVERY`]). Never holds a label value that
+//! comes from a client (no org names, no tokens).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 use serde_json::{json, Value};
 
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+/// A monotonically increasing count (the Prometheus client's counter).
+pub type Counter = prometheus_client::metrics::counter::Counter<u64, AtomicU64>;
 
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// A value that goes up and down (the Prometheus client's gauge, unsigned).
+pub type Gauge = prometheus_client::metrics::gauge::Gauge<u64, AtomicU64>;
 
-/// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// One delivery in this many, per session, is timed for `delivery_latency_seconds`.
+pub const DELIVERY_SAMPLE_EVERY: u32 = 64;
 
 /// The transports, as metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,19 +50,73 @@ impl Transport {
 }
 
 /// Per-transport figures.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TransportMetrics {
     pub sessions: Gauge,
     pub sessions_opened: Counter,
     pub events_delivered: Counter,
     pub events_replayed: Counter,
     pub heartbeats_sent: Counter,
+    /// From the event's sequencing (its `ts`, unix milliseconds) to the session handing its
+    /// frame to the socket; sampled.
+    pub delivery_latency: Histogram,
+    /// From the connection's first packet (QUIC) or the upgrade request (WebSocket) to the
+    /// session admitted (token checked).
+    pub handshake: Histogram,
+    /// From SUBSCRIBED with `since` to the subscription caught up with the live events.
+    pub catch_up: Histogram,
+}
+
+impl Default for TransportMetrics {
+    fn default() -> Self {
+        TransportMetrics {
+            sessions: Gauge::default(),
+            sessions_opened: Counter::default(),
+            events_delivered: Counter::default(),
+            events_replayed: Counter::default(),
+            heartbeats_sent: Counter::default(),
+            delivery_latency: Histogram::new(LATENCY_BUCKETS),
+            handshake: Histogram::new(LATENCY_BUCKETS),
+            catch_up: Histogram::new(CATCH_UP_BUCKETS),
+        }
+    }
+}
+
+impl TransportMetrics {
+    /// Records one sampled delivery of an event sequenced at `ts_ms` (unix milliseconds). The
+    /// event's time has millisecond resolution, so small latencies read up to 1 ms high; on a
+    /// shared log the sequencing node's clock is another node's.
+    pub fn observe_delivery(&self, ts_ms: u64) {
+        let now_us = crate::time::unix_us();
+        let latency_us = now_us.saturating_sub(ts_ms.saturating_mul(1000));
+        self.delivery_latency.observe(latency_us as f64 / 1e6);
+    }
+}
+
+/// Seconds: 0.5 ms to 10 s, roughly three buckets per decade.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Seconds: 1 ms to 2 min (a catch-up of a long history).
+const CATCH_UP_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0,
+];
+/// Seconds: 50 us (memory) to 10 s (a slow fsync, a Redis failover).
+const APPEND_BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+type LogLabel = [(&'static str, &'static str); 1];
+
+fn append_histogram() -> Histogram {
+    Histogram::new(APPEND_BUCKETS)
 }
 
 pub use crate::log::LogUsage;
 
 /// Every figure the server exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub transports: [TransportMetrics; 2],
     /// Upstream subscriptions held: one per org with subscribers on this node.
@@ -93,7 +133,54 @@ pub struct Metrics {
     pub http_connections_refused: Counter,
     /// Failed accepts (e.g. out of file descriptors), each followed by a back-off.
     pub http_accept_errors: Counter,
+    /// Append latency by log kind (`memory`, `durable`, `redis`), successful or not.
+    append: Family<LogLabel, Histogram, fn() -> Histogram>,
     closes: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            transports: Default::default(),
+            orgs_subscribed: Gauge::default(),
+            events_published: Counter::default(),
+            publish_requests: Counter::default(),
+            publish_duplicates: Counter::default(),
+            publish_rejected: Counter::default(),
+            http_connections: Gauge::default(),
+            certificate_days_left: Gauge::default(),
+            http_connections_refused: Counter::default(),
+            http_accept_errors: Counter::default(),
+            append: Family::new_with_constructor(append_histogram),
+            closes: Mutex::default(),
+        }
+    }
+}
+
+/// The two text formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFormat {
+    /// OpenMetrics 1.0 (what Prometheus asks for first).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (anything else: curl, older scrapers).
+    Prometheus,
+}
+
+impl TextFormat {
+    /// The format an `Accept` header asks for.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => TextFormat::OpenMetrics,
+            _ => TextFormat::Prometheus,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            TextFormat::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            TextFormat::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
 }
 
 impl Metrics {
@@ -110,9 +197,17 @@ impl Metrics {
         self.closes.lock().clone()
     }
 
-    /// Every figure once: Prometheus name, type, help, JSON key, and samples (with the label
+    /// Records one append to the log of `kind`.
+    pub fn observe_append(&self, kind: &'static str, took: Duration) {
+        self.append
+            .get_or_create(&[("log", kind)])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Every counter and gauge once: name, type, help, label, and samples (with the label
     /// value, if the family has a label). Both renderings are made from this list.
-    fn families(&self, log: LogUsage, draining: bool) -> Vec<Family> {
+    fn families(&self, log: LogUsage, draining: bool) -> Vec<Figure> {
+        use MetricType::{Counter as C, Gauge as G};
         let per_transport = |f: fn(&TransportMetrics) -> u64| {
             Transport::ALL
                 .iter()
@@ -125,130 +220,29 @@ impl Metrics {
             .into_iter()
             .map(|(c, n)| (Some(c.to_string()), n))
             .collect();
+        let f = Figure::new;
         vec![
-            Family::new(
-                "sessions",
-                "gauge",
-                "Open client sessions.",
-                "transport",
-                per_transport(|m| m.sessions.get()),
-            ),
-            Family::new(
-                "sessions_opened_total",
-                "counter",
-                "Client sessions accepted.",
-                "transport",
-                per_transport(|m| m.sessions_opened.get()),
-            ),
-            Family::new(
-                "events_delivered_total",
-                "counter",
-                "Events sent to clients (live and replayed).",
-                "transport",
-                per_transport(|m| m.events_delivered.get()),
-            ),
-            Family::new(
-                "events_replayed_total",
-                "counter",
-                "Events sent from the replay log.",
-                "transport",
-                per_transport(|m| m.events_replayed.get()),
-            ),
-            Family::new(
-                "heartbeats_sent_total",
-                "counter",
-                "Heartbeat frames sent.",
-                "transport",
-                per_transport(|m| m.heartbeats_sent.get()),
-            ),
-            Family::new(
-                "orgs_subscribed",
-                "gauge",
-                "Upstream subscriptions held: one per org with subscribers.",
-                "",
-                one(self.orgs_subscribed.get()),
-            ),
-            Family::new(
-                "events_published_total",
-                "counter",
-                "Events appended through the publish API.",
-                "",
-                one(self.events_published.get()),
-            ),
-            Family::new(
-                "publish_requests_total",
-                "counter",
-                "Publish requests received.",
-                "",
-                one(self.publish_requests.get()),
-            ),
-            Family::new(
-                "publish_duplicates_total",
-                "counter",
-                "Publish requests answered from an Idempotency-Key.",
-                "",
-                one(self.publish_duplicates.get()),
-            ),
-            Family::new(
-                "publish_rejected_total",
-                "counter",
-                "Publish requests refused (4xx/5xx).",
-                "",
-                one(self.publish_rejected.get()),
-            ),
-            Family::new(
-                "certificate_days_left",
-                "gauge",
-                "Whole days before the certificate served on QUIC (and with --http-tls, HTTPS) expires.",
-                "",
-                one(self.certificate_days_left.get()),
-            ),
-            Family::new(
-                "http_connections",
-                "gauge",
-                "HTTP connections open (an upgraded WebSocket leaves this count).",
-                "",
-                one(self.http_connections.get()),
-            ),
-            Family::new(
-                "http_connections_refused_total",
-                "counter",
-                "HTTP connections over --max-connections (answered 503 or closed).",
-                "",
-                one(self.http_connections_refused.get()),
-            ),
-            Family::new(
-                "http_accept_errors_total",
-                "counter",
-                "Failed accepts on the HTTP listener (each followed by a back-off).",
-                "",
-                one(self.http_accept_errors.get()),
-            ),
-            Family::new(
-                "sessions_closed_total",
-                "counter",
-                "Sessions closed by the server, by close code.",
-                "code",
-                closes,
-            ),
-            Family::new(
-                "log_orgs",
-                "gauge",
-                "Orgs held in memory by the replay log (with Redis: orgs this node has touched; Redis holds the rest).",
-                "",
-                one(log.orgs),
-            ),
-            Family::new(
-                "log_up",
-                "gauge",
-                "1 while the log answers; 0 from a failed command (Redis unreachable) until one succeeds.",
-                "",
-                one(u64::from(!log.down)),
-            ),
-            Family::new(
-                "log_errors_total",
-                "counter",
-                "Failed log commands by kind: unavailable (nothing stored: 503), indeterminate (outcome unknown: 504), internal.",
+            f("sessions", G, "Open client sessions", "transport", per_transport(|m| m.sessions.get())),
+            f("sessions_opened", C, "Client sessions accepted", "transport", per_transport(|m| m.sessions_opened.get())),
+            f("events_delivered", C, "Events sent to clients (live and replayed)", "transport", per_transport(|m| m.events_delivered.get())),
+            f("events_replayed", C, "Events sent from the replay log", "transport", per_transport(|m| m.events_replayed.get())),
+            f("heartbeats_sent", C, "Heartbeat frames sent", "transport", per_transport(|m| m.heartbeats_sent.get())),
+            f("orgs_subscribed", G, "Upstream subscriptions held: one per org with subscribers", "", one(self.orgs_subscribed.get())),
+            f("events_published", C, "Events appended through the publish API", "", one(self.events_published.get())),
+            f("publish_requests", C, "Publish requests received", "", one(self.publish_requests.get())),
+            f("publish_duplicates", C, "Publish requests answered from an Idempotency-Key", "", one(self.publish_duplicates.get())),
+            f("publish_rejected", C, "Publish requests refused (4xx/5xx)", "", one(self.publish_rejected.get())),
+            f("certificate_days_left", G, "Whole days before the certificate served on QUIC (and with --http-tls, HTTPS) expires", "", one(self.certificate_days_left.get())),
+            f("http_connections", G, "HTTP connections open (an upgraded WebSocket leaves this count)", "", one(self.http_connections.get())),
+            f("http_connections_refused", C, "HTTP connections over --max-connections (answered 503 or closed)", "", one(self.http_connections_refused.get())),
+            f("http_accept_errors", C, "Failed accepts on the HTTP listener (each followed by a back-off)", "", one(self.http_accept_errors.get())),
+            f("sessions_closed", C, "Sessions closed by the server, by close code", "code", closes),
+            f("log_orgs", G, "Orgs held in memory by the replay log (with Redis: orgs this node has touched; Redis holds the rest)", "", one(log.orgs)),
+            f("log_up", G, "1 while the log answers; 0 from a failed command (Redis unreachable) until one succeeds", "", one(u64::from(!log.down))),
+            f(
+                "log_errors",
+                C,
+                "Failed log commands by kind: unavailable (nothing stored: 503), indeterminate (outcome unknown: 504), internal",
                 "kind",
                 ["unavailable", "indeterminate", "internal"]
                     .iter()
@@ -256,99 +250,69 @@ impl Metrics {
                     .map(|(k, n)| (Some(k.to_string()), n))
                     .collect(),
             ),
-            Family::new(
-                "log_idle_orgs",
-                "gauge",
-                "Idle orgs an embedded log remembers by epoch and head only (--max-idle-orgs).",
-                "",
-                one(log.idle_orgs),
-            ),
-            Family::new(
-                "log_events",
-                "gauge",
-                "Events retained in the replay log (embedded logs; 0 with Redis, whose streams hold them).",
-                "",
-                one(log.events),
-            ),
-            Family::new(
-                "log_bytes",
-                "gauge",
-                "Bytes retained in the replay log (embedded logs; 0 with Redis).",
-                "",
-                one(log.bytes),
-            ),
-            Family::new(
-                "log_disk_bytes",
-                "gauge",
-                "Bytes of the durable log on disk (0 without --data-dir).",
-                "",
-                one(log.disk_bytes),
-            ),
-            Family::new(
-                "log_recovered_torn_bytes",
-                "gauge",
-                "Bytes of a torn last record cut from the durable log at start.",
-                "",
-                one(log.recovered_torn_bytes),
-            ),
-            Family::new(
-                "log_recovered_corrupt_segments",
-                "gauge",
-                "Durable log segments whose scan stopped at a corrupt record at start.",
-                "",
-                one(log.recovered_corrupt_segments),
-            ),
-            Family::new(
-                "log_recovered_reset_orgs",
-                "gauge",
-                "Orgs given a new epoch at start because their stored history had a hole.",
-                "",
-                one(log.recovered_reset_orgs),
-            ),
-            Family::new(
-                "draining",
-                "gauge",
-                "1 while the node drains for shutdown.",
-                "",
-                one(u64::from(draining)),
-            ),
+            f("log_idle_orgs", G, "Idle orgs an embedded log remembers by epoch and head only (--max-idle-orgs)", "", one(log.idle_orgs)),
+            f("log_events", G, "Events retained in the replay log (embedded logs; 0 with Redis, whose streams hold them)", "", one(log.events)),
+            f("log_bytes", G, "Bytes retained in the replay log (embedded logs; 0 with Redis)", "", one(log.bytes)),
+            f("log_disk_bytes", G, "Bytes of the durable log on disk (0 without --data-dir)", "", one(log.disk_bytes)),
+            f("log_recovered_torn_bytes", G, "Bytes of a torn last record cut from the durable log at start", "", one(log.recovered_torn_bytes)),
+            f("log_recovered_corrupt_segments", G, "Durable log segments whose scan stopped at a corrupt record at start", "", one(log.recovered_corrupt_segments)),
+            f("log_recovered_reset_orgs", G, "Orgs given a new epoch at start because their stored history had a hole", "", one(log.recovered_reset_orgs)),
+            f("draining", G, "1 while the node drains for shutdown", "", one(u64::from(draining))),
         ]
     }
 
-    /// Prometheus text exposition format.
-    pub fn render_prometheus(&self, log: LogUsage, draining: bool) -> String {
-        let mut s = String::with_capacity(4096);
-        let _ = writeln!(
-            s,
-            "# HELP edgestream_build_info What this node runs: version, git commit, build date.\n\
-             # TYPE edgestream_build_info gauge\n\
-             edgestream_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1",
-            crate::build::VERSION,
-            crate::build::COMMIT,
-            crate::build::DATE
+    /// `/metrics`: every figure and histogram, encoded by `prometheus-client`.
+    pub fn render_text(&self, log: LogUsage, draining: bool, format: TextFormat) -> String {
+        let mut registry = Registry::with_prefix("edgestream");
+        registry.register(
+            "build",
+            "What this node runs: version, git commit, build date",
+            Info::new([
+                ("version", crate::build::VERSION),
+                ("commit", crate::build::COMMIT),
+                ("build_date", crate::build::DATE),
+            ]),
         );
-        for f in self.families(log, draining) {
-            let _ = writeln!(
-                s,
-                "# HELP edgestream_{} {}\n# TYPE edgestream_{} {}",
-                f.name, f.help, f.name, f.kind
-            );
-            for (label, v) in &f.samples {
-                match label {
-                    Some(l) => {
-                        let _ = writeln!(s, "edgestream_{}{{{}=\"{l}\"}} {v}", f.name, f.label);
-                    }
-                    None => {
-                        let _ = writeln!(s, "edgestream_{} {v}", f.name);
-                    }
-                }
+        let per_transport = |f: fn(&TransportMetrics) -> &Histogram| {
+            Transport::ALL
+                .iter()
+                .map(|t| (t.label(), f(self.transport(*t)).clone()))
+                .collect()
+        };
+        registry.register_collector(Box::new(Scrape {
+            figures: self.families(log, draining),
+            histograms: vec![
+                Histograms {
+                    name: "delivery_latency",
+                    help: "Event sequenced (its ts) to its frame handed to the socket, sampled one delivery in 64 per session; ms resolution",
+                    by_transport: per_transport(|m| &m.delivery_latency),
+                },
+                Histograms {
+                    name: "handshake_duration",
+                    help: "Connection (QUIC first packet, or WebSocket upgrade request) to session admitted",
+                    by_transport: per_transport(|m| &m.handshake),
+                },
+                Histograms {
+                    name: "catch_up_duration",
+                    help: "SUBSCRIBED with since to the subscription caught up with live events",
+                    by_transport: per_transport(|m| &m.catch_up),
+                },
+            ],
+            append: self.append.clone(),
+        }));
+        let mut s = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = match format {
+            TextFormat::OpenMetrics => prometheus_client::encoding::text::encode(&mut s, &registry),
+            TextFormat::Prometheus => {
+                prometheus_client::encoding::prometheus_text::encode(&mut s, &registry)
             }
-        }
+        };
         s
     }
 
-    /// The same figures as JSON: keys without the `_total` suffix; labelled families become
-    /// objects keyed by the label value.
+    /// The counters and gauges as JSON: labelled families become objects keyed by the label
+    /// value. (Histograms are on `/metrics` only.)
     pub fn to_json(&self, log: LogUsage, draining: bool) -> Value {
         let mut out = serde_json::Map::new();
         out.insert(
@@ -356,7 +320,6 @@ impl Metrics {
             json!({"version": crate::build::VERSION, "commit": crate::build::COMMIT, "build_date": crate::build::DATE}),
         );
         for f in self.families(log, draining) {
-            let key = f.name.strip_suffix("_total").unwrap_or(f.name);
             let v = if f.label.is_empty() {
                 json!(f.samples.first().map_or(0, |(_, v)| *v))
             } else {
@@ -367,7 +330,7 @@ impl Metrics {
                         .collect(),
                 )
             };
-            out.insert(key.to_string(), v);
+            out.insert(f.name.to_string(), v);
         }
         out.insert("draining".into(), json!(draining));
         out.insert(
@@ -378,30 +341,94 @@ impl Metrics {
     }
 }
 
-/// One metric family, for rendering.
-struct Family {
+/// One counter or gauge family, read at a scrape.
+#[derive(Debug)]
+struct Figure {
     name: &'static str,
-    kind: &'static str,
+    kind: MetricType,
     help: &'static str,
     label: &'static str,
     samples: Vec<(Option<String>, u64)>,
 }
 
-impl Family {
+impl Figure {
     fn new(
         name: &'static str,
-        kind: &'static str,
+        kind: MetricType,
         help: &'static str,
         label: &'static str,
         samples: Vec<(Option<String>, u64)>,
     ) -> Self {
-        Family {
+        Figure {
             name,
             kind,
             help,
             label,
             samples,
         }
+    }
+}
+
+/// A histogram per transport.
+#[derive(Debug)]
+struct Histograms {
+    name: &'static str,
+    help: &'static str,
+    by_transport: Vec<(&'static str, Histogram)>,
+}
+
+/// What one scrape encodes: the figures read now, and the histograms (shared handles).
+#[derive(Debug)]
+struct Scrape {
+    figures: Vec<Figure>,
+    histograms: Vec<Histograms>,
+    append: Family<LogLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.figures {
+            let mut m = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
+            if f.label.is_empty() {
+                let v = f.samples.first().map_or(0, |(_, v)| *v);
+                encode_value(&f.kind, v, m)?;
+                continue;
+            }
+            for (label, v) in &f.samples {
+                let labels = [(f.label, label.as_deref().unwrap_or_default())];
+                encode_value(&f.kind, *v, m.encode_family(&labels)?)?;
+            }
+        }
+        for h in &self.histograms {
+            let mut m = encoder.encode_descriptor(
+                h.name,
+                h.help,
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for (transport, hist) in &h.by_transport {
+                hist.encode(m.encode_family(&[("transport", *transport)])?)?;
+            }
+        }
+        let m = encoder.encode_descriptor(
+            "append_duration",
+            "Log append latency by log kind (successful or not)",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        self.append.encode(m)
+    }
+}
+
+fn encode_value(
+    kind: &MetricType,
+    v: u64,
+    m: prometheus_client::encoding::MetricEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    if matches!(kind, MetricType::Counter) {
+        ConstCounter::new(v).encode(m)
+    } else {
+        ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(m)
     }
 }
 
@@ -413,36 +440,105 @@ mod tests {
     fn both_renderings_carry_the_same_figures() {
         let m = Metrics::default();
         m.transport(Transport::WebSocket).sessions.set(3);
-        m.events_published.add(7);
+        m.events_published.inc_by(7);
         m.record_close(4008);
         m.record_close(4008);
+        m.observe_append("memory", Duration::from_micros(70));
+        m.transport(Transport::WebTransport)
+            .handshake
+            .observe(0.003);
         let log = LogUsage {
             orgs: 1,
             events: 7,
             bytes: 700,
             ..Default::default()
         };
-        let text = m.render_prometheus(log, false);
-        assert!(
-            text.contains("edgestream_sessions{transport=\"websocket\"} 3\n"),
-            "{text}"
-        );
-        assert!(text.contains("edgestream_events_published_total 7\n"));
-        assert!(text.contains("edgestream_sessions_closed_total{code=\"4008\"} 2\n"));
-        assert!(text.contains("# TYPE edgestream_log_bytes gauge\n"));
+        for format in [TextFormat::OpenMetrics, TextFormat::Prometheus] {
+            let text = m.render_text(log, false, format);
+            for (name, labels, value) in [
+                ("edgestream_sessions", vec![("transport", "websocket")], 3.0),
+                ("edgestream_events_published_total", vec![], 7.0),
+                (
+                    "edgestream_sessions_closed_total",
+                    vec![("code", "4008")],
+                    2.0,
+                ),
+                ("edgestream_log_bytes", vec![], 700.0),
+                (
+                    "edgestream_append_duration_seconds_bucket",
+                    vec![("log", "memory"), ("le", "0.0001")],
+                    1.0,
+                ),
+                (
+                    "edgestream_append_duration_seconds_count",
+                    vec![("log", "memory")],
+                    1.0,
+                ),
+                (
+                    "edgestream_handshake_duration_seconds_bucket",
+                    vec![("transport", "webtransport"), ("le", "0.0025")],
+                    0.0,
+                ),
+                (
+                    "edgestream_handshake_duration_seconds_bucket",
+                    vec![("transport", "webtransport"), ("le", "0.005")],
+                    1.0,
+                ),
+            ] {
+                assert_eq!(
+                    sample(&text, name, &labels),
+                    Some(value),
+                    "{format:?}: {name} {labels:?} in\n{text}"
+                );
+            }
+            let info = format!(
+                "edgestream_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1\n",
+                crate::build::VERSION,
+                crate::build::COMMIT,
+                crate::build::DATE
+            );
+            assert!(text.contains(&info), "{text}");
+            assert_eq!(
+                text.ends_with("# EOF\n"),
+                format == TextFormat::OpenMetrics,
+                "{text}"
+            );
+        }
         let j = m.to_json(log, true);
         assert_eq!(j["sessions"]["websocket"], 3);
         assert_eq!(j["events_published"], 7);
         assert_eq!(j["sessions_closed"]["4008"], 2);
         assert_eq!(j["log"]["bytes"], 700);
         assert_eq!(j["draining"], true);
-        let info = format!(
-            "edgestream_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1\n",
-            crate::build::VERSION,
-            crate::build::COMMIT,
-            crate::build::DATE
-        );
-        assert!(text.contains(&info), "{text}");
         assert_eq!(j["build"]["commit"], crate::build::COMMIT);
+    }
+
+    /// The value of the sample `name` with exactly `labels` (in any order).
+    fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        want.sort();
+        text.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, mut got) = match series.split_once('{') {
+                Some((n, rest)) => (
+                    n,
+                    rest.trim_end_matches('}')
+                        .split(',')
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                ),
+                None => (series, Vec::new()),
+            };
+            got.sort();
+            (n == name && got == want).then(|| value.parse().ok())?
+        })
+    }
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        let om = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+        assert_eq!(TextFormat::negotiate(Some(om)), TextFormat::OpenMetrics);
+        assert_eq!(TextFormat::negotiate(Some("*/*")), TextFormat::Prometheus);
+        assert_eq!(TextFormat::negotiate(None), TextFormat::Prometheus);
     }
 }

@@ -15,3 +15,11 @@ pub fn unix_ms() -> u64 {
 pub fn unix_secs() -> u64 {
     unix_ms() / 1000
 }
+
+/// Unix time in microseconds.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

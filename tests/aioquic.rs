@@ -3,31 +3,15 @@
 //! runs a subset of the end-to-end checks: events in order with their payloads, heartbeat
 //! datagrams naming the head, PING answered on the control stream, exact resume, refusal.
 //!
-//! The Python environment is `target/aioquic-venv` (scripts/test-all creates it with
-//! `pip install aioquic`); `EDGESTREAM_AIOQUIC_PYTHON` points elsewhere.
+//! The Python environment is [`support::python`].
 
 mod support;
 
 use std::process::Stdio;
 
 use serde_json::{json, Value};
-use support::TestServer;
+use support::{python, TestServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn python() -> String {
-    std::env::var("EDGESTREAM_AIOQUIC_PYTHON").unwrap_or_else(|_| {
-        let p = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/aioquic-venv/bin/python"
-        );
-        assert!(
-            std::path::Path::new(p).exists(),
-            "{p} is missing: run scripts/test-all (it creates it) or \
-             `python3 -m venv target/aioquic-venv && target/aioquic-venv/bin/pip install aioquic`"
-        );
-        p.to_string()
-    })
-}
 
 /// Runs the client until it ends; `on_subscribed` runs once its first SUBSCRIBED is printed.
 /// Returns every line it printed.

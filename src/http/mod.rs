@@ -27,6 +27,7 @@ use crate::app::App;
 use crate::auth::{mint_hs256, Claims, Grant};
 use crate::close::Refusal;
 use crate::log::ReadOutcome;
+use crate::metrics::TextFormat;
 use crate::model::{parse_org_list, OrgId, Position};
 use crate::session::{redact_query, ws::WsStreamSession};
 use crate::time::unix_secs;
@@ -396,6 +397,7 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
     if app.draining.load(Ordering::Acquire) {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
+    let started = tokio::time::Instant::now();
     let query = req.uri().query().unwrap_or("").to_owned();
     let bearer = bearer(req.headers()).map(str::to_owned);
     let (response, on_upgrade) = match edgestream_ws::upgrade(&mut req) {
@@ -416,7 +418,7 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let session = WsStreamSession::new(env, &query, bearer.as_deref());
+            let session = WsStreamSession::new(env, &query, bearer.as_deref(), started);
             // The query holds the token: free it for the session's life.
             drop((query, bearer));
             let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
@@ -427,12 +429,14 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
     response.map(|()| axum::body::Body::empty())
 }
 
-async fn metrics_text(State(app): State<Arc<App>>) -> impl IntoResponse {
+async fn metrics_text(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = TextFormat::negotiate(accept);
     let body = app
         .env
         .metrics
-        .render_prometheus(app.env.hub.log().usage(), app.leaving());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+        .render_text(app.env.hub.log().usage(), app.leaving(), format);
+    ([(header::CONTENT_TYPE, format.content_type())], body)
 }
 
 async fn metrics_json(State(app): State<Arc<App>>) -> Json<serde_json::Value> {

@@ -60,7 +60,6 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
     let appended = app
         .env
         .hub
-        .log()
         .append(&org, payloads, key)
         .await
         .map_err(|e| match e {
@@ -84,7 +83,7 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
         app.env.metrics.publish_duplicates.inc();
         StatusCode::OK
     } else {
-        app.env.metrics.events_published.add(count);
+        app.env.metrics.events_published.inc_by(count);
         StatusCode::CREATED
     };
     let body = json!({

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgestream_codec::{json, ClientCommand, Frame, Since};
+use edgestream_codec::{json, ClientCommand, Frame, Resume, Since};
 use tokio::time::Instant;
 
 use super::{Admitted, ConnectParams, Format, Held, SessionEnv, SessionToken};
@@ -209,6 +209,8 @@ struct Sub {
     live_pending: usize,
     /// A catch-up read is out.
     reading: bool,
+    /// A resume (`since` recovered) not yet caught up: since when (for the catch-up histogram).
+    resuming_since: Option<Instant>,
 }
 
 /// An upload in progress on the socket.
@@ -249,6 +251,8 @@ pub struct SessionCore {
     /// Counted events not yet added to the metrics (added once per batch of output).
     delivered: u64,
     replayed: u64,
+    /// Live deliveries until the next one is timed (metrics::DELIVERY_SAMPLE_EVERY).
+    sample_in: u32,
     closed: bool,
     _held: Held,
 }
@@ -306,6 +310,7 @@ impl SessionCore {
             deliveries: Vec::new(),
             delivered: 0,
             replayed: 0,
+            sample_in: 1,
             closed: false,
             _held: held,
         })
@@ -337,8 +342,8 @@ impl SessionCore {
         let t = self.transmits.pop_front();
         if t.is_none() && (self.delivered | self.replayed) != 0 {
             let m = self.env.metrics.transport(self.transport);
-            m.events_delivered.add(self.delivered);
-            m.events_replayed.add(self.replayed);
+            m.events_delivered.inc_by(self.delivered);
+            m.events_replayed.inc_by(self.replayed);
             (self.delivered, self.replayed) = (0, 0);
         }
         t
@@ -787,7 +792,7 @@ impl SessionCore {
                 result,
                 member,
             } => match result {
-                Ok((cursor, subscribed)) => self.subscribed(cursor, subscribed, member),
+                Ok((cursor, subscribed)) => self.subscribed(cursor, subscribed, member, now),
                 Err(e) if initial => self.close(e.into()),
                 Err(e) => {
                     let r: Refusal = e.into();
@@ -803,7 +808,7 @@ impl SessionCore {
             } => match result {
                 Ok(a) => {
                     if !a.duplicate {
-                        self.env.metrics.events_published.add(1);
+                        self.env.metrics.events_published.inc_by(1);
                         let at = self.clock.unix_ms(now);
                         self.env.presence.record_chat(&org, &room, at);
                     }
@@ -893,7 +898,13 @@ impl SessionCore {
         }
     }
 
-    fn subscribed(&mut self, cursor: OrgCursor, s: Subscribed, member: Option<OrgMember>) {
+    fn subscribed(
+        &mut self,
+        cursor: OrgCursor,
+        s: Subscribed,
+        member: Option<OrgMember>,
+        now: Instant,
+    ) {
         let org = s.org.clone();
         if let Some(i) = self.sub_index(&org) {
             // A new SUBSCRIBE replaces the subscription: it starts from its own position.
@@ -913,6 +924,7 @@ impl SessionCore {
             in_flight: VecDeque::new(),
             live_pending: 0,
             reading: false,
+            resuming_since: (s.resume == Resume::Recovered).then_some(now),
         });
         if self.layout == Layout::Streams {
             self.transmits.push_back(Transmit::Open(stream));
@@ -928,6 +940,7 @@ impl SessionCore {
         );
         let i = self.subs.len() - 1;
         self.for_org(i, m, false);
+        self.check_caught_up(i, now);
         if let Some(member) = member {
             // A SUBSCRIBE that raced another for the org brings a second one: dropped.
             if !self.present.iter().any(|m| m.org() == &org) {
@@ -939,7 +952,12 @@ impl SessionCore {
 
     /// The answer to a [`Read`]. A failed read closes the session (4503 for an unavailable
     /// log): the client resumes with `since`, here or on another node.
-    pub fn handle_read(&mut self, stream: StreamId, result: Result<ReadOutcome, LogError>) {
+    pub fn handle_read(
+        &mut self,
+        stream: StreamId,
+        result: Result<ReadOutcome, LogError>,
+        now: Instant,
+    ) {
         let Some(i) = self.subs.iter().position(|s| s.stream == stream) else {
             return; // unsubscribed meanwhile
         };
@@ -950,11 +968,26 @@ impl SessionCore {
                     .cursor
                     .apply_read(outcome, &mut self.deliveries);
                 self.deliver(i, true);
+                self.check_caught_up(i, now);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "replay read failed: the session closes");
                 self.close(e.into());
             }
+        }
+    }
+
+    /// Times a resume once its subscription has caught up with the live events.
+    fn check_caught_up(&mut self, i: usize, now: Instant) {
+        let Some(s) = self.subs.get_mut(i) else {
+            return;
+        };
+        if s.cursor.needs_catch_up() {
+            return;
+        }
+        if let Some(since) = s.resuming_since.take() {
+            let took = now.saturating_duration_since(since);
+            self.metrics().catch_up.observe(took.as_secs_f64());
         }
     }
 
@@ -1004,6 +1037,13 @@ impl SessionCore {
                 Delivery::Event(e) => {
                     self.delivered += 1;
                     self.replayed += u64::from(replayed);
+                    if !replayed {
+                        self.sample_in -= 1;
+                        if self.sample_in == 0 {
+                            self.sample_in = crate::metrics::DELIVERY_SAMPLE_EVERY;
+                            self.metrics().observe_delivery(e.ts);
+                        }
+                    }
                     match format {
                         Format::Json => Message::Text(e.json().clone()),
                         Format::Binary if self.brotli => {

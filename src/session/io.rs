@@ -68,7 +68,7 @@ impl SessionIo {
                 payload,
                 key,
             } => {
-                let result = env.hub.log().append(&org, vec![payload], Some(&key)).await;
+                let result = env.hub.append(&org, vec![payload], Some(&key)).await;
                 Response::Chatted {
                     org,
                     room,

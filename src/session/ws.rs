@@ -16,6 +16,7 @@ use super::io::SessionIo;
 use super::{ConnectParams, SessionEnv};
 use crate::close::Refusal;
 use crate::hub::{Live, Overflow};
+use crate::metrics::Transport;
 
 /// Live items handed to the core per wake-up before the socket is flushed.
 const LIVE_BATCH: usize = 256;
@@ -37,6 +38,8 @@ pub struct WsStreamSession {
     overflow: Arc<Overflow>,
     /// The query until the start, then the core.
     state: State,
+    /// When the upgrade request arrived (for the handshake histogram).
+    started: Instant,
 }
 
 enum State {
@@ -48,7 +51,8 @@ enum State {
 
 impl WsStreamSession {
     /// A session for a `/v1/stream` request; nothing is checked until it starts.
-    pub fn new(env: Arc<SessionEnv>, query: &str, bearer: Option<&str>) -> Self {
+    /// `started`: when the upgrade request arrived.
+    pub fn new(env: Arc<SessionEnv>, query: &str, bearer: Option<&str>, started: Instant) -> Self {
         let (io, queue, overflow) = SessionIo::new(env.clone());
         WsStreamSession {
             state: State::New(ConnectParams::parse(query, bearer)),
@@ -56,6 +60,7 @@ impl WsStreamSession {
             io,
             queue,
             overflow,
+            started,
         }
     }
 
@@ -63,12 +68,18 @@ impl WsStreamSession {
         let State::New(params) = std::mem::replace(&mut self.state, State::Gone) else {
             return Ok(());
         };
+        let now = Instant::now();
         let mut core = params
             .and_then(|p| {
                 let layout = Layout::Socket(p.format);
-                SessionCore::admit(self.env.clone(), &p, layout, Instant::now())
+                SessionCore::admit(self.env.clone(), &p, layout, now)
             })
             .map_err(close)?;
+        self.env
+            .metrics
+            .transport(Transport::WebSocket)
+            .handshake
+            .observe(now.saturating_duration_since(self.started).as_secs_f64());
         self.io.drive(&mut core).await;
         self.state = State::Open(Box::new(core));
         self.flush(out)
@@ -170,7 +181,7 @@ impl WsSession for WsStreamSession {
             }
             Wake::Read(r) => {
                 let (stream, result) = self.io.read(r).await;
-                core.handle_read(stream, result);
+                core.handle_read(stream, result, Instant::now());
             }
             Wake::Timeout => core.handle_timeout(Instant::now()),
         }

@@ -373,6 +373,7 @@ pub async fn serve(
             handshaking.clone(),
         );
         let sessions = tracker.clone();
+        let started = tokio::time::Instant::now();
         tracker.spawn(async move {
             handshaking.fetch_add(1, Ordering::Relaxed);
             let accepted =
@@ -384,7 +385,7 @@ pub async fn serve(
                 Ok(Some((wt, query))) => {
                     let span = crate::session::session_span("webtransport");
                     sessions.spawn(tracing::Instrument::instrument(
-                        async move { session::run(env, wt, &query).await },
+                        async move { session::run(env, wt, &query, started).await },
                         span,
                     ));
                 }

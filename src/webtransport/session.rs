@@ -27,6 +27,7 @@ use web_transport_quinn::{RecvStream, SendStream, Session};
 
 use crate::close::{CloseCode, Refusal};
 use crate::log::{LogError, ReadOutcome};
+use crate::metrics::Transport;
 use crate::session::core::{Layout, Message, SessionCore, StreamId, Transmit};
 use crate::session::io::SessionIo;
 use crate::session::{ConnectParams, SessionEnv};
@@ -37,9 +38,10 @@ const LIVE_BATCH: usize = 256;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs a session until it closes.
-pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str) {
+/// `started`: when the connection's first packet arrived (for the handshake histogram).
+pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str, started: Instant) {
     let metrics = env.metrics.clone();
-    let refusal = match Driver::start(env, wt.clone(), query).await {
+    let refusal = match Driver::start(env, wt.clone(), query, started).await {
         Ok(mut d) => {
             let r = d.serve().await;
             d.shutdown();
@@ -108,9 +110,19 @@ struct Driver {
 
 impl Driver {
     /// Admits the session and makes its initial subscriptions (or refuses with a close code).
-    async fn start(env: Arc<SessionEnv>, wt: Session, query: &str) -> Result<Self, Refusal> {
+    async fn start(
+        env: Arc<SessionEnv>,
+        wt: Session,
+        query: &str,
+        started: Instant,
+    ) -> Result<Self, Refusal> {
         let params = ConnectParams::parse(query, None)?;
-        let mut core = SessionCore::admit(env.clone(), &params, Layout::Streams, Instant::now())?;
+        let now = Instant::now();
+        let mut core = SessionCore::admit(env.clone(), &params, Layout::Streams, now)?;
+        env.metrics
+            .transport(Transport::WebTransport)
+            .handshake
+            .observe(now.saturating_duration_since(started).as_secs_f64());
         core.set_max_datagram(wt.max_datagram_size());
         let (io, queue, overflow) = SessionIo::new(env.clone());
         let (tx, from_client) = mpsc::channel(16);
@@ -188,7 +200,7 @@ impl Driver {
                 op = next_op(&mut self.ops), if !self.ops.is_empty() => self.on_op(op),
                 (stream, result) = async { self.read.as_mut().expect("reading").await }, if reading => {
                     self.read = None;
-                    self.core.handle_read(stream, result);
+                    self.core.handle_read(stream, result, Instant::now());
                 }
                 item = self.queue.recv() => {
                     // The session holds a sender: the queue never ends while it runs.

@@ -39,6 +39,20 @@ pub fn free_udp_port() -> u16 {
         .expect("a free UDP port")
 }
 
+/// The Python with aioquic and prometheus_client: `target/python-venv` (scripts/test-all creates
+/// it), or `EDGESTREAM_PYTHON`.
+pub fn python() -> String {
+    std::env::var("EDGESTREAM_PYTHON").unwrap_or_else(|_| {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/target/python-venv/bin/python");
+        assert!(
+            std::path::Path::new(p).exists(),
+            "{p} is missing: run scripts/test-all (it creates it) or `python3 -m venv \
+             target/python-venv && target/python-venv/bin/pip install aioquic prometheus_client`"
+        );
+        p.to_string()
+    })
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, for at most [`HANG_GUARD`]; panics
 /// naming `what` if it never does. The one bounded wait of the tests.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T

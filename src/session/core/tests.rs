@@ -137,7 +137,7 @@ impl Session {
     async fn reads(&mut self) {
         while let Some(r) = self.core.poll_read() {
             let (stream, result) = self.io.read(r).await;
-            self.core.handle_read(stream, result);
+            self.core.handle_read(stream, result, Instant::now());
         }
     }
 }
@@ -407,8 +407,11 @@ async fn a_log_outage_during_catch_up_closes_4503_on_either_layout() {
         let r = s.core.poll_read().expect("a catch-up read");
         assert_eq!((r.after.seq, r.limit), (2, crate::hub::CATCH_UP_BATCH));
         assert!(s.core.poll_read().is_none(), "one read per org at a time");
-        s.core
-            .handle_read(r.stream, Err(LogError::Unavailable("down".into())));
+        s.core.handle_read(
+            r.stream,
+            Err(LogError::Unavailable("down".into())),
+            Instant::now(),
+        );
         assert_eq!(closes(&s.out()), [CloseCode::GoingAway], "{layout:?}");
         assert!(s.core.poll_read().is_none());
     }
@@ -435,7 +438,7 @@ async fn a_replay_on_a_stream_waits_for_the_stream_to_write_the_last_batch() {
     let mut seqs = Vec::new();
     while let Some(r) = s.core.poll_read() {
         let (stream, result) = s.io.read(r).await;
-        s.core.handle_read(stream, result);
+        s.core.handle_read(stream, result, Instant::now());
         assert!(s.core.poll_read().is_none(), "the batch is not written yet");
         let before = seqs.len();
         for o in s.out() {

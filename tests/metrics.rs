@@ -1,0 +1,180 @@
+//! `/metrics` as Prometheus reads it: the body of a node that has served publishes, WebSocket
+//! and WebTransport sessions and a resume, parsed by the Prometheus project's own Python
+//! parsers (`prometheus_client`: the strict OpenMetrics parser, and the text 0.0.4 one), and
+//! the histograms an operator watches carry those observations.
+
+mod support;
+
+use std::process::Stdio;
+
+use edgestream_codec::Frame;
+use serde_json::{json, Value};
+use support::{python, TestServer};
+use tokio::io::AsyncWriteExt;
+
+/// Parses `body` with `parser` ("openmetrics" or "prometheus"); fails on any parse error.
+async fn parse(parser: &str, body: &str) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metrics/parse.py");
+    let mut child = tokio::process::Command::new(python())
+        .arg(script)
+        .arg(parser)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the parser");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(body.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{parser} parser refused /metrics: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(families: &Value, family: &str, name: &str, labels: &Value) -> f64 {
+    let f = &families[family];
+    assert!(f.is_object(), "no family {family}");
+    f["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s[0] == name
+                && labels
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &s[1][k] == v)
+        })
+        .unwrap_or_else(|| panic!("no sample {name} {labels} in {f}"))[2]
+        .as_f64()
+        .unwrap()
+}
+
+async fn scrape(s: &TestServer, accept: &str) -> (String, String) {
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/metrics", s.addr))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    (ct, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_prometheus_parsers_and_histograms_record_the_data_path() {
+    let s = TestServer::start().await;
+    let tok = s.token(&["acme"]);
+    // A WebSocket and a WebTransport subscriber, each sent one live event.
+    let mut ws = s.client(&["acme"], "").await;
+    support::subscribed(&mut ws).await;
+    let mut wt = s.wt_client(&["acme"], "").await;
+    let epoch = match wt.next_frame().await.unwrap() {
+        Frame::Subscribed { epoch, .. } => epoch,
+        f => panic!("expected SUBSCRIBED, got {f:?}"),
+    };
+    s.publish_numbered(&tok, "acme", 1..=3).await;
+    assert_eq!(ws.events(3).await.unwrap().len(), 3);
+    assert_eq!(wt.events(3).await.unwrap().len(), 3);
+    // A resume that reads the log: from seq 1 it catches up 2 and 3.
+    let mut resumed = s.client(&["acme"], &format!("since=acme:{epoch}:1")).await;
+    support::subscribed(&mut resumed).await;
+    assert_eq!(resumed.events(2).await.unwrap()[1].seq, 3);
+    s.wait_metrics("the resumed session's replays counted", |m| {
+        m["events_replayed"]["websocket"] == 2
+    })
+    .await;
+
+    let om = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let (ct, text) = scrape(&s, om).await;
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    let f = parse("openmetrics", &text).await;
+    let (ct, plain) = scrape(&s, "*/*").await;
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let p = parse("prometheus", &plain).await;
+
+    // The same figures through both parsers.
+    assert_eq!(
+        sample(
+            &f,
+            "edgestream_events_published",
+            "edgestream_events_published_total",
+            &json!({})
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &p,
+            "edgestream_events_published",
+            "edgestream_events_published_total",
+            &json!({})
+        ),
+        3.0
+    );
+    assert_eq!(f["edgestream_build"]["type"], "info");
+    for (family, labels, at_least) in [
+        (
+            "edgestream_append_duration_seconds",
+            json!({"log": "memory"}),
+            1.0,
+        ),
+        (
+            "edgestream_handshake_duration_seconds",
+            json!({"transport": "websocket"}),
+            2.0,
+        ),
+        (
+            "edgestream_handshake_duration_seconds",
+            json!({"transport": "webtransport"}),
+            1.0,
+        ),
+        // The first live event of each session is timed (then one in 64).
+        (
+            "edgestream_delivery_latency_seconds",
+            json!({"transport": "websocket"}),
+            1.0,
+        ),
+        (
+            "edgestream_delivery_latency_seconds",
+            json!({"transport": "webtransport"}),
+            1.0,
+        ),
+        (
+            "edgestream_catch_up_duration_seconds",
+            json!({"transport": "websocket"}),
+            1.0,
+        ),
+    ] {
+        for families in [&f, &p] {
+            assert_eq!(families[family]["type"], "histogram", "{family}");
+            let count = sample(families, family, &format!("{family}_count"), &labels);
+            assert!(count >= at_least, "{family} {labels}: {count} observations");
+            let mut inf = labels.clone();
+            inf["le"] = json!("+Inf");
+            assert_eq!(
+                sample(families, family, &format!("{family}_bucket"), &inf),
+                count
+            );
+        }
+    }
+    // No resume on WebTransport: its catch-up histogram is empty.
+    assert_eq!(
+        sample(
+            &f,
+            "edgestream_catch_up_duration_seconds",
+            "edgestream_catch_up_duration_seconds_count",
+            &json!({"transport": "webtransport"})
+        ),
+        0.0
+    );
+    s.stop().await.unwrap();
+}
