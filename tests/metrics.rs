@@ -176,5 +176,44 @@ async fn metrics_parse_with_prometheus_parsers_and_histograms_record_the_data_pa
         ),
         0.0
     );
+    dashboard_queries_only_series_that_exist(&f);
     s.stop().await.unwrap();
+}
+
+/// docs/grafana/edgestream.json queries only series this node exports (OpenMetrics families:
+/// a counter family `x` has samples `x_total`; a histogram `x`, `x_bucket`, `x_sum`, `x_count`).
+fn dashboard_queries_only_series_that_exist(families: &Value) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana/edgestream.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut known = std::collections::BTreeSet::new();
+    for (name, f) in families.as_object().unwrap() {
+        let suffixes: &[&str] = match f["type"].as_str().unwrap() {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            "info" => &["_info"],
+            _ => &[""],
+        };
+        known.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("edgestream_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    known.contains(&name),
+                    "{} queries {name}: not exported",
+                    panel["title"]
+                );
+                queried += 1;
+                rest = &rest[at + name.len()..];
+            }
+        }
+    }
+    assert!(queried >= 20, "only {queried} series queried");
 }
