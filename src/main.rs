@@ -169,11 +169,17 @@ fn init_logging(format: LogFormat) {
     // a level): web-transport-quinn logs CONNECT URLs (access_token included) at debug,
     // tungstenite dumps every frame's payload (REFRESH tokens included) at trace.
     // tests/secrets.rs checks a trace-level run for tokens, and a default run for these crates.
+    //
+    // The caps' default is the filter's own most detailed level, not TRACE: the combined
+    // filter's level hint sets the `log` crate's max level (tungstenite logs through `log`),
+    // and with TRACE every frame's `log::trace!` reached the filters: about 20% of the
+    // server's CPU in a WebSocket fan-out (perf, before this change).
+    let most = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let caps = Targets::new()
-        .with_default(LevelFilter::TRACE)
-        .with_target("web_transport_quinn", LevelFilter::INFO)
-        .with_target("tungstenite", LevelFilter::DEBUG)
-        .with_target("tokio_tungstenite", LevelFilter::DEBUG);
+        .with_default(most)
+        .with_target("web_transport_quinn", most.min(LevelFilter::INFO))
+        .with_target("tungstenite", most.min(LevelFilter::DEBUG))
+        .with_target("tokio_tungstenite", most.min(LevelFilter::DEBUG));
     let registry = tracing_subscriber::registry().with(filter).with(caps);
     // Colours only on a terminal: journald and files get plain text.
     use std::io::IsTerminal as _;

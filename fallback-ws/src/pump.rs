@@ -5,14 +5,27 @@
 //! shutdown). Messages produced by one wake-up are written together and flushed once. A write
 //! that blocks (the client stopped reading) is raced against the interrupt, so a stuck socket
 //! can always be closed. Never interprets message contents: that is the session's job.
+//!
+//! Data messages do not go through tungstenite's write buffer: a server's frames are unmasked,
+//! so a message's bytes on the wire are a 2-10 byte header and the payload as the session
+//! handed it. The pump writes them with vectored writes ([`Frames`]), all the messages of a
+//! wake-up in one syscall when the socket takes them: a large payload (an event's bytes are
+//! built once and shared by every session) is written from the shared buffer, a small one is
+//! copied next to its header. tungstenite still reads, and writes the
+//! control frames (pings, pongs, close); its buffer is flushed before data frames are written,
+//! and data frames are written whole before it writes again, so frames never interleave.
 
 use edgestream_codec::CloseCode as Code;
 use std::future::Future;
 use std::time::Duration;
 
-use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::{
     self,
@@ -34,7 +47,8 @@ pub enum Incoming {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
     Binary(Bytes),
-    Text(Utf8Bytes),
+    /// Must be UTF-8 (the pump writes it as it is; a client closes with 1007 otherwise).
+    Text(Bytes),
 }
 
 /// The same message sent back (echo servers, tests).
@@ -42,7 +56,7 @@ impl From<Incoming> for Outgoing {
     fn from(m: Incoming) -> Self {
         match m {
             Incoming::Binary(b) => Outgoing::Binary(b),
-            Incoming::Text(t) => Outgoing::Text(t),
+            Incoming::Text(t) => Outgoing::Text(t.into()),
         }
     }
 }
@@ -131,6 +145,7 @@ where
     let interrupt = session.interrupted();
     tokio::pin!(interrupt);
     let mut out: Vec<Outgoing> = Vec::new();
+    let mut frames = Frames::default();
     let mut last_rx = Instant::now();
     // Pings received since the socket last took everything written to it (the pongs
     // included): past PING_BURST the socket is checked, and a client whose pongs cannot be
@@ -204,15 +219,16 @@ where
             }
         };
         if !out.is_empty() {
+            for m in out.drain(..) {
+                frames.push(m);
+            }
             let write = async {
-                for m in out.drain(..) {
-                    ws.feed(match m {
-                        Outgoing::Binary(b) => Message::Binary(b),
-                        Outgoing::Text(t) => Message::Text(t),
-                    })
-                    .await?;
-                }
-                ws.flush().await
+                // tungstenite's own frames (pongs, a ping) first, then the data frames whole.
+                ws.flush().await?;
+                frames
+                    .write_to(ws.get_mut())
+                    .await
+                    .map_err(tungstenite::Error::Io)
             };
             let written = tokio::select! {
                 biased;
@@ -232,15 +248,107 @@ where
                 Ok(Err(e)) => return End::Failed(e.to_string()),
                 Ok(Ok(())) => pings = 0,
             }
-            out.clear();
         }
         if let Err(c) = step {
             break c;
         }
     };
     session.on_close(&close);
+    // A data frame cut short by the interrupt is finished first, so that the close frame
+    // starts on a frame boundary (bounded: a client that reads nothing gets no close frame).
+    if !frames.is_empty() {
+        match timeout(cfg.close_timeout, frames.write_to(ws.get_mut())).await {
+            Ok(Ok(())) => {}
+            _ => return End::Closed(close),
+        }
+    }
     close_with(&mut ws, &close, cfg.close_timeout).await;
     End::Closed(close)
+}
+
+/// Data frames waiting for the socket, as chunks for vectored writes. A small message is
+/// copied with its header into one staging buffer (the kernel copies per slice, and a few
+/// hundred small slices cost more than one copy of a few KiB); a large payload is its own
+/// slice, shared, never copied. A write cancelled by the interrupt leaves the rest here (the
+/// offset into the first chunk included), so the stream can be finished on a frame boundary.
+#[derive(Default)]
+struct Frames {
+    chunks: VecDeque<Bytes>,
+    /// Headers and small messages not yet cut into a chunk.
+    staging: BytesMut,
+}
+
+/// Slices per vectored write (Linux takes up to 1024).
+const MAX_SLICES: usize = 128;
+/// Payloads up to this size are copied into the staging buffer with their header.
+const COPY_AT_MOST: usize = 1024;
+
+impl Frames {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.staging.is_empty()
+    }
+
+    /// Queues one unmasked, unfragmented data frame (RFC 6455, section 5.2).
+    fn push(&mut self, m: Outgoing) {
+        let (opcode, payload) = match m {
+            Outgoing::Binary(b) => (0x2, b),
+            Outgoing::Text(t) => (0x1, t),
+        };
+        let len = payload.len();
+        self.staging
+            .reserve(10 + if len <= COPY_AT_MOST { len } else { 0 });
+        self.staging.put_u8(0x80 | opcode);
+        if len < 126 {
+            self.staging.put_u8(len as u8);
+        } else if let Ok(len) = u16::try_from(len) {
+            self.staging.put_u8(126);
+            self.staging.put_u16(len);
+        } else {
+            self.staging.put_u8(127);
+            self.staging.put_u64(len as u64);
+        }
+        if len <= COPY_AT_MOST {
+            self.staging.extend_from_slice(&payload);
+        } else {
+            self.cut();
+            self.chunks.push_back(payload);
+        }
+    }
+
+    /// Moves the staged bytes into a chunk.
+    fn cut(&mut self) {
+        if !self.staging.is_empty() {
+            self.chunks.push_back(self.staging.split().freeze());
+        }
+    }
+
+    /// Writes every queued frame and flushes. Cancel-safe: a chunk leaves the queue only once
+    /// the socket took it.
+    async fn write_to<T: AsyncWrite + Unpin>(&mut self, io: &mut T) -> std::io::Result<()> {
+        self.cut();
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let n = self.chunks.len().min(MAX_SLICES);
+            for (slot, chunk) in slices.iter_mut().zip(&self.chunks) {
+                *slot = IoSlice::new(chunk);
+            }
+            let mut written = io.write_vectored(&slices[..n]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let first = &mut self.chunks[0];
+                if written >= first.len() {
+                    written -= first.len();
+                    self.chunks.pop_front();
+                } else {
+                    first.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        io.flush().await
+    }
 }
 
 /// Pings a client may send while the socket holds unwritten data before it is checked.

@@ -201,3 +201,83 @@ async fn silent_client_is_closed_at_the_idle_timeout() {
         "{end:?}"
     );
 }
+
+#[tokio::test]
+async fn data_frames_of_every_length_encoding_arrive_intact() {
+    let h = serve(WsConfig::default()).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(&h.url).await.unwrap();
+    // 7-bit, 16-bit and 64-bit lengths, at their edges; binary and text.
+    let sizes = [0usize, 1, 125, 126, 127, 65_535, 65_536, 100_000];
+    for (i, &n) in sizes.iter().enumerate() {
+        let byte = b'a' + i as u8;
+        h.push
+            .send(Outgoing::Binary(vec![byte; n].into()))
+            .await
+            .unwrap();
+        h.push
+            .send(Outgoing::Text(vec![byte; n].into()))
+            .await
+            .unwrap();
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        let byte = b'a' + i as u8;
+        let want_text = String::from_utf8(vec![byte; n]).unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Binary(vec![byte; n].into())
+        );
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text(want_text.into())
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_cut_by_the_interrupt_is_finished_before_the_close_frame() {
+    let cfg = WsConfig {
+        close_timeout: Duration::from_secs(10),
+        ..WsConfig::default()
+    };
+    let h = serve(cfg).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(&h.url).await.unwrap();
+    // The client reads nothing until the server is stuck mid-write, then everything: every
+    // message must be whole (a frame cut short would corrupt the stream) and the close last.
+    let push = h.push.clone();
+    tokio::spawn(async move {
+        for _ in 0..1_000 {
+            if push
+                .send(Outgoing::Binary(vec![7; 64 * 1024 + 3].into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.interrupt.send(Some(4008)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut whole = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Binary(b))) => {
+                assert!(b.len() == 64 * 1024 + 3 && b.iter().all(|&x| x == 7));
+                whole += 1;
+            }
+            Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
+            other => panic!("after {whole} messages: {other:?}"),
+        }
+    };
+    assert_eq!(code, 4008);
+    assert!(whole > 0);
+    drop(ws); // the server's closing handshake ends with the connection
+    let end = h.server.await.unwrap();
+    assert!(
+        matches!(end, End::Closed(ref c) if c.code == 4008),
+        "{end:?}"
+    );
+}

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use edgestream_ws::{tungstenite::Utf8Bytes, Close, Incoming, Outgoing, WsSession};
+use edgestream_ws::{Close, Incoming, Outgoing, WsSession};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -100,12 +100,8 @@ impl WsStreamSession {
         while let Some(t) = core.poll_transmit() {
             match t {
                 Transmit::Control(Message::Binary(b)) => out.push(Outgoing::Binary(b)),
-                Transmit::Control(Message::Text(t)) => {
-                    // The core makes text from JSON it built or validated: always UTF-8.
-                    if let Ok(t) = Utf8Bytes::try_from(t) {
-                        out.push(Outgoing::Text(t));
-                    }
-                }
+                // The core makes text from JSON it built or validated: always UTF-8.
+                Transmit::Control(Message::Text(t)) => out.push(Outgoing::Text(t)),
                 Transmit::Close(r) => return Err(close(r)),
                 // Streams and datagrams are WebTransport's; a socket core emits none.
                 Transmit::Open(_)
