@@ -7,9 +7,11 @@
 //! shared and noisy, absolute numbers are context.
 
 mod baseline;
+mod load;
 mod presence;
 mod redis;
 mod report;
+mod scale;
 mod storage;
 
 use redis::{many_orgs, redis_ingest, redis_latency};
@@ -24,6 +26,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use edgestream_codec::Frame;
 use edgestream_testkit::{http::Api, token, ws::Msg, ws::WsClient, wt};
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -70,9 +73,14 @@ struct Cli {
     /// ratio [default: 3, quick: 1].
     #[arg(long)]
     repeat: Option<usize>,
+    /// Load worker processes for the figures at scale (each on its own 127.0.0.x; at least
+    /// one per 20,000 clients) [default: 4].
+    #[arg(long, default_value_t = 4)]
+    load_procs: usize,
     /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest,
     /// redis_ingest, redis_latency and redis_orgs (need redis-server; only when named), wire_bytes,
-    /// idle_memory, presence_storm [default: all].
+    /// idle_memory, presence_storm, fixed_latency, handshakes, reconnect_storm (its Redis run
+    /// only when named), many_orgs, org_memory, idle_scale [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -97,6 +105,9 @@ enum Cmd {
         #[arg(default_value_t = 20_000)]
         records: u64,
     },
+    /// A load worker (used by the bench itself; see load.rs).
+    #[command(hide = true)]
+    Load { job: String },
     /// Runs the bare web-transport-quinn broadcaster (used by the bench itself).
     BaselineWt {
         subscribers: usize,
@@ -109,6 +120,7 @@ const PAYLOAD_BYTES: usize = 128;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    raise_open_files();
     // Library warnings (e.g. a WebTransport client's session teardown) go to stderr;
     // EDGESTREAM_BENCH_LOG takes a tracing filter.
     tracing_subscriber::fmt()
@@ -150,9 +162,139 @@ fn main() -> anyhow::Result<()> {
                 payload_bytes,
             }) => baseline::webtransport(subscribers, events, payload_bytes).await,
             Some(Cmd::StorageChoice { records }) => storage::run(records).await,
+            Some(Cmd::Load { job }) => load::worker(job).await,
             None => run(cli).await,
         }
     })
+}
+
+/// The figures at scale (scale.rs), with the load in worker processes.
+async fn scale_figures(
+    cli: &Cli,
+    report: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    let q = cli.quick;
+    let both = [
+        ("websocket", Transport::Ws),
+        ("webtransport", Transport::Wt),
+    ];
+    if cli.wants("fixed_latency") {
+        let (subs, events) = if q { (100, 200) } else { (1000, 2000) };
+        let mut out = serde_json::Map::new();
+        for (name, t) in both {
+            eprintln!("fixed_latency: {name}, 100 events/s to {subs} subscribers ...");
+            let f = scale::fixed_latency(cli, t, subs, 100.0, events)
+                .await
+                .with_context(|| format!("fixed_latency {name}"))?;
+            out.insert(name.into(), serde_json::to_value(f)?);
+        }
+        report.insert("fixed_latency".into(), Value::Object(out));
+    }
+    if cli.wants("handshakes") {
+        let mut out = serde_json::Map::new();
+        for (name, t) in both {
+            let n = match (t, q) {
+                (Transport::Ws, false) => 10_000,
+                (Transport::Wt, false) => 2_000,
+                (Transport::Ws, true) => 500,
+                (Transport::Wt, true) => 200,
+            };
+            eprintln!("handshakes: {name}, {n} sessions at once ...");
+            let h = scale::handshakes(cli, t, n)
+                .await
+                .with_context(|| format!("handshakes {name}"))?;
+            out.insert(name.into(), serde_json::to_value(h)?);
+        }
+        report.insert("handshakes".into(), Value::Object(out));
+    }
+    if cli.wants("reconnect_storm") {
+        let sessions = if q { 1_000 } else { 10_000 };
+        let mut out = serde_json::Map::new();
+        // Redis only when named: it needs redis-server on the machine.
+        let redis = !cli.only.is_empty();
+        for (name, on_redis) in [("memory", false), ("redis", true)] {
+            if on_redis && !redis {
+                continue;
+            }
+            eprintln!("reconnect_storm: {sessions} sessions, 100 orgs, {name} log ...");
+            let s = scale::reconnect_storm(cli, sessions, 100, on_redis)
+                .await
+                .with_context(|| format!("reconnect_storm {name}"))?;
+            out.insert(name.into(), serde_json::to_value(s)?);
+        }
+        report.insert("reconnect_storm".into(), Value::Object(out));
+    }
+    if cli.wants("many_orgs") {
+        let n = if q { 500 } else { 10_000 };
+        let mut runs = Vec::new();
+        for (orgs, per_org) in [(1, n), (n / 10, 10), (n, 1)] {
+            eprintln!("many_orgs: {orgs} orgs x {per_org} subscribers ...");
+            runs.push(
+                scale::orgs_run(cli, orgs, orgs * per_org, 20)
+                    .await
+                    .with_context(|| format!("many_orgs {orgs}x{per_org}"))?,
+            );
+        }
+        let rate = |r: &scale::OrgsRun| r.delivered_per_sec;
+        let ratio = rate(&runs[2]) / rate(&runs[0]).max(f64::MIN_POSITIVE);
+        report.insert(
+            "many_orgs".into(),
+            json!({"runs": runs, "ratio_many_to_one": ratio}),
+        );
+    }
+    if cli.wants("org_memory") {
+        let orgs = if q { 2_000 } else { 100_000 };
+        eprintln!("org_memory: {orgs} orgs with one event, then emptied ...");
+        let m = scale::org_memory(cli, orgs).await.context("org_memory")?;
+        report.insert("org_memory".into(), serde_json::to_value(m)?);
+    }
+    if cli.wants("idle_scale") {
+        let mut out = serde_json::Map::new();
+        for (name, t) in both {
+            let n = match (t, q) {
+                (Transport::Ws, false) => 100_000,
+                (Transport::Wt, false) => 20_000,
+                (Transport::Ws, true) => 2_000,
+                (Transport::Wt, true) => 500,
+            };
+            // A WebSocket session holds a descriptor on the server; where the hard limit is
+            // fixed below the count (a container's), measure as many as it allows.
+            let cap = open_files_limit().saturating_sub(1_000) as usize;
+            let n = if t == Transport::Ws && n > cap {
+                eprintln!(
+                    "idle_scale: the open-file limit allows {cap} WebSocket sessions, not {n}"
+                );
+                cap
+            } else {
+                n
+            };
+            eprintln!("idle_scale: {name}, {n} idle sessions ...");
+            let s = scale::idle_scale(cli, t, n, if q { 3 } else { 15 })
+                .await
+                .with_context(|| format!("idle_scale {name}"))?;
+            out.insert(name.into(), serde_json::to_value(s)?);
+        }
+        report.insert("idle_scale".into(), Value::Object(out));
+    }
+    Ok(())
+}
+
+/// The hard open-file limit (what a spawned server can raise its own to).
+fn open_files_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(_, hard)| hard)
+}
+
+/// Raises the open-file limit as far as the system allows (the hard limit too, when running as
+/// root), before any process is spawned: servers and load workers inherit it. 100,000 sessions
+/// need as many descriptors on each side.
+fn raise_open_files() {
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, most, most).is_err() {
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+    }
 }
 
 /// A server process with its CPU time readable from /proc.
@@ -270,6 +412,8 @@ async fn start_edgestream_with(
         "--max-request-bytes",
         "16777216",
         "--max-sessions",
+        "1000000",
+        "--max-connections",
         "1000000",
     ]
     .iter()
@@ -1259,6 +1403,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         report.insert("presence_storm".into(), Value::Object(ps));
     }
+    scale_figures(&cli, &mut report).await?;
     let (low, high) = if cli.quick {
         (100, 500)
     } else {

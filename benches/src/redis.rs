@@ -6,14 +6,14 @@ use super::*;
 
 /// A `redis-server` of the bench's own (loopback, free port, no persistence, its files in a
 /// temporary directory, kept for as long as the server runs), killed on drop.
-struct RedisProc(
-    std::process::Child,
-    u16,
+pub(crate) struct RedisProc(
+    pub(crate) std::process::Child,
+    pub(crate) u16,
     #[allow(dead_code)] tempfile::TempDir,
 );
 
 impl RedisProc {
-    fn start(replica_of: Option<u16>) -> anyhow::Result<Self> {
+    pub(crate) fn start(replica_of: Option<u16>) -> anyhow::Result<Self> {
         let port = free_port();
         let dir = tempfile::tempdir()?;
         let mut cmd = std::process::Command::new("redis-server");

@@ -42,6 +42,9 @@ pub struct Options {
     pub headers: Vec<(String, String)>,
     /// SO_RCVBUF for a client that wants to fall behind quickly.
     pub recv_buffer: Option<u32>,
+    /// The local address to connect from (load tests spread clients over 127.0.0.x: one
+    /// source address has about 28,000 ephemeral ports).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl WsClient {
@@ -71,6 +74,9 @@ impl WsClient {
         };
         if let Some(n) = opts.recv_buffer {
             socket.set_recv_buffer_size(n)?;
+        }
+        if let Some(ip) = opts.bind {
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
         }
         let stream = tokio::time::timeout(HANG_GUARD, socket.connect(addr)).await??;
         stream.set_nodelay(true)?;

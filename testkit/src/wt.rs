@@ -76,6 +76,11 @@ pub fn client_crypto(cert_sha256_b64: &str) -> anyhow::Result<rustls::ClientConf
 
 impl Connector {
     pub fn new(cert_sha256_b64: &str) -> anyhow::Result<Self> {
+        Self::bound(cert_sha256_b64, std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// A connector whose UDP socket is bound to `ip` (load tests spread over 127.0.0.x).
+    pub fn bound(cert_sha256_b64: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<Self> {
         let config = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto(cert_sha256_b64)?)?,
         ));
@@ -86,7 +91,7 @@ impl Connector {
         )?;
         let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-        socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        socket.bind(&std::net::SocketAddr::from((ip, 0)).into())?;
         socket.set_nonblocking(true)?;
         let runtime = quinn::default_runtime().context("no async runtime")?;
         let endpoint = quinn::Endpoint::new(
@@ -271,6 +276,16 @@ impl WtClient {
             .await
             .context("nothing on the org streams in time")?
             .context("session ended")
+    }
+
+    /// The next frame from any org stream, waiting as long as it takes (an idle session's
+    /// heartbeats are datagrams: its streams can be silent for good).
+    pub async fn next_frame_patient(&mut self) -> anyhow::Result<Frame> {
+        match self.items.recv().await.context("session ended")? {
+            StreamItem::Frame { frame, .. } => Ok(frame),
+            StreamItem::Finished { org } => bail!("stream of {org} finished"),
+            StreamItem::Failed { org, error } => bail!("stream of {org} failed: {error}"),
+        }
     }
 
     /// The next frame from any org stream (presence changes skipped).

@@ -1,0 +1,461 @@
+//! Figures at scale, with the load in worker processes ([`crate::load`]): latency at a fixed
+//! realistic load, idle sessions by the ten thousand, connection storms, many orgs, and memory
+//! per org. Each figure reports the load's CPU beside the server's.
+
+use super::load::{timed_payload, Load, Spec};
+use super::*;
+
+/// CPU used by the server and by the load over a window, in cores.
+#[derive(Debug, serde::Serialize)]
+pub struct Cpu {
+    seconds: f64,
+    server_cores: f64,
+    load_cores: f64,
+    load_procs: usize,
+    /// This process: the publishers (HTTP requests) and the bench's own bookkeeping.
+    publisher_cores: f64,
+}
+
+fn own_cpu_seconds() -> f64 {
+    pid_cpu_seconds(std::process::id())
+}
+
+struct CpuWindow {
+    t0: Instant,
+    server0: f64,
+    load0: f64,
+    own0: f64,
+}
+
+impl CpuWindow {
+    fn start(es: &Edgestream, load: &Load) -> Self {
+        CpuWindow {
+            t0: Instant::now(),
+            server0: es.proc.cpu_seconds(),
+            load0: load.cpu_seconds(),
+            own0: own_cpu_seconds(),
+        }
+    }
+
+    fn end(&self, es: &Edgestream, load: &Load, procs: usize) -> Cpu {
+        let secs = self.t0.elapsed().as_secs_f64().max(1e-6);
+        Cpu {
+            seconds: secs,
+            server_cores: (es.proc.cpu_seconds() - self.server0) / secs,
+            load_cores: (load.cpu_seconds() - self.load0) / secs,
+            load_procs: procs,
+            publisher_cores: (own_cpu_seconds() - self.own0) / secs,
+        }
+    }
+}
+
+/// The URL template a worker fills in per client.
+fn stream_url(es: &Edgestream, transport: Transport) -> String {
+    match transport {
+        Transport::Ws => format!(
+            "ws://127.0.0.1:{}/v1/stream?access_token={{token}}&orgs={{org}}",
+            es.http
+        ),
+        Transport::Wt => format!("{}?access_token={{token}}&orgs={{org}}", es.wt_url),
+    }
+}
+
+/// Publishes `per_org` events to each of `orgs` orgs (one request per org), 32 requests at a
+/// time.
+async fn publish_to_orgs(es: &Edgestream, orgs: usize, per_org: u64) -> anyhow::Result<()> {
+    futures_util::stream::iter(0..orgs)
+        .map(|i| {
+            let api = es.api.clone();
+            async move {
+                let org = format!("o{i}");
+                let body: Vec<Value> = (0..per_org).map(|_| load::timed_payload()).collect();
+                api.publish(&tok(&[&org]), &org, &Value::Array(body)).await
+            }
+        })
+        .buffer_unordered(32)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+}
+
+fn procs(cli: &Cli, clients: usize) -> usize {
+    // One source address holds about 28,000 ephemeral ports: at least one worker per 20,000.
+    cli.load_procs.max(clients.div_ceil(20_000)).max(1)
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct FixedLatency {
+    events_per_sec: f64,
+    subscribers: usize,
+    events: u64,
+    delivered: u64,
+    us: Percentiles,
+    cpu: Cpu,
+}
+
+/// `rate` events/s of 128 B to `subscribers` on one org for `events` events: publish-to-receive
+/// latency per delivery (every subscriber timed).
+pub async fn fixed_latency(
+    cli: &Cli,
+    transport: Transport,
+    subscribers: usize,
+    rate: f64,
+    events: u64,
+) -> anyhow::Result<FixedLatency> {
+    let es = start_edgestream(cli, events).await?;
+    let url = stream_url(&es, transport);
+    let n = procs(cli, subscribers);
+    let mut load = Load::start(
+        Spec {
+            transport,
+            url: &url,
+            cert: &es.cert,
+            clients: subscribers,
+            orgs: 1,
+            procs: n,
+            sample_every: 1,
+            concurrency: 64,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    let cpu = CpuWindow::start(&es, &load);
+    let t = tok(&["o0"]);
+    let step = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    for i in 0..events {
+        tokio::time::sleep_until(start + step * i as u32).await;
+        es.api
+            .publish(&t, "o0", &Value::Array(vec![timed_payload()]))
+            .await?;
+    }
+    load.ask(&format!("until {events}"), "reached").await?;
+    let cpu = cpu.end(&es, &load, n);
+    let done = load.finish().await?;
+    Ok(FixedLatency {
+        events_per_sec: rate,
+        subscribers,
+        events,
+        delivered: done.delivered,
+        us: percentiles(&done.latencies_us),
+        cpu,
+    })
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Storm {
+    log: &'static str,
+    sessions: usize,
+    orgs: usize,
+    /// Time for every session's first connect (and SUBSCRIBED), and the rate.
+    connect_seconds: f64,
+    handshakes_per_sec: f64,
+    /// From the reconnect to each session holding every event it missed (per worker, then the
+    /// largest).
+    recovered_p50_us: u64,
+    recovered_p99_us: u64,
+    recovered_max_us: u64,
+    reconnect_seconds: f64,
+    cpu: Cpu,
+}
+
+/// `sessions` WebSocket sessions over `orgs` orgs get 10 events each, drop at once, miss 10
+/// more, and reconnect at once with `since`: the time until all have caught up.
+pub async fn reconnect_storm(
+    cli: &Cli,
+    sessions: usize,
+    orgs: usize,
+    on_redis: bool,
+) -> anyhow::Result<Storm> {
+    let redis = if on_redis {
+        Some(redis::RedisProc::start(None)?)
+    } else {
+        None
+    };
+    let extra = match &redis {
+        Some(r) => vec!["--redis".to_string(), format!("redis://127.0.0.1:{}/", r.1)],
+        None => Vec::new(),
+    };
+    let es = start_edgestream_with(cli, 1000, &extra).await?;
+    let url = stream_url(&es, Transport::Ws);
+    let n = procs(cli, sessions);
+    let t0 = Instant::now();
+    let mut load = Load::start(
+        Spec {
+            transport: Transport::Ws,
+            url: &url,
+            cert: &es.cert,
+            clients: sessions,
+            orgs,
+            procs: n,
+            sample_every: 0,
+            concurrency: 256,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    let connect_seconds = t0.elapsed().as_secs_f64();
+    publish_to_orgs(&es, orgs, 10).await?;
+    load.ask("until 10", "reached").await?;
+    load.ask("drop", "dropped").await?;
+    publish_to_orgs(&es, orgs, 10).await?;
+    let cpu = CpuWindow::start(&es, &load);
+    let t1 = Instant::now();
+    let reached = load.ask("resume 20", "reached").await?;
+    let reconnect_seconds = t1.elapsed().as_secs_f64();
+    let cpu = cpu.end(&es, &load, n);
+    let field = |k: &str| {
+        reached
+            .iter()
+            .filter_map(|v| v["recovered_us"][k].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let storm = Storm {
+        log: if on_redis { "redis" } else { "memory" },
+        sessions,
+        orgs,
+        connect_seconds,
+        handshakes_per_sec: sessions as f64 / connect_seconds,
+        recovered_p50_us: field("p50"),
+        recovered_p99_us: field("p99"),
+        recovered_max_us: reached
+            .iter()
+            .filter_map(|v| v["max_us"].as_u64())
+            .max()
+            .unwrap_or(0),
+        reconnect_seconds,
+        cpu,
+    };
+    load.finish().await?;
+    Ok(storm)
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Handshakes {
+    sessions: usize,
+    seconds: f64,
+    per_sec: f64,
+    cpu: Cpu,
+}
+
+/// `sessions` connect at once (256 at a time per worker) and SUBSCRIBE: handshakes per second
+/// (WebSocket: TCP, upgrade, JWT; WebTransport: QUIC, TLS 1.3, CONNECT, JWT).
+pub async fn handshakes(
+    cli: &Cli,
+    transport: Transport,
+    sessions: usize,
+) -> anyhow::Result<Handshakes> {
+    let es = start_edgestream(cli, 1000).await?;
+    let url = stream_url(&es, transport);
+    let n = procs(cli, sessions);
+    let server0 = es.proc.cpu_seconds();
+    let own0 = own_cpu_seconds();
+    let t0 = Instant::now();
+    let load = Load::start(
+        Spec {
+            transport,
+            url: &url,
+            cert: &es.cert,
+            clients: sessions,
+            orgs: 100,
+            procs: n,
+            sample_every: 0,
+            // QUIC: 1,024 handshakes in flight (256 per worker) left some unanswered for 20 s.
+            concurrency: match transport {
+                Transport::Ws => 256,
+                Transport::Wt => 32,
+            },
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu = Cpu {
+        seconds,
+        server_cores: (es.proc.cpu_seconds() - server0) / seconds,
+        // The workers did nothing but connect since they started.
+        load_cores: load.cpu_seconds() / seconds,
+        load_procs: n,
+        publisher_cores: (own_cpu_seconds() - own0) / seconds,
+    };
+    load.finish().await?;
+    Ok(Handshakes {
+        sessions,
+        seconds,
+        per_sec: sessions as f64 / seconds,
+        cpu,
+    })
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct OrgsRun {
+    orgs: usize,
+    subscribers_per_org: usize,
+    events_per_org: u64,
+    delivered: u64,
+    pub delivered_per_sec: f64,
+    us: Percentiles,
+    cpu: Cpu,
+}
+
+/// `subscribers` WebSocket sessions spread over `orgs` orgs; `deliveries / subscribers` events
+/// per org, one publish request per org.
+pub async fn orgs_run(
+    cli: &Cli,
+    orgs: usize,
+    subscribers: usize,
+    events_per_org: u64,
+) -> anyhow::Result<OrgsRun> {
+    let es = start_edgestream(cli, events_per_org).await?;
+    let url = stream_url(&es, Transport::Ws);
+    let n = procs(cli, subscribers);
+    let mut load = Load::start(
+        Spec {
+            transport: Transport::Ws,
+            url: &url,
+            cert: &es.cert,
+            clients: subscribers,
+            orgs,
+            procs: n,
+            sample_every: 10,
+            concurrency: 256,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    let cpu = CpuWindow::start(&es, &load);
+    publish_to_orgs(&es, orgs, events_per_org).await?;
+    load.ask(&format!("until {events_per_org}"), "reached")
+        .await?;
+    let cpu = cpu.end(&es, &load, n);
+    let done = load.finish().await?;
+    Ok(OrgsRun {
+        orgs,
+        subscribers_per_org: subscribers / orgs,
+        events_per_org,
+        delivered: done.delivered,
+        delivered_per_sec: done.delivered as f64 / done.seconds().max(1e-6),
+        us: percentiles(&done.latencies_us),
+        cpu,
+    })
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct OrgMemory {
+    orgs: usize,
+    rss_before: u64,
+    rss_one_event: u64,
+    bytes_per_org_one_event: f64,
+    rss_emptied: u64,
+    bytes_per_org_emptied: f64,
+    log_orgs_emptied: u64,
+    log_idle_orgs_emptied: u64,
+}
+
+/// One event published to each of `orgs` orgs (nobody subscribed): RSS per org while each
+/// retains its event, and after retention has emptied them (`--replay-window 2s`).
+pub async fn org_memory(cli: &Cli, orgs: usize) -> anyhow::Result<OrgMemory> {
+    let extra = ["--replay-window", "2s"].map(String::from);
+    let es = start_edgestream_with(cli, 1000, &extra).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_bytes(&es.proc);
+    publish_to_orgs(&es, orgs, 1).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let one = rss_bytes(&es.proc);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let m = loop {
+        let (_, m) = es.api.get("/v1/metrics", None).await?;
+        if m["log_events"].as_u64() == Some(0) {
+            break m;
+        }
+        if Instant::now() > deadline {
+            bail!("retention never emptied the orgs: {}", m["log_events"]);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let emptied = rss_bytes(&es.proc);
+    Ok(OrgMemory {
+        orgs,
+        rss_before: before,
+        rss_one_event: one,
+        bytes_per_org_one_event: (one as f64 - before as f64) / orgs as f64,
+        rss_emptied: emptied,
+        bytes_per_org_emptied: (emptied as f64 - before as f64) / orgs as f64,
+        log_orgs_emptied: m["log_orgs"].as_u64().unwrap_or(0),
+        log_idle_orgs_emptied: m["log_idle_orgs"].as_u64().unwrap_or(0),
+    })
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct IdleScale {
+    sessions: usize,
+    rss_before: u64,
+    rss_open: u64,
+    bytes_per_session: f64,
+    idle: Cpu,
+    heartbeats_sent: u64,
+    server_cpu_us_per_heartbeat: f64,
+}
+
+/// `sessions` idle sessions (100 per org) on one node: RSS per session, and the CPU of an idle
+/// window, which is heartbeats (and WebSocket pings) only.
+pub async fn idle_scale(
+    cli: &Cli,
+    transport: Transport,
+    sessions: usize,
+    idle_secs: u64,
+) -> anyhow::Result<IdleScale> {
+    let es = start_edgestream(cli, 1000).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_bytes(&es.proc);
+    let url = stream_url(&es, transport);
+    let n = procs(cli, sessions);
+    let load = Load::start(
+        Spec {
+            transport,
+            url: &url,
+            cert: &es.cert,
+            clients: sessions,
+            orgs: sessions.div_ceil(100),
+            procs: n,
+            sample_every: 0,
+            // Not a storm: 256 per worker at 100,000 left connects unanswered for 20 s.
+            concurrency: 32,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    let key = transport.key();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, m) = es.api.get("/v1/metrics", None).await?;
+        if m["sessions"][key].as_u64() == Some(sessions as u64) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{key}: {} of {sessions} sessions open", m["sessions"][key]);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_open = rss_bytes(&es.proc);
+    let hb = |m: &Value| m["heartbeats_sent"][key].as_u64().unwrap_or(0);
+    let (_, m0) = es.api.get("/v1/metrics", None).await?;
+    let cpu = CpuWindow::start(&es, &load);
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle = cpu.end(&es, &load, n);
+    let (_, m1) = es.api.get("/v1/metrics", None).await?;
+    let heartbeats = hb(&m1) - hb(&m0);
+    load.finish().await?;
+    Ok(IdleScale {
+        sessions,
+        rss_before,
+        rss_open,
+        bytes_per_session: (rss_open as f64 - rss_before as f64) / sessions as f64,
+        server_cpu_us_per_heartbeat: idle.server_cores * idle.seconds * 1e6
+            / heartbeats.max(1) as f64,
+        heartbeats_sent: heartbeats,
+        idle,
+    })
+}
