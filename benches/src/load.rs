@@ -223,7 +223,9 @@ async fn connect_all(
                     url.push_str(&format!("&since={org}:{epoch}:{last}"));
                 }
                 let client = if transport == "wt" {
-                    Client::Wt(connectors[k % connectors.len()].connect(&url).await?)
+                    Client::Wt(Box::new(
+                        connectors[k % connectors.len()].connect(&url).await?,
+                    ))
                 } else {
                     let opts = edgestream_testkit::ws::Options {
                         bind: Some(source.into()),
@@ -262,7 +264,7 @@ async fn connect_all(
 
 enum Client {
     Ws(WsClient),
-    Wt(wt::WtClient),
+    Wt(Box<wt::WtClient>),
 }
 
 impl Client {

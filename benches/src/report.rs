@@ -183,10 +183,85 @@ pub(crate) fn markdown(r: &Value) -> String {
             f(&h["bytes_mean"]), h["bytes_max"], h["closed_4008"], f(&h["rss_bytes"]) / 1048576.0
         );
     }
+    s += &scale_rows(r);
     s += &format!(
         "\nRun took {:.1} s (quick: {}).\n",
         f(&r["meta"]["duration_seconds"]),
         r["meta"]["quick"]
     );
+    s
+}
+
+/// The figures at scale (scale.rs): each with the CPU of the server, the load workers and the
+/// publishers, in cores, so that a figure says which side ran out.
+fn scale_rows(r: &Value) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let cpu = |c: &Value| {
+        format!(
+            "server {:.2} / load {:.2} ({} procs) / publishers {:.2} cores",
+            f(&c["server_cores"]),
+            f(&c["load_cores"]),
+            c["load_procs"],
+            f(&c["publisher_cores"])
+        )
+    };
+    let mut s = String::new();
+    for t in ["websocket", "webtransport"] {
+        let x = &r["fixed_latency"][t];
+        if !x.is_null() {
+            s += &format!(
+                "| {t}: {:.0} events/s of 128 B to {} subscribers, latency p50/p99/p999 (us) | {}/{}/{} | {} | |\n",
+                f(&x["events_per_sec"]), x["subscribers"], x["us"]["p50"], x["us"]["p99"], x["us"]["p999"], cpu(&x["cpu"])
+            );
+        }
+    }
+    for t in ["websocket", "webtransport"] {
+        let x = &r["handshakes"][t];
+        if !x.is_null() {
+            s += &format!(
+                "| {t}: {} sessions connect at once, handshakes/s | {:.0} | {} | |\n",
+                x["sessions"],
+                f(&x["per_sec"]),
+                cpu(&x["cpu"])
+            );
+        }
+    }
+    for log in ["memory", "redis"] {
+        let x = &r["reconnect_storm"][log];
+        if !x.is_null() {
+            s += &format!(
+                "| reconnect storm, {log} log: {} WebSocket sessions on {} orgs drop and resume at once; recovered p50/p99/all (s) | {:.2}/{:.2}/{:.2} | {} | |\n",
+                x["sessions"], x["orgs"], f(&x["recovered_p50_us"]) / 1e6, f(&x["recovered_p99_us"]) / 1e6, f(&x["recovered_max_us"]) / 1e6, cpu(&x["cpu"])
+            );
+        }
+    }
+    if let Some(runs) = r["many_orgs"]["runs"].as_array() {
+        for x in runs {
+            s += &format!(
+                "| many orgs: {} orgs x {} WebSocket subscribers, delivered/s; p99 (us) | {:.0}; {} | {} | |\n",
+                x["orgs"], x["subscribers_per_org"], f(&x["delivered_per_sec"]), x["us"]["p99"], cpu(&x["cpu"])
+            );
+        }
+        s += &format!(
+            "| many orgs: delivered/s of the most orgs against one org | {:.2}x | | |\n",
+            f(&r["many_orgs"]["ratio_many_to_one"])
+        );
+    }
+    let m = &r["org_memory"];
+    if !m.is_null() {
+        s += &format!(
+            "| memory per org at {} orgs: one retained event / emptied by retention (RSS bytes) | {:.0} / {:.0} | | |\n",
+            m["orgs"], f(&m["bytes_per_org_one_event"]), f(&m["bytes_per_org_emptied"])
+        );
+    }
+    for t in ["websocket", "webtransport"] {
+        let x = &r["idle_scale"][t];
+        if !x.is_null() {
+            s += &format!(
+                "| {} idle {t} sessions: RSS per session; idle CPU; server CPU per heartbeat | {:.0} B; {}; {:.0} us | | |\n",
+                x["sessions"], f(&x["bytes_per_session"]), cpu(&x["idle"]), f(&x["server_cpu_us_per_heartbeat"])
+            );
+        }
+    }
     s
 }
