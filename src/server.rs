@@ -51,6 +51,23 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// Connections the kernel queues for the HTTP listener before `accept` (the kernel caps it at
+/// `net.core.somaxconn`). tokio's default, 1,024, overflowed when 10,000 WebSocket clients
+/// reconnected at once: the kernel fell back to SYN cookies and clients waited for SYN
+/// retransmits (1 s and more).
+const LISTEN_BACKLOG: u32 = 16_384;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Server {
     /// Binds the listeners and builds the node over the configured log (in memory, or
     /// Redis Streams with `--redis`).
@@ -90,8 +107,7 @@ impl Server {
 
     /// Binds the listeners and builds the node over the given log.
     pub async fn bind_with_log(config: Config, log: Arc<dyn EventLog>) -> anyhow::Result<Server> {
-        let http = TcpListener::bind(config.http_listen)
-            .await
+        let http = listen(config.http_listen)
             .with_context(|| format!("cannot listen on {}", config.http_listen))?;
         let http_addr = http.local_addr()?;
         let admin = match config.admin_listen {

@@ -348,6 +348,8 @@ pub fn timed_payload() -> Value {
 /// The workers of one run, as the bench drives them.
 pub struct Load {
     procs: Vec<Worker>,
+    /// Seconds the slowest worker took to connect all its clients (process start excluded).
+    pub connect_seconds: f64,
 }
 
 struct Worker {
@@ -416,8 +418,15 @@ impl Load {
                 lines,
             });
         }
-        let mut load = Load { procs: workers };
-        load.expect("connected").await?;
+        let mut load = Load {
+            procs: workers,
+            connect_seconds: 0.0,
+        };
+        let connected = load.expect("connected").await?;
+        load.connect_seconds = connected
+            .iter()
+            .filter_map(|v| v["seconds"].as_f64())
+            .fold(0.0, f64::max);
         Ok(load)
     }
 

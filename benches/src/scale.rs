@@ -178,7 +178,6 @@ pub async fn reconnect_storm(
     let es = start_edgestream_with(cli, 1000, &extra).await?;
     let url = stream_url(&es, Transport::Ws);
     let n = procs(cli, sessions);
-    let t0 = Instant::now();
     let mut load = Load::start(
         Spec {
             transport: Transport::Ws,
@@ -193,7 +192,7 @@ pub async fn reconnect_storm(
         &cli.load_cpus,
     )
     .await?;
-    let connect_seconds = t0.elapsed().as_secs_f64();
+    let connect_seconds = load.connect_seconds;
     publish_to_orgs(&es, orgs, 10).await?;
     load.ask("until 10", "reached").await?;
     load.ask("drop", "dropped").await?;
@@ -269,14 +268,16 @@ pub async fn handshakes(
         &cli.load_cpus,
     )
     .await?;
-    let seconds = t0.elapsed().as_secs_f64();
+    // The workers' own connect time (their process start excluded); CPU over the whole window.
+    let window = t0.elapsed().as_secs_f64();
+    let seconds = load.connect_seconds;
     let cpu = Cpu {
-        seconds,
-        server_cores: (es.proc.cpu_seconds() - server0) / seconds,
-        // The workers did nothing but connect since they started.
-        load_cores: load.cpu_seconds() / seconds,
+        seconds: window,
+        server_cores: (es.proc.cpu_seconds() - server0) / window,
+        // The workers did nothing but start and connect.
+        load_cores: load.cpu_seconds() / window,
         load_procs: n,
-        publisher_cores: (own_cpu_seconds() - own0) / seconds,
+        publisher_cores: (own_cpu_seconds() - own0) / window,
     };
     load.finish().await?;
     Ok(Handshakes {
