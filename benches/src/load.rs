@@ -42,6 +42,8 @@ pub struct Job {
     pub sample_every: usize,
     /// Connections made at once.
     pub concurrency: usize,
+    /// A bare-library baseline: no SUBSCRIBED, events from seq 1.
+    pub bare: bool,
 }
 
 impl Job {
@@ -216,6 +218,7 @@ async fn connect_all(
             let connectors = connectors.clone();
             let transport = job.transport.clone();
             let source = job.source;
+            let bare = job.bare;
             async move {
                 if resume {
                     let epoch = pos.epoch.lock().expect("not poisoned").clone();
@@ -238,11 +241,13 @@ async fn connect_all(
                     )
                 };
                 let mut client = client;
-                let epoch = client
-                    .subscribed()
-                    .await
-                    .with_context(|| format!("client {k}: SUBSCRIBED"))?;
-                *pos.epoch.lock().expect("not poisoned") = epoch;
+                if !bare {
+                    let epoch = client
+                        .subscribed()
+                        .await
+                        .with_context(|| format!("client {k}: SUBSCRIBED"))?;
+                    *pos.epoch.lock().expect("not poisoned") = epoch;
+                }
                 anyhow::Ok((k, client))
             }
         })
@@ -368,6 +373,7 @@ pub struct Spec<'a> {
     pub procs: usize,
     pub sample_every: usize,
     pub concurrency: usize,
+    pub bare: bool,
 }
 
 impl Load {
@@ -392,6 +398,7 @@ impl Load {
                 orgs: spec.orgs,
                 sample_every: spec.sample_every,
                 concurrency: spec.concurrency,
+                bare: spec.bare,
             };
             let exe = std::env::current_exe()?;
             let mut cmd = match cpus {

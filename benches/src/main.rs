@@ -73,8 +73,9 @@ struct Cli {
     /// ratio [default: 3, quick: 1].
     #[arg(long)]
     repeat: Option<usize>,
-    /// Load worker processes for the figures at scale (each on its own 127.0.0.x; at least
-    /// one per 20,000 clients) [default: 4].
+    /// Load worker processes (each on its own 127.0.0.x; at least one per 20,000 clients) for
+    /// the fan-out and the figures at scale; 0 runs the fan-out's subscribers in this process
+    /// (as before issue 19) [default: 4].
     #[arg(long, default_value_t = 4)]
     load_procs: usize,
     /// Only these figures (comma-separated): ws_fanout, wt_fanout, replay, ingest,
@@ -626,6 +627,9 @@ struct Fanout {
     delivered_per_sec: f64,
     server_cpu_seconds: f64,
     server_cpu_us_per_delivered: f64,
+    /// CPU the load workers used, in cores over the run (`--load-procs` above 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_cores: Option<f64>,
     /// Publish-to-receive latency (edgestream runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     latency_us: Option<Percentiles>,
@@ -714,6 +718,9 @@ async fn fanout_edgestream(
     events: u64,
     rate: Option<f64>,
 ) -> anyhow::Result<Fanout> {
+    if cli.load_procs > 0 {
+        return scale::fanout_with_load(cli, transport, n, events, rate).await;
+    }
     let mut es = start_edgestream(cli, events).await?;
     let epoch = Instant::now();
     let seen = Arc::new(Seen {
@@ -784,6 +791,7 @@ async fn fanout_edgestream(
         delivered_per_sec: delivered as f64 / secs,
         server_cpu_seconds: cpu,
         server_cpu_us_per_delivered: cpu * 1e6 / delivered as f64,
+        load_cores: None,
         latency_us: Some(percentiles(&lat)),
         latency_cdf_us: (0..=100)
             .map(|i| {
@@ -831,6 +839,9 @@ async fn fanout_baseline(
     n: usize,
     events: u64,
 ) -> anyhow::Result<Fanout> {
+    if cli.load_procs > 0 {
+        return scale::baseline_with_load(cli, transport, n, events).await;
+    }
     let Baseline {
         proc: mut p,
         port,
@@ -867,6 +878,7 @@ async fn fanout_baseline(
         delivered_per_sec: delivered as f64 / secs,
         server_cpu_seconds: cpu,
         server_cpu_us_per_delivered: cpu * 1e6 / delivered as f64,
+        load_cores: None,
         latency_us: None,
         latency_cdf_us: Vec::new(),
     })

@@ -113,6 +113,7 @@ pub async fn fixed_latency(
             orgs: 1,
             procs: n,
             sample_every: 1,
+            bare: false,
             concurrency: 64,
         },
         &cli.load_cpus,
@@ -187,6 +188,7 @@ pub async fn reconnect_storm(
             orgs,
             procs: n,
             sample_every: 0,
+            bare: false,
             concurrency: 256,
         },
         &cli.load_cpus,
@@ -259,6 +261,7 @@ pub async fn handshakes(
             orgs: 100,
             procs: n,
             sample_every: 0,
+            bare: false,
             // QUIC: 1,024 handshakes in flight (256 per worker) left some unanswered for 20 s.
             concurrency: match transport {
                 Transport::Ws => 256,
@@ -319,6 +322,7 @@ pub async fn orgs_run(
             orgs,
             procs: n,
             sample_every: 10,
+            bare: false,
             concurrency: 256,
         },
         &cli.load_cpus,
@@ -421,6 +425,7 @@ pub async fn idle_scale(
             orgs: sessions.div_ceil(100),
             procs: n,
             sample_every: 0,
+            bare: false,
             // Not a storm: 256 per worker at 100,000 left connects unanswered for 20 s.
             concurrency: 32,
         },
@@ -459,4 +464,129 @@ pub async fn idle_scale(
         heartbeats_sent: heartbeats,
         idle,
     })
+}
+
+/// The fan-out figure with the subscribers in load workers: `events` published to one org
+/// with `n` subscribers, as fast as the server takes them (batches of 100) or paced at `rate`
+/// events/s (batches of 10).
+pub async fn fanout_with_load(
+    cli: &Cli,
+    transport: Transport,
+    n: usize,
+    events: u64,
+    rate: Option<f64>,
+) -> anyhow::Result<Fanout> {
+    let es = start_edgestream(cli, events).await?;
+    let url = stream_url(&es, transport);
+    let procs = procs(cli, n);
+    let mut load = Load::start(
+        Spec {
+            transport,
+            url: &url,
+            cert: &es.cert,
+            clients: n,
+            orgs: 1,
+            procs,
+            sample_every: 10,
+            concurrency: 64,
+            bare: false,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    let cpu = CpuWindow::start(&es, &load);
+    let t = tok(&["o0"]);
+    let per = if rate.is_some() { 10 } else { 100 };
+    let step = rate.map(|r| Duration::from_secs_f64(per as f64 / r));
+    let start = tokio::time::Instant::now();
+    let mut published = 0;
+    while published < events {
+        if let Some(step) = step {
+            tokio::time::sleep_until(start + step * (published / per) as u32).await;
+        }
+        let batch = (events - published).min(per);
+        let body: Vec<Value> = (0..batch).map(|_| timed_payload()).collect();
+        es.api.publish(&t, "o0", &Value::Array(body)).await?;
+        published += batch;
+    }
+    load.ask(&format!("until {events}"), "reached").await?;
+    let cpu = cpu.end(&es, &load, procs);
+    let done = load.finish().await?;
+    Ok(fanout_figure(n, events, &done, &cpu, true))
+}
+
+/// The same fan-out through a bare-library baseline process, subscribers in load workers.
+pub async fn baseline_with_load(
+    cli: &Cli,
+    transport: Transport,
+    n: usize,
+    events: u64,
+) -> anyhow::Result<Fanout> {
+    let Baseline {
+        proc: mut p,
+        port,
+        cert,
+    } = spawn_baseline(cli, transport, n, events).await?;
+    let url = match transport {
+        Transport::Ws => format!("ws://127.0.0.1:{port}/"),
+        Transport::Wt => format!("https://127.0.0.1:{port}/"),
+    };
+    let procs = procs(cli, n);
+    let server0 = p.cpu_seconds();
+    let t0 = Instant::now();
+    let mut load = Load::start(
+        Spec {
+            transport,
+            url: &url,
+            cert: &cert,
+            clients: n,
+            orgs: 1,
+            procs,
+            sample_every: 0,
+            concurrency: 64,
+            bare: true,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    load.ask(&format!("until {events}"), "reached").await?;
+    let window = t0.elapsed().as_secs_f64();
+    let cpu = Cpu {
+        seconds: window,
+        server_cores: (p.cpu_seconds() - server0) / window,
+        load_cores: load.cpu_seconds() / window,
+        load_procs: procs,
+        publisher_cores: 0.0,
+    };
+    let _ = p.child.start_kill();
+    let done = load.finish().await?;
+    Ok(fanout_figure(n, events, &done, &cpu, false))
+}
+
+fn fanout_figure(n: usize, events: u64, done: &load::Done, cpu: &Cpu, latency: bool) -> Fanout {
+    let secs = done.seconds().max(1e-6);
+    let server_cpu = cpu.server_cores * cpu.seconds;
+    let lat = &done.latencies_us;
+    Fanout {
+        subscribers: n,
+        events,
+        delivered: done.delivered,
+        seconds: secs,
+        delivered_per_sec: done.delivered as f64 / secs,
+        server_cpu_seconds: server_cpu,
+        server_cpu_us_per_delivered: server_cpu * 1e6 / done.delivered.max(1) as f64,
+        load_cores: Some(cpu.load_cores),
+        latency_us: latency.then(|| percentiles(lat)),
+        latency_cdf_us: if latency {
+            (0..=100)
+                .map(|i| {
+                    lat.get(((lat.len().max(1) - 1) * i) / 100)
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
 }

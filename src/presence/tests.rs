@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 
 use edgestream_codec::Frame;
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::log::{memory::MemoryLog, Retention};
@@ -33,7 +32,7 @@ fn org(name: &str) -> OrgId {
 /// A session's queue.
 struct Ear {
     sink: Sink,
-    rx: mpsc::Receiver<Live>,
+    rx: crate::hub::Queue,
 }
 
 fn ear() -> Ear {

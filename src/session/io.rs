@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::core::{Read, Request, Response, SessionCore, StreamId};
 use super::SessionEnv;
-use crate::hub::{Live, Overflow, Sink};
+use crate::hub::{Overflow, Sink};
 use crate::log::{LogError, ReadOutcome};
 
 /// What a session's I/O needs: the environment and the session's sink (where the hub pushes
@@ -22,7 +22,7 @@ pub struct SessionIo {
 
 impl SessionIo {
     /// The session's I/O and its queue: `queue` live items at most, then `overflow` is raised.
-    pub fn new(env: Arc<SessionEnv>) -> (Self, tokio::sync::mpsc::Receiver<Live>, Arc<Overflow>) {
+    pub fn new(env: Arc<SessionEnv>) -> (Self, crate::hub::Queue, Arc<Overflow>) {
         let (sink, rx, overflow) = Sink::bounded(env.limits.queue);
         (SessionIo { env, sink }, rx, overflow)
     }

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use edgestream_ws::{Close, Incoming, Outgoing, WsSession};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::core::{self, Layout, Message, Read, SessionCore, Transmit};
@@ -34,7 +33,7 @@ pub enum Wake {
 pub struct WsStreamSession {
     env: Arc<SessionEnv>,
     io: SessionIo,
-    queue: mpsc::Receiver<Live>,
+    queue: crate::hub::Queue,
     overflow: Arc<Overflow>,
     /// The query until the start, then the core.
     state: State,
@@ -146,10 +145,7 @@ impl WsSession for WsStreamSession {
         }
         tokio::select! {
             biased;
-            e = self.queue.recv() => match e {
-                Some(e) => Wake::Live(e),
-                None => std::future::pending().await, // the session holds a sender: unreachable
-            },
+            e = self.queue.recv() => Wake::Live(e),
             _ = tokio::time::sleep_until(deadline) => Wake::Timeout,
         }
     }

@@ -93,7 +93,7 @@ struct Driver {
     wt: Session,
     core: SessionCore,
     io: SessionIo,
-    queue: mpsc::Receiver<crate::hub::Live>,
+    queue: crate::hub::Queue,
     overflow: Arc<crate::hub::Overflow>,
     control: Option<SendStream>,
     /// The control stream's frames and the upload streams, from the accepting task.
@@ -203,8 +203,6 @@ impl Driver {
                     self.core.handle_read(stream, result, Instant::now());
                 }
                 item = self.queue.recv() => {
-                    // The session holds a sender: the queue never ends while it runs.
-                    let item = item?;
                     self.core.handle_live(item);
                     for _ in 1..LIVE_BATCH {
                         match self.queue.try_recv() {

@@ -85,7 +85,7 @@ fn token(sub: &str, orgs: &[&str], secs: u64) -> (String, u64) {
 struct Session {
     core: SessionCore,
     io: SessionIo,
-    queue: tokio::sync::mpsc::Receiver<Live>,
+    queue: crate::hub::Queue,
 }
 
 async fn open(node: &Node, query: &str, layout: Layout, now: Instant) -> Result<Session, Refusal> {
