@@ -30,7 +30,8 @@ pub struct WsConfig {
     pub max_message_size: usize,
     /// Largest single WebSocket frame a client may send, in bytes.
     pub max_frame_size: usize,
-    /// Bytes read from the socket at a time; allocated per connection, so keep it small.
+    /// Bytes read from the socket at a time; allocated per connection, so keep it small (a
+    /// larger client message makes room for itself once its header is read).
     pub read_buffer_size: usize,
     /// Bytes buffered before a write reaches the socket (messages of one wake-up are coalesced).
     pub write_buffer_size: usize,
@@ -51,7 +52,9 @@ impl Default for WsConfig {
         WsConfig {
             max_message_size: 128 * 1024,
             max_frame_size: 128 * 1024,
-            read_buffer_size: 2 * 1024,
+            // Clients send little (commands, chat, upload chunks that reserve their own room):
+            // 2 KiB here was 2 KiB of every idle session.
+            read_buffer_size: 256,
             write_buffer_size: 64 * 1024,
             max_send_message: 1 << 20,
             ping_interval: Duration::from_secs(10),
