@@ -53,7 +53,14 @@ struct TokenArgs {
     audience: Option<String>,
 }
 
+/// The heap profiler's allocator, only in a `--features dhat-heap` build.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> std::process::ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     match run() {
         Ok(code) => code,
         Err(e) => {
