@@ -234,11 +234,11 @@ async fn connect_all(
                         bind: Some(source.into()),
                         ..Default::default()
                     };
-                    Client::Ws(
+                    Client::Ws(Box::new(
                         WsClient::connect_with(&url, &opts)
                             .await
                             .with_context(|| format!("client {k} from {source}: connect"))?,
-                    )
+                    ))
                 };
                 let mut client = client;
                 if !bare {
@@ -268,7 +268,7 @@ async fn connect_all(
 }
 
 enum Client {
-    Ws(WsClient),
+    Ws(Box<WsClient>),
     Wt(Box<wt::WtClient>),
 }
 

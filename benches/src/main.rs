@@ -169,6 +169,21 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// Polls the server's metrics until it counts `n` open sessions of `key` (a transport).
+async fn wait_sessions(api: &Api, key: &str, n: usize, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, m) = api.get("/v1/metrics", None).await?;
+        if m["sessions"][key].as_u64() == Some(n as u64) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{key}: {} of {n} sessions open", m["sessions"][key]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The figures at scale (scale.rs), with the load in worker processes.
 async fn scale_figures(
     cli: &Cli,
@@ -740,18 +755,7 @@ async fn fanout_edgestream(
     };
     let handles = subscribers(target, seen.clone(), epoch).await?;
     // Every subscriber is connected; wait until the server counts them all.
-    let key = transport.key();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, m) = es.api.get("/v1/metrics", None).await?;
-        if m["sessions"][key].as_u64() == Some(n as u64) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {} of {n} sessions opened", m["sessions"][key]);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_sessions(&es.api, transport.key(), n, Duration::from_secs(60)).await?;
     let cpu0 = es.proc.cpu_seconds();
     let start = now_us(epoch);
     let mut published = 0;
@@ -1129,17 +1133,7 @@ async fn idle_rss(
             }
         }
         if let Some(api) = target.api {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                let (_, m) = api.get("/v1/metrics", None).await?;
-                if m["sessions"][key].as_u64() == Some(n as u64) {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("{key}: {} of {n} sessions open", m["sessions"][key]);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_sessions(api, key, n, Duration::from_secs(120)).await?;
         }
         // Let allocations settle (handshake buffers freed) before reading RSS.
         tokio::time::sleep(Duration::from_secs(1)).await;

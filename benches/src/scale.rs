@@ -82,6 +82,36 @@ fn procs(cli: &Cli, clients: usize) -> usize {
     cli.load_procs.max(clients.div_ceil(20_000)).max(1)
 }
 
+/// A server and `subscribers` in load workers on its org `o0` (every `sample_every`-th timed);
+/// the number of workers.
+async fn one_org(
+    cli: &Cli,
+    transport: Transport,
+    subscribers: usize,
+    events: u64,
+    sample_every: usize,
+) -> anyhow::Result<(Edgestream, Load, usize)> {
+    let es = start_edgestream(cli, events).await?;
+    let url = stream_url(&es, transport);
+    let n = procs(cli, subscribers);
+    let load = Load::start(
+        Spec {
+            transport,
+            url: &url,
+            cert: &es.cert,
+            clients: subscribers,
+            orgs: 1,
+            procs: n,
+            sample_every,
+            concurrency: 64,
+            bare: false,
+        },
+        &cli.load_cpus,
+    )
+    .await?;
+    Ok((es, load, n))
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct FixedLatency {
     events_per_sec: f64,
@@ -101,24 +131,7 @@ pub async fn fixed_latency(
     rate: f64,
     events: u64,
 ) -> anyhow::Result<FixedLatency> {
-    let es = start_edgestream(cli, events).await?;
-    let url = stream_url(&es, transport);
-    let n = procs(cli, subscribers);
-    let mut load = Load::start(
-        Spec {
-            transport,
-            url: &url,
-            cert: &es.cert,
-            clients: subscribers,
-            orgs: 1,
-            procs: n,
-            sample_every: 1,
-            bare: false,
-            concurrency: 64,
-        },
-        &cli.load_cpus,
-    )
-    .await?;
+    let (es, mut load, n) = one_org(cli, transport, subscribers, events, 1).await?;
     let cpu = CpuWindow::start(&es, &load);
     let t = tok(&["o0"]);
     let step = Duration::from_secs_f64(1.0 / rate);
@@ -433,17 +446,7 @@ pub async fn idle_scale(
     )
     .await?;
     let key = transport.key();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (_, m) = es.api.get("/v1/metrics", None).await?;
-        if m["sessions"][key].as_u64() == Some(sessions as u64) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{key}: {} of {sessions} sessions open", m["sessions"][key]);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_sessions(&es.api, key, sessions, Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_open = rss_bytes(&es.proc);
     let hb = |m: &Value| m["heartbeats_sent"][key].as_u64().unwrap_or(0);
@@ -476,24 +479,7 @@ pub async fn fanout_with_load(
     events: u64,
     rate: Option<f64>,
 ) -> anyhow::Result<Fanout> {
-    let es = start_edgestream(cli, events).await?;
-    let url = stream_url(&es, transport);
-    let procs = procs(cli, n);
-    let mut load = Load::start(
-        Spec {
-            transport,
-            url: &url,
-            cert: &es.cert,
-            clients: n,
-            orgs: 1,
-            procs,
-            sample_every: 10,
-            concurrency: 64,
-            bare: false,
-        },
-        &cli.load_cpus,
-    )
-    .await?;
+    let (es, mut load, procs) = one_org(cli, transport, n, events, 10).await?;
     let cpu = CpuWindow::start(&es, &load);
     let t = tok(&["o0"]);
     let per = if rate.is_some() { 10 } else { 100 };
