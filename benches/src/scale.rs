@@ -544,8 +544,9 @@ pub async fn baseline_with_load(
         load_procs: procs,
         publisher_cores: 0.0,
     };
-    let _ = p.child.start_kill();
+    // The workers stop reading before the baseline goes away (a reset is an error to them).
     let done = load.finish().await?;
+    let _ = p.child.start_kill();
     Ok(fanout_figure(n, events, &done, &cpu, false))
 }
 
