@@ -30,7 +30,10 @@ impl SessionIo {
     /// Makes every request the core has, in order, handing each answer back.
     pub async fn drive(&self, core: &mut SessionCore) {
         while let Some(req) = core.poll_request() {
-            let resp = self.perform(req).await;
+            // Boxed: the request futures (a subscribe, a Redis append, a presence join) are
+            // large, and inline they made every session's task that much larger for its whole
+            // life, though a session makes requests only now and then.
+            let resp = Box::pin(self.perform(req)).await;
             core.handle_response(resp, Instant::now());
         }
     }
