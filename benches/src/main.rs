@@ -797,14 +797,20 @@ async fn fanout_edgestream(
         server_cpu_us_per_delivered: cpu * 1e6 / delivered as f64,
         load_cores: None,
         latency_us: Some(percentiles(&lat)),
-        latency_cdf_us: (0..=100)
-            .map(|i| {
-                lat.get(((lat.len().max(1) - 1) * i) / 100)
-                    .copied()
-                    .unwrap_or(0)
-            })
-            .collect(),
+        latency_cdf_us: cdf(&lat),
     })
+}
+
+/// One value per percent of `sorted` (0th to 100th percentile).
+fn cdf(sorted: &[u64]) -> Vec<u64> {
+    (0..=100)
+        .map(|i| {
+            sorted
+                .get(((sorted.len().max(1) - 1) * i) / 100)
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect()
 }
 
 /// A baseline server process of `transport` with `subscribers` and `events`, started and

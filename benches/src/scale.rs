@@ -564,16 +564,6 @@ fn fanout_figure(n: usize, events: u64, done: &load::Done, cpu: &Cpu, latency: b
         server_cpu_us_per_delivered: server_cpu * 1e6 / done.delivered.max(1) as f64,
         load_cores: Some(cpu.load_cores),
         latency_us: latency.then(|| percentiles(lat)),
-        latency_cdf_us: if latency {
-            (0..=100)
-                .map(|i| {
-                    lat.get(((lat.len().max(1) - 1) * i) / 100)
-                        .copied()
-                        .unwrap_or(0)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        },
+        latency_cdf_us: if latency { cdf(lat) } else { Vec::new() },
     }
 }
