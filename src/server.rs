@@ -27,7 +27,6 @@ use crate::model::Epoch;
 use crate::session::{SessionEnv, SessionLimits};
 use crate::time::unix_ms;
 use crate::webtransport::{self, Certificates};
-use web_transport_quinn::quinn;
 
 /// A node with its listeners bound, ready to run.
 pub struct Server {

@@ -127,3 +127,89 @@ async fn aioquic_client_resumes_exactly_and_is_refused_a_bad_token() {
         "the session is closed: {out:?}"
     );
 }
+
+fn settings_of(out: &[Value]) -> std::collections::HashMap<u64, u64> {
+    of(out, "settings")[0]["settings"]
+        .as_object()
+        .expect("settings printed")
+        .iter()
+        .map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap()))
+        .collect()
+}
+
+/// Safari 26.4 refuses a WebTransport server whose HTTP/3 SETTINGS lack `WT_MAX_SESSIONS`
+/// (0x14e9cd29, drafts 13/14) and, with more than one session, the initial flow-control
+/// windows; Chromium needs draft-02's pair, Firefox drafts 07+'s. Read off the wire by
+/// aioquic (not the server's own encoder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_carry_what_safari_chromium_and_firefox_need() {
+    let s = TestServer::start().await;
+    let token = s.token(&["acme"]);
+    let url = s.wt_url(&format!("access_token={token}&orgs=acme"));
+    let out = run_client(&url, &s.cert_hash().await, 0, &[], || async {}).await;
+    let got = settings_of(&out);
+    let at_least = |id: u64, min: u64, what: &str| {
+        let v = got.get(&id).copied();
+        assert!(
+            v.is_some_and(|v| v >= min),
+            "{what} ({id:#x}) = {v:?}: {got:?}"
+        );
+    };
+    at_least(0x14e9cd29, 1, "WT_MAX_SESSIONS (drafts 13/14, Safari)");
+    at_least(0x2b61, 64 * 1024, "WT_INITIAL_MAX_DATA");
+    at_least(0x2b64, 1, "WT_INITIAL_MAX_STREAMS_UNI");
+    at_least(
+        0x2b65,
+        2,
+        "WT_INITIAL_MAX_STREAMS_BIDI (control stream and an upload)",
+    );
+    at_least(0x2b603742, 1, "ENABLE_WEBTRANSPORT (draft-02, Chromium)");
+    at_least(0xc671706a, 1, "WEBTRANSPORT_MAX_SESSIONS (drafts 07-12)");
+    at_least(0x33, 1, "H3_DATAGRAM");
+    at_least(0x08, 1, "ENABLE_CONNECT_PROTOCOL");
+}
+
+/// A client with session-level flow control (drafts 13/14, as Safari): the server sends no
+/// more stream bytes than the client's `WT_INITIAL_MAX_DATA`, says it is blocked
+/// (`WT_DATA_BLOCKED`), and goes on, in order and complete, once a `WT_MAX_DATA` capsule
+/// raises the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_window_is_honoured_and_refilled_by_wt_max_data() {
+    const WINDOW: u64 = 2_000;
+    let s = TestServer::start().await;
+    let token = s.token(&["acme"]);
+    let url = s.wt_url(&format!("access_token={token}&orgs=acme"));
+    let flags = ["--max-data", "2000"];
+    let out = run_client(&url, &s.cert_hash().await, 50, &flags, || async {
+        let events: Vec<Value> = (0..50)
+            .map(|i| json!({"i": i, "pad": "x".repeat(100)}))
+            .collect();
+        s.api.publish(&token, "acme", &json!(events)).await.unwrap();
+    })
+    .await;
+    let stalled = of(&out, "stalled");
+    assert_eq!(
+        stalled.len(),
+        1,
+        "the server stopped at the window: {out:?}"
+    );
+    let bytes = stalled[0]["bytes"].as_u64().unwrap();
+    assert!(
+        bytes <= WINDOW && bytes > WINDOW / 2,
+        "stream bytes before the refill: {bytes} (window {WINDOW})"
+    );
+    assert!(stalled[0]["events"].as_u64().unwrap() < 50);
+    assert!(
+        of(&out, "capsule").iter().any(|c| c["type"] == 0x190b4d41),
+        "WT_DATA_BLOCKED was sent: {out:?}"
+    );
+    let seqs: Vec<u64> = of(&out, "event")
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=50).collect::<Vec<_>>(),
+        "all, in order, after the refill"
+    );
+}

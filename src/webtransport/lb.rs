@@ -30,7 +30,6 @@ use parking_lot::RwLock;
 
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, InvalidCid};
 use rand::RngCore as _;
-use web_transport_quinn::quinn;
 
 /// Random bytes after the server id.
 pub const NONCE_LEN: usize = 8;

@@ -1,12 +1,13 @@
 //! The WebTransport transport (PROTOCOL.md section 4.1): the QUIC listener, its TLS
 //! certificate, and the accept path up to a session.
 //!
-//! This module and [`session`] are the only places that name quinn or web-transport-quinn:
-//! swapping the transport library touches nothing else. Staged accept: QUIC handshake (with a
+//! This module, [`h3`] and [`session`] are the only places that name quinn: swapping the QUIC
+//! library touches nothing else. Staged accept: QUIC handshake (with a
 //! deadline, and Retry when asked or under handshake load), then the HTTP/3 CONNECT request
 //! (with a deadline), then path and `Origin` checks (refused with an HTTP status, as the
 //! WebTransport draft asks), then the session, which authenticates before subscribing.
 
+pub mod h3;
 pub mod lb;
 pub mod session;
 mod upload;
@@ -22,7 +23,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_util::task::TaskTracker;
-use web_transport_quinn::quinn;
 
 use crate::session::SessionEnv;
 use crate::tls::DevCertificate;
@@ -274,7 +274,7 @@ pub fn endpoint(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Resolver(certs)));
-    tls.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+    tls.alpn_protocols = vec![b"h3".to_vec()];
     // No early data: a session must never be opened from replayable 0-RTT data.
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
@@ -343,6 +343,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let handshaking = Arc::new(AtomicUsize::new(0));
+    let control = h3::wire::control_stream(&session::WINDOWS);
     let mut rate = HandshakeRate::default();
     let origins = Arc::new(origins);
     loop {
@@ -366,18 +367,20 @@ pub async fn serve(
             let _ = incoming.retry();
             continue;
         }
-        let (env, cfg, origins, handshaking) = (
+        let (env, cfg, origins, handshaking, control) = (
             env.clone(),
             cfg.clone(),
             origins.clone(),
             handshaking.clone(),
+            control.clone(),
         );
         let sessions = tracker.clone();
         let started = tokio::time::Instant::now();
         tracker.spawn(async move {
             handshaking.fetch_add(1, Ordering::Relaxed);
             let accepted =
-                tokio::time::timeout(cfg.handshake_timeout, accept(incoming, &origins)).await;
+                tokio::time::timeout(cfg.handshake_timeout, accept(incoming, &origins, control))
+                    .await;
             handshaking.fetch_sub(1, Ordering::Relaxed);
             match accepted {
                 // A task of its own: the handshake's state (the larger future) is freed
@@ -425,7 +428,8 @@ impl HandshakeRate {
 async fn accept(
     incoming: quinn::Incoming,
     origins: &edgestream_ws::OriginPolicy,
-) -> Option<(web_transport_quinn::Session, String)> {
+    control: bytes::Bytes,
+) -> Option<(h3::Session, String)> {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -433,27 +437,23 @@ async fn accept(
             return None;
         }
     };
-    let request = match web_transport_quinn::Request::accept(conn).await {
+    let request = match h3::accept(conn.clone(), control).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "WebTransport CONNECT failed");
+            conn.close(quinn::VarInt::from_u32(h3::wire::H3_REQUEST_REJECTED), b"");
             return None;
         }
     };
-    let url = request.url.clone();
-    if url.path() != "/v1/stream" {
-        let _ = request
-            .reject(web_transport_quinn::http::StatusCode::NOT_FOUND)
-            .await;
+    if request.url.path() != "/v1/stream" {
+        request.reject(h3::http::StatusCode::NOT_FOUND).await;
         return None;
     }
     if !origins.allows(&request.headers) {
-        let _ = request
-            .reject(web_transport_quinn::http::StatusCode::FORBIDDEN)
-            .await;
+        request.reject(h3::http::StatusCode::FORBIDDEN).await;
         return None;
     }
-    let query = url.query().unwrap_or("").to_owned();
+    let query = request.url.query().unwrap_or("").to_owned();
     match request.ok().await {
         Ok(s) => Some((s, query)),
         Err(e) => {

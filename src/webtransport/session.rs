@@ -1,30 +1,40 @@
 //! The WebTransport driver (PROTOCOL.md section 4.1): moves bytes between a WebTransport
-//! session and the [`SessionCore`], and routes the core's transmits: control frames to the
-//! client's first bidirectional stream, each org's frames to that org's unidirectional stream,
-//! datagrams, and the close as a WebTransport session error. It decides nothing about the
-//! protocol.
+//! session ([`super::h3`]) and the [`SessionCore`], and routes the core's transmits: control
+//! frames to the client's first bidirectional stream, each org's frames to that org's
+//! unidirectional stream, datagrams, and the close as a WebTransport session error. It decides
+//! nothing about the protocol.
 //!
-//! Tasks: the session task runs the core and writes the org streams itself: what the core
-//! hands a stream is written at once when quinn takes it (the common case: no other task is
-//! woken), else the write continues as a future the session task polls beside the others, and
-//! frames for that org wait in its outbox meanwhile, so a stalled stream stalls only its org.
-//! The control stream, the datagrams (PING answered at once, by the core's rule) and each
-//! upload stream have a task of their own.
+//! One task per session: it runs the core, writes the org streams (what the core hands a
+//! stream is written at once when quinn takes it; else the write continues as a future the
+//! task polls beside the others, and frames for that org wait in its outbox meanwhile, so a
+//! stalled stream stalls only its org), and reads what the client sends (datagrams, the
+//! control stream, capsules, new streams). The client's sources are polled only after their
+//! own waker fired ([`Gate`]), so a wake-up for live events costs no lock of quinn's
+//! connection per source. Each upload stream has a task of its own.
+//!
+//! Session-level flow control (drafts 13/14, what Safari asks for): the bytes and
+//! bidirectional streams the client may send are refilled with `WT_MAX_DATA` and
+//! `WT_MAX_STREAMS_BIDI` capsules as they are read; when the client announced limits of its
+//! own, org streams are opened and written only within them, and `WT_MAX_*` capsules from the
+//! client raise them.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use edgestream_codec::Frame;
+use futures_util::task::AtomicWaker;
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, Notify};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use web_transport_quinn::{RecvStream, SendStream, Session};
 
+use super::h3::{self, wire};
 use crate::close::{CloseCode, Refusal};
 use crate::log::{LogError, ReadOutcome};
 use crate::metrics::Transport;
@@ -36,33 +46,86 @@ use crate::session::{ConnectParams, SessionEnv};
 const LIVE_BATCH: usize = 256;
 /// How long the closing capsule may take to reach the client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The session-level windows given to the client (drafts 13/14): control frames and uploads
+/// (refilled as they are read; quinn's own stream and connection windows still apply), the
+/// control stream plus uploads at once, and no use for client-opened unidirectional streams
+/// beyond a few (they carry nothing in this protocol and are stopped).
+pub const WINDOWS: wire::Windows = wire::Windows {
+    max_data: 1 << 20,
+    max_streams_uni: 4,
+    max_streams_bidi: 1 + crate::session::core::MAX_UPLOADS as u64,
+};
 
 /// Runs a session until it closes.
 /// `started`: when the connection's first packet arrived (for the handshake histogram).
-pub async fn run(env: Arc<SessionEnv>, wt: Session, query: &str, started: Instant) {
+pub async fn run(env: Arc<SessionEnv>, wt: h3::Session, query: &str, started: Instant) {
     let metrics = env.metrics.clone();
-    let refusal = match Driver::start(env, wt.clone(), query, started).await {
-        Ok(mut d) => {
+    let close = |mut wt: h3::Session, refusal: Option<Refusal>| async move {
+        match refusal {
+            Some(r) => {
+                metrics.record_close(r.code.code());
+                wt.close(u32::from(r.code.code()), &r.reason, CLOSE_TIMEOUT)
+                    .await;
+            }
+            // The client closed the session (or the connection went): nothing to say.
+            None => wt
+                .connection()
+                .close(quinn::VarInt::from_u32(wire::H3_NO_ERROR), b""),
+        }
+        wt
+    };
+    match admit(&env, &wt, query, started) {
+        Ok(core) => {
+            let mut d = Driver::new(env, wt, core);
+            d.io.drive(&mut d.core).await;
             let r = d.serve().await;
             d.shutdown();
-            r
+            // The client's streams (the CONNECT stream's receiving half among them) stay
+            // open until the close is out: dropping them would stop them, and a browser takes
+            // a stopped CONNECT stream for a lost session.
+            let Driver {
+                wt,
+                client,
+                control,
+                ..
+            } = d;
+            let wt = close(wt, r).await;
+            drop((client, control, wt));
         }
-        Err(r) => Some(r),
-    };
-    if let Some(r) = refusal {
-        metrics.record_close(r.code.code());
-        wt.close(u32::from(r.code.code()), r.reason.as_bytes());
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, wt.closed()).await;
+        Err(r) => drop(close(wt, Some(r)).await),
     }
 }
 
-/// What the upload tasks report to the session task (a counter and a wake: a channel per
+/// Admits the session: the token, the plan of initial subscriptions (or a close code).
+fn admit(
+    env: &Arc<SessionEnv>,
+    wt: &h3::Session,
+    query: &str,
+    started: Instant,
+) -> Result<SessionCore, Refusal> {
+    let params = ConnectParams::parse(query, None)?;
+    let now = Instant::now();
+    let mut core = SessionCore::admit(env.clone(), &params, Layout::Streams, now)?;
+    env.metrics
+        .transport(Transport::WebTransport)
+        .handshake
+        .observe(now.saturating_duration_since(started).as_secs_f64());
+    core.set_max_datagram(wt.max_datagram_size());
+    Ok(core)
+}
+
+/// What the upload tasks report to the session task (counters and a wake: a channel per
 /// session would cost a block of slots for every idle session).
 #[derive(Default)]
 struct Reports {
     wake: Notify,
     /// Upload streams that ended since the last look.
     uploads_ended: AtomicUsize,
+    /// Client streams that ended since the last look, uploads and refused ones (their
+    /// session-level stream credit comes back).
+    streams_ended: AtomicUsize,
+    /// Bytes read from upload streams since the last look (session-level flow control).
+    received: AtomicU64,
 }
 
 /// One org stream as the session task holds it.
@@ -70,8 +133,11 @@ struct OrgOut {
     id: StreamId,
     /// `None` while it is being opened or a write is in flight.
     stream: Option<SendStream>,
-    /// Frames waiting for the stream.
+    /// Frames waiting for the stream (or what is left of them after a partial write).
     pending: Vec<Bytes>,
+    /// How many of the core's frames `pending` holds (counted as sent once all their bytes
+    /// are).
+    frames: usize,
     /// Finish the stream once the frames are written.
     finish: bool,
 }
@@ -81,6 +147,10 @@ enum Op {
     Opened(StreamId, Option<SendStream>),
     /// The stream, the frames the write carried, and whether it succeeded.
     Wrote(StreamId, SendStream, usize, bool),
+    /// A bidirectional stream of this session the client opened (control or upload).
+    Bidi(Option<(SendStream, RecvStream)>),
+    /// A unidirectional stream of the HTTP/3 layer (held), or one that was stopped.
+    Uni(Option<(u64, RecvStream)>),
 }
 
 type OpFuture = Pin<Box<dyn Future<Output = Op> + Send + 'static>>;
@@ -88,17 +158,222 @@ type OpFuture = Pin<Box<dyn Future<Output = Op> + Send + 'static>>;
 type ReadFuture =
     Pin<Box<dyn Future<Output = (StreamId, Result<ReadOutcome, LogError>)> + Send + 'static>>;
 
+type Accept<T> = Pin<Box<dyn Future<Output = Result<T, quinn::ConnectionError>> + Send>>;
+
+/// Polls a future only once its own waker fired (and on its first poll). tokio's `select!`
+/// polls every branch whenever the task wakes; the client's sources each lock quinn's
+/// connection state when polled, and the task wakes for every batch of live events.
+struct Gate {
+    flag: Arc<Flag>,
+    waker: Waker,
+}
+
+struct Flag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Gate {
+    fn new() -> Self {
+        let flag = Arc::new(Flag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Gate {
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+
+    /// Polls `f` with the gate's waker if it was woken since its last poll.
+    fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let out = f(&mut Context::from_waker(&self.waker));
+        if out.is_ready() {
+            // What replaces the completed source must be polled once to register.
+            self.flag.woken.store(true, Ordering::Release);
+        }
+        out
+    }
+}
+
+/// What the client sends, as the session task reads it.
+struct Client {
+    datagrams: (Gate, Accept<Bytes>),
+    bidi: (Gate, Accept<(SendStream, RecvStream)>),
+    uni: (Gate, Accept<RecvStream>),
+    closed: (Gate, Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// The client's side of the CONNECT stream (capsules).
+    connect: (Gate, Option<RecvStream>, wire::ConnectStream),
+    /// The control stream's receiving half and its unparsed bytes.
+    control: (Gate, Option<RecvStream>, BytesMut),
+}
+
+/// One thing the client did.
+enum FromClient {
+    Datagram(Bytes),
+    Bidi(SendStream, RecvStream),
+    Uni(RecvStream),
+    /// Bytes of the control stream (`None`: it ended).
+    Control(Option<usize>),
+    Capsule(wire::Capsule),
+    /// The session or the connection ended (a CLOSE capsule, the CONNECT stream's end, a
+    /// malformed capsule stream, or the connection).
+    Gone,
+}
+
+fn accept_datagram(conn: quinn::Connection) -> Accept<Bytes> {
+    Box::pin(async move { conn.read_datagram().await })
+}
+
+fn accept_bidi(conn: quinn::Connection) -> Accept<(SendStream, RecvStream)> {
+    Box::pin(async move { conn.accept_bi().await })
+}
+
+fn accept_uni(conn: quinn::Connection) -> Accept<RecvStream> {
+    Box::pin(async move { conn.accept_uni().await })
+}
+
+/// Reads what a stream has now into `buf`: `Some(n)`, or `None` at its end or reset.
+fn poll_read(cx: &mut Context<'_>, r: &mut RecvStream, buf: &mut BytesMut) -> Poll<Option<usize>> {
+    let mut chunk = [0u8; 2048];
+    match r.poll_read(cx, &mut chunk) {
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(None),
+        Poll::Ready(Ok(n)) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Poll::Ready(Some(n))
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl Client {
+    fn new(wt: &mut h3::Session) -> Self {
+        let conn = wt.connection().clone();
+        let c2 = conn.clone();
+        Client {
+            datagrams: (Gate::new(), accept_datagram(conn.clone())),
+            bidi: (Gate::new(), accept_bidi(conn.clone())),
+            uni: (Gate::new(), accept_uni(conn)),
+            closed: (
+                Gate::new(),
+                Box::pin(async move {
+                    c2.closed().await;
+                }),
+            ),
+            connect: (
+                Gate::new(),
+                wt.take_connect_recv(),
+                wire::ConnectStream::default(),
+            ),
+            control: (Gate::new(), None, BytesMut::new()),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, conn: &quinn::Connection) -> Poll<FromClient> {
+        if self
+            .closed
+            .0
+            .poll(cx, |cx| self.closed.1.as_mut().poll(cx))
+            .is_ready()
+        {
+            return Poll::Ready(FromClient::Gone);
+        }
+        let (gate, recv, capsules) = &mut self.connect;
+        if let Poll::Ready(ev) = gate.poll(cx, |cx| loop {
+            match capsules.next_capsule() {
+                Ok(Some(c)) => return Poll::Ready(FromClient::Capsule(c)),
+                Err(_) => return Poll::Ready(FromClient::Gone),
+                Ok(None) => {}
+            }
+            let Some(r) = recv.as_mut() else {
+                return Poll::Pending;
+            };
+            let mut buf = BytesMut::new();
+            match poll_read(cx, r, &mut buf) {
+                Poll::Ready(Some(_)) => capsules.feed(&buf),
+                Poll::Ready(None) => return Poll::Ready(FromClient::Gone),
+                Poll::Pending => return Poll::Pending,
+            }
+        }) {
+            return Poll::Ready(ev);
+        }
+        let (gate, recv, buf) = &mut self.control;
+        if let Some(r) = recv.as_mut() {
+            if let Poll::Ready(n) = gate.poll(cx, |cx| poll_read(cx, r, buf)) {
+                if n.is_none() {
+                    *recv = None;
+                }
+                return Poll::Ready(FromClient::Control(n));
+            }
+        }
+        if let Poll::Ready(r) = self
+            .datagrams
+            .0
+            .poll(cx, |cx| self.datagrams.1.as_mut().poll(cx))
+        {
+            self.datagrams.1 = accept_datagram(conn.clone());
+            return Poll::Ready(r.map_or(FromClient::Gone, FromClient::Datagram));
+        }
+        if let Poll::Ready(r) = self.bidi.0.poll(cx, |cx| self.bidi.1.as_mut().poll(cx)) {
+            self.bidi.1 = accept_bidi(conn.clone());
+            return Poll::Ready(r.map_or(FromClient::Gone, |(s, r)| FromClient::Bidi(s, r)));
+        }
+        if let Poll::Ready(r) = self.uni.0.poll(cx, |cx| self.uni.1.as_mut().poll(cx)) {
+            self.uni.1 = accept_uni(conn.clone());
+            return Poll::Ready(r.map_or(FromClient::Gone, FromClient::Uni));
+        }
+        Poll::Pending
+    }
+}
+
+/// Session-level flow control (drafts 13/14), both ways.
+struct Flow {
+    /// What the client may send: bytes on its streams, and bidirectional streams.
+    data_in: wire::Window,
+    bidi_in: wire::Window,
+    /// What the client lets this server send: bytes on its streams, and streams opened.
+    data_out: wire::Credit,
+    uni_out: wire::Credit,
+    /// Org streams waiting for stream credit.
+    waiting: Vec<StreamId>,
+    /// Capsules not yet taken by quinn.
+    capsules: BytesMut,
+    /// A `WT_DATA_BLOCKED` was sent at this limit.
+    blocked_at: Option<u64>,
+}
+
 struct Driver {
     env: Arc<SessionEnv>,
-    wt: Session,
+    wt: h3::Session,
     core: SessionCore,
     io: SessionIo,
     queue: crate::hub::Queue,
     overflow: Arc<crate::hub::Overflow>,
     control: Option<SendStream>,
-    /// The control stream's frames and the upload streams, from the accepting task.
-    from_client: mpsc::Receiver<FromClient>,
+    client: Client,
     reports: Arc<Reports>,
+    /// The header every org stream starts with.
+    header: Bytes,
+    flow: Box<Flow>,
     /// The org streams (a short list: at most the per-session org limit).
     orgs: Vec<OrgOut>,
     /// Stream opens and writes in flight (a plain list: usually empty, which costs nothing).
@@ -109,26 +384,20 @@ struct Driver {
 }
 
 impl Driver {
-    /// Admits the session and makes its initial subscriptions (or refuses with a close code).
-    async fn start(
-        env: Arc<SessionEnv>,
-        wt: Session,
-        query: &str,
-        started: Instant,
-    ) -> Result<Self, Refusal> {
-        let params = ConnectParams::parse(query, None)?;
-        let now = Instant::now();
-        let mut core = SessionCore::admit(env.clone(), &params, Layout::Streams, now)?;
-        env.metrics
-            .transport(Transport::WebTransport)
-            .handshake
-            .observe(now.saturating_duration_since(started).as_secs_f64());
-        core.set_max_datagram(wt.max_datagram_size());
+    fn new(env: Arc<SessionEnv>, mut wt: h3::Session, core: SessionCore) -> Self {
         let (io, queue, overflow) = SessionIo::new(env.clone());
-        let (tx, from_client) = mpsc::channel(16);
-        let max = env.limits.max_control_frame;
-        let client = tokio::spawn(serve_client(wt.clone(), tx, max));
-        let mut d = Driver {
+        let client = Client::new(&mut wt);
+        let flow = Box::new(Flow {
+            data_in: wire::Window::new(WINDOWS.max_data),
+            bidi_in: wire::Window::new(WINDOWS.max_streams_bidi),
+            data_out: wire::Credit::new(wt.peer.max_data),
+            uni_out: wire::Credit::new(wt.peer.max_streams_uni),
+            waiting: Vec::new(),
+            capsules: BytesMut::new(),
+            blocked_at: None,
+        });
+        Driver {
+            header: wire::uni_header(wt.id()),
             env,
             wt,
             core,
@@ -136,15 +405,14 @@ impl Driver {
             queue,
             overflow,
             control: None,
-            from_client,
+            client,
             reports: Arc::default(),
+            flow,
             orgs: Vec::new(),
             ops: Vec::new(),
             read: None,
-            tasks: vec![client],
-        };
-        d.io.drive(&mut d.core).await;
-        Ok(d)
+            tasks: Vec::new(),
+        }
     }
 
     fn shutdown(&mut self) {
@@ -159,11 +427,10 @@ impl Driver {
     /// The session loop; returns the close to send, or `None` when the client went away.
     async fn serve(&mut self) -> Option<Refusal> {
         // The futures of the select live across iterations, and none is costly to poll: the
-        // loop turns once per batch of live items. (Accepting streams, whose poll locks the
-        // session's accept state and the connection's, has a task of its own.)
-        let (wt, shutdown) = (self.wt.clone(), self.env.shutdown.clone());
+        // loop turns once per batch of live items.
+        let shutdown = self.env.shutdown.clone();
         let (overflow, reports) = (self.overflow.clone(), self.reports.clone());
-        let mut closed = pin!(wt.closed());
+        let conn = self.wt.connection().clone();
         let mut stop = pin!(shutdown.cancelled());
         let mut overflowed = pin!(overflow.wait());
         let mut reported = pin!(reports.wake.notified());
@@ -179,19 +446,19 @@ impl Driver {
             if let Err(r) = self.route().await {
                 return Some(r);
             }
+            if !self.flow.capsules.is_empty() {
+                self.wt.write_capsules(&mut self.flow.capsules);
+            }
             let deadline = self.core.poll_timeout();
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
             let reading = self.read.is_some();
+            let client = &mut self.client;
             tokio::select! {
                 biased;
                 _ = &mut stop => self.core.handle_shutdown(),
                 _ = &mut overflowed => self.core.handle_overflow(),
-                e = &mut closed => {
-                    tracing::debug!(error = %e, "webtransport session ended");
-                    return None;
-                }
                 _ = &mut timer => {
                     self.core.set_max_datagram(self.wt.max_datagram_size());
                     self.core.handle_timeout(Instant::now());
@@ -211,16 +478,88 @@ impl Driver {
                         }
                     }
                 }
-                from = self.from_client.recv() => match from {
-                    Some(FromClient::Control(send)) => self.control = Some(*send),
-                    Some(FromClient::Frame(f)) => match *f {
-                        Ok(f) => self.core.handle_frame(f, Instant::now()),
-                        Err(r) => self.core.handle_protocol_error(r),
-                    },
-                    Some(FromClient::Upload(pair)) => self.on_upload(*pair),
-                    None => {}
-                },
+                from = std::future::poll_fn(|cx| client.poll(cx, &conn)) => {
+                    if self.on_client(from) {
+                        tracing::debug!("webtransport session ended by the client");
+                        return None;
+                    }
+                }
             }
+        }
+    }
+
+    /// What the client did; `true` when the session is over.
+    fn on_client(&mut self, from: FromClient) -> bool {
+        match from {
+            FromClient::Gone => return true,
+            FromClient::Datagram(d) => {
+                let max = self.env.limits.max_control_frame;
+                let payload = wire::datagram_payload(self.wt.id(), d);
+                if let Some(answer) =
+                    payload.and_then(|p| crate::session::core::answer_datagram(p, max))
+                {
+                    self.wt.send_datagram(&answer);
+                }
+            }
+            FromClient::Bidi(send, recv) => {
+                let id = self.wt.id();
+                self.ops.push(Box::pin(async move {
+                    Op::Bidi(h3::bidi_stream(send, recv, id).await)
+                }));
+            }
+            FromClient::Uni(recv) => {
+                self.ops
+                    .push(Box::pin(async move { Op::Uni(h3::uni_stream(recv).await) }));
+            }
+            FromClient::Control(n) => {
+                if let Some(n) = n {
+                    self.received(n as u64);
+                }
+                self.on_control();
+            }
+            FromClient::Capsule(c) => match c {
+                wire::Capsule::Close { .. } => return true,
+                wire::Capsule::MaxData(n) => {
+                    self.flow.data_out.raise(n);
+                    for i in (0..self.orgs.len()).rev() {
+                        self.flush(i);
+                    }
+                }
+                wire::Capsule::MaxStreamsUni(n) => {
+                    self.flow.uni_out.raise(n);
+                    let waiting = std::mem::take(&mut self.flow.waiting);
+                    for id in waiting {
+                        self.open(id);
+                    }
+                }
+                wire::Capsule::Drain | wire::Capsule::MaxStreamsBidi(_) | wire::Capsule::Other => {}
+            },
+        }
+        false
+    }
+
+    /// Frames read from the control stream, handed to the core. A control stream that ends
+    /// or is reset leaves the session going without it.
+    fn on_control(&mut self) {
+        let max = self.env.limits.max_control_frame;
+        loop {
+            match Frame::decode(&mut self.client.control.2, max) {
+                Ok(Some(f)) => self.core.handle_frame(f, Instant::now()),
+                Ok(None) => break,
+                Err(e) => {
+                    self.core.handle_protocol_error(e.into());
+                    self.client.control.1 = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `n` bytes of the client's streams were read: refill its session-level window.
+    fn received(&mut self, n: u64) {
+        if let Some(limit) = self.flow.data_in.used(n) {
+            let c = wire::limit_capsule(wire::CAPSULE_MAX_DATA, limit);
+            self.flow.capsules.extend_from_slice(&c);
         }
     }
 
@@ -229,17 +568,32 @@ impl Driver {
         for _ in 0..self.reports.uploads_ended.swap(0, Ordering::AcqRel) {
             self.core.handle_upload_stream_end();
         }
+        let ended = self.reports.streams_ended.swap(0, Ordering::AcqRel);
+        if ended > 0 {
+            if let Some(limit) = self.flow.bidi_in.used(ended as u64) {
+                let c = wire::limit_capsule(wire::CAPSULE_MAX_STREAMS_BIDI, limit);
+                self.flow.capsules.extend_from_slice(&c);
+            }
+        }
+        let n = self.reports.received.swap(0, Ordering::AcqRel);
+        if n > 0 {
+            self.received(n);
+        }
     }
 
     fn org(&mut self, id: StreamId) -> Option<usize> {
         self.orgs.iter().position(|o| o.id == id)
     }
 
-    /// A stream operation completed: the stream is back for the next write.
+    /// A stream operation completed.
     fn on_op(&mut self, op: Op) {
         let (id, stream, written) = match op {
             Op::Opened(id, stream) => (id, stream, 0),
             Op::Wrote(id, stream, n, ok) => (id, ok.then_some(stream), n),
+            Op::Bidi(Some((send, recv))) => return self.on_bidi(send, recv),
+            Op::Bidi(None) => return,
+            Op::Uni(Some((_, recv))) => return self.wt.hold(recv),
+            Op::Uni(None) => return,
         };
         let Some(i) = self.org(id) else {
             return; // aborted meanwhile: the stream is dropped
@@ -256,10 +610,47 @@ impl Driver {
         }
     }
 
+    /// The client's first bidirectional stream is the control stream; every later one an
+    /// upload (section 9).
+    fn on_bidi(&mut self, send: SendStream, recv: RecvStream) {
+        if self.control.is_none() {
+            self.control = Some(send);
+            self.client.control.1 = Some(recv);
+            // Its gate was woken at creation: it is polled at the next turn.
+            self.client.control.0 = Gate::new();
+        } else {
+            self.on_upload(send, recv);
+        }
+    }
+
     /// The client stopped the stream, or it could not be opened.
     fn gone(&mut self, i: usize) {
         let o = self.orgs.swap_remove(i);
         self.core.handle_stream_gone(o.id);
+    }
+
+    /// Opens an org stream within the client's stream credit (or waits for more).
+    fn open(&mut self, id: StreamId) {
+        if self.flow.uni_out.available() == 0 {
+            self.flow.waiting.push(id);
+            let limit = self.flow.uni_out.limit().unwrap_or(0);
+            let c = wire::limit_capsule(wire::CAPSULE_STREAMS_BLOCKED_UNI, limit);
+            self.flow.capsules.extend_from_slice(&c);
+            return;
+        }
+        self.flow.uni_out.spend(1);
+        // Whether a peer counts stream headers in its session-level data is not settled
+        // between drafts: counting them keeps this side within the limit either way.
+        self.flow.data_out.spend(self.header.len() as u64);
+        let (conn, header) = (self.wt.connection().clone(), self.header.clone());
+        self.ops.push(Box::pin(async move {
+            let opened = async {
+                let mut s = conn.open_uni().await.ok()?;
+                s.write_all(&header).await.ok()?;
+                Some(s)
+            };
+            Op::Opened(id, opened.await)
+        }));
     }
 
     /// Writes what waits for an org's stream: at once if quinn takes it all, else as an
@@ -283,9 +674,9 @@ impl Driver {
             }
             return;
         }
-        let (id, n) = (o.id, o.pending.len());
-        let chunk = if n == 1 {
-            o.pending.pop().expect("one frame")
+        let (id, n) = (o.id, std::mem::take(&mut o.frames));
+        let mut chunk = if o.pending.len() == 1 {
+            o.pending.pop().expect("one chunk")
         } else {
             let mut joined = BytesMut::with_capacity(o.pending.iter().map(Bytes::len).sum());
             for f in o.pending.drain(..) {
@@ -293,13 +684,35 @@ impl Driver {
             }
             joined.freeze()
         };
+        // Within the client's session-level credit (drafts 13/14; unlimited otherwise): what
+        // does not fit waits for a WT_MAX_DATA capsule, and its frames count as sent with it.
+        let credit = self.flow.data_out.available();
+        let mut frames = n;
+        if (chunk.len() as u64) > credit {
+            o.pending.push(chunk.split_off(credit as usize));
+            o.frames = n;
+            frames = 0;
+            let limit = self.flow.data_out.limit();
+            if self.flow.blocked_at != limit {
+                self.flow.blocked_at = limit;
+                let c = wire::limit_capsule(wire::CAPSULE_DATA_BLOCKED, limit.unwrap_or(0));
+                self.flow.capsules.extend_from_slice(&c);
+            }
+            if chunk.is_empty() {
+                o.stream = Some(stream);
+                return;
+            }
+        }
+        self.flow.data_out.spend(chunk.len() as u64);
         let mut bufs = [chunk];
         // `write_chunks` is cancel-safe: if it does not resolve at once, nothing was written.
         match stream.write_chunks(&mut bufs).now_or_never() {
             Some(Ok(w)) if w.chunks == 1 => {
-                o.stream = Some(stream);
-                self.core.handle_sent(id, n);
-                self.flush(i); // a FIN may wait
+                self.orgs[i].stream = Some(stream);
+                if frames > 0 {
+                    self.core.handle_sent(id, frames);
+                }
+                self.flush(i); // a FIN, or the rest, may wait
             }
             Some(Err(_)) => self.gone(i),
             // Blocked (flow control) or partly written: the rest as an operation.
@@ -310,35 +723,48 @@ impl Driver {
                         .write_all_chunks(std::slice::from_mut(&mut rest))
                         .await
                         .is_ok();
-                    Op::Wrote(id, stream, n, ok)
+                    Op::Wrote(id, stream, frames, ok)
                 }));
             }
         }
     }
 
     /// An upload stream (section 9): served by a task of its own, or refused there.
-    fn on_upload(&mut self, (mut send, recv): (SendStream, RecvStream)) {
+    fn on_upload(&mut self, mut send: SendStream, recv: RecvStream) {
         self.tasks.retain(|t| !t.is_finished());
         let task = match self.core.handle_upload_stream() {
             Ok(grant) => {
                 let (env, reports) = (self.env.clone(), self.reports.clone());
                 tokio::spawn(tracing::Instrument::instrument(
                     async move {
-                        super::upload::serve(env, grant, send, recv).await;
+                        let r = reports.clone();
+                        let on_read = move |n: usize| {
+                            r.received.fetch_add(n as u64, Ordering::AcqRel);
+                            r.wake.notify_one();
+                        };
+                        super::upload::serve(env, grant, send, recv, on_read).await;
                         reports.uploads_ended.fetch_add(1, Ordering::AcqRel);
+                        reports.streams_ended.fetch_add(1, Ordering::AcqRel);
                         reports.wake.notify_one();
                     },
                     tracing::Span::current(),
                 ))
             }
-            Err(r) => tokio::spawn(async move {
-                let busy = Frame::Error {
-                    code: r.code.code().into(),
-                    message: r.reason,
-                };
-                let _ = send.write_all(&busy.to_bytes()).await;
-                let _ = send.finish();
-            }),
+            Err(r) => {
+                let reports = self.reports.clone();
+                tokio::spawn(async move {
+                    let busy = Frame::Error {
+                        code: r.code.code().into(),
+                        message: r.reason,
+                    };
+                    let _ = send.write_all(&busy.to_bytes()).await;
+                    let _ = send.finish();
+                    drop(recv);
+                    // Not an upload for the core, but its stream credit comes back.
+                    reports.streams_ended.fetch_add(1, Ordering::AcqRel);
+                    reports.wake.notify_one();
+                })
+            }
         };
         self.tasks.push(task);
     }
@@ -359,16 +785,16 @@ impl Driver {
                         id,
                         stream: None,
                         pending: Vec::new(),
+                        frames: 0,
                         finish: false,
                     });
-                    let wt = self.wt.clone();
-                    self.ops.push(Box::pin(
-                        async move { Op::Opened(id, wt.open_uni().await.ok()) },
-                    ));
+                    self.open(id);
                 }
                 Transmit::Stream(id, frames) => {
                     if let Some(i) = self.org(id) {
-                        self.orgs[i].pending.extend(frames);
+                        let o = &mut self.orgs[i];
+                        o.frames += frames.len();
+                        o.pending.extend(frames);
                         self.flush(i);
                     }
                 }
@@ -383,10 +809,9 @@ impl Driver {
                     if let Some(i) = self.org(id) {
                         self.orgs.swap_remove(i);
                     }
+                    self.flow.waiting.retain(|w| *w != id);
                 }
-                Transmit::Datagram(d) => {
-                    let _ = self.wt.send_datagram(d);
-                }
+                Transmit::Datagram(d) => self.wt.send_datagram(&d),
                 Transmit::Close(r) => return Err(r),
             }
         }
@@ -398,76 +823,11 @@ impl Driver {
 fn next_op(ops: &mut Vec<OpFuture>) -> impl Future<Output = Op> + '_ {
     std::future::poll_fn(move |cx| {
         for i in 0..ops.len() {
-            if let std::task::Poll::Ready(op) = ops[i].as_mut().poll(cx) {
+            if let Poll::Ready(op) = ops[i].as_mut().poll(cx) {
                 drop(ops.swap_remove(i));
-                return std::task::Poll::Ready(op);
+                return Poll::Ready(op);
             }
         }
-        std::task::Poll::Pending
+        Poll::Pending
     })
-}
-
-/// What the client's bidirectional streams bring the session task (boxed: the channel's
-/// slots stay small).
-enum FromClient {
-    /// The control stream's sending half.
-    Control(Box<SendStream>),
-    /// A frame read from the control stream, or why it could not be read.
-    Frame(Box<Result<Frame, Refusal>>),
-    /// An upload stream.
-    Upload(Box<(SendStream, RecvStream)>),
-}
-
-/// What comes from the client other than its reading of org streams, in one task: datagrams
-/// (answered here), and the bidirectional streams: the first is the control stream (its frames
-/// are read here), every later one an upload (section 9).
-async fn serve_client(wt: Session, tx: mpsc::Sender<FromClient>, max: usize) {
-    let streams = async {
-        let Ok((send, recv)) = wt.accept_bi().await else {
-            return;
-        };
-        if tx.send(FromClient::Control(Box::new(send))).await.is_err() {
-            return;
-        }
-        let uploads = async {
-            while let Ok(pair) = wt.accept_bi().await {
-                if tx.send(FromClient::Upload(Box::new(pair))).await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::join!(read_control(recv, &tx, max), uploads);
-    };
-    tokio::join!(answer_datagrams(&wt, max), streams);
-}
-
-/// Reads frames from the control stream and hands them to the session task.
-async fn read_control(mut recv: RecvStream, tx: &mpsc::Sender<FromClient>, max: usize) {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        loop {
-            let f = match Frame::decode(&mut buf, max) {
-                Ok(Some(f)) => Ok(f),
-                Ok(None) => break,
-                Err(e) => Err(e.into()),
-            };
-            let end = f.is_err();
-            if tx.send(FromClient::Frame(Box::new(f))).await.is_err() || end {
-                return;
-            }
-        }
-        match recv.read_chunk(max, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) | Err(_) => return, // finished or reset: the session goes on without it
-        }
-    }
-}
-
-/// Answers the client's datagrams (a PING gets a PONG) as the core says.
-async fn answer_datagrams(wt: &Session, max: usize) {
-    while let Ok(d) = wt.read_datagram().await {
-        if let Some(answer) = crate::session::core::answer_datagram(d, max) {
-            let _ = wt.send_datagram(answer);
-        }
-    }
 }

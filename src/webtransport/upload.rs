@@ -9,21 +9,23 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use edgestream_codec::Frame;
+use quinn::{RecvStream, SendStream};
 use tokio::time::Instant;
-use web_transport_quinn::{RecvStream, SendStream};
 
 use crate::close::{CloseCode, Refusal};
 use crate::session::core::{progress, upload_checks, PROGRESS_BYTES, PROGRESS_EVERY};
 use crate::session::{upload_completed, upload_refusal, SessionEnv};
 
 /// Serves one upload stream to its end; a refusal is written as ERROR before the stream ends.
+/// `on_read(n)`: `n` more bytes were read (the session's flow-control window).
 pub async fn serve(
     env: Arc<SessionEnv>,
     grant: crate::auth::Grant,
     mut send: SendStream,
     mut recv: RecvStream,
+    on_read: impl Fn(usize) + Sync,
 ) {
-    if let Err(r) = upload(&env, &grant, &mut send, &mut recv).await {
+    if let Err(r) = upload(&env, &grant, &mut send, &mut recv, &on_read).await {
         let err = Frame::Error {
             code: r.code.code().into(),
             message: r.reason,
@@ -42,6 +44,7 @@ async fn upload(
     grant: &crate::auth::Grant,
     send: &mut SendStream,
     recv: &mut RecvStream,
+    on_read: &(dyn Fn(usize) + Sync),
 ) -> Result<(), Refusal> {
     let mut buf = BytesMut::with_capacity(1024);
     let begin = loop {
@@ -49,7 +52,10 @@ async fn upload(
             break f;
         }
         match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            Ok(Some(c)) => {
+                on_read(c.bytes.len());
+                buf.extend_from_slice(&c.bytes)
+            }
             _ => {
                 return Err(Refusal::new(
                     CloseCode::Protocol,
@@ -94,7 +100,10 @@ async fn upload(
             send.write_all(&p).await.map_err(|_| closed())?;
         }
         match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(c)) => data = c.bytes,
+            Ok(Some(c)) => {
+                on_read(c.bytes.len());
+                data = c.bytes
+            }
             Ok(None) => break,
             // Reset or the session ended: the upload stays resumable at its offset.
             Err(_) => return Ok(()),

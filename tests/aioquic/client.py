@@ -104,10 +104,29 @@ def describe(kind, body):
     return {"t": "other", "type": kind}
 
 
+# Settings added to the client's own SETTINGS (--max-data: a client of drafts 13/14 with
+# session-level flow control, as Safari 26.4).
+EXTRA_SETTINGS = {}
+WT_MAX_SESSIONS = 0x14E9CD29
+WT_INITIAL_MAX_DATA = 0x2B61
+WT_INITIAL_MAX_STREAMS_UNI = 0x2B64
+WT_INITIAL_MAX_STREAMS_BIDI = 0x2B65
+WT_MAX_DATA = 0x190B4D3D
+
+
+class Http3(H3Connection):
+    def _get_local_settings(self):
+        settings = super()._get_local_settings()
+        settings.update(EXTRA_SETTINGS)
+        return settings
+
+
 class Client(QuicConnectionProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.h3 = H3Connection(self._quic, enable_webtransport=True)
+        self.h3 = Http3(self._quic, enable_webtransport=True)
+        # Payload bytes received on the server's streams (headers excluded).
+        self.stream_bytes = 0
         self.session_id = None
         self.connected = asyncio.get_event_loop().create_future()
         self.items = asyncio.Queue()
@@ -152,6 +171,7 @@ class Client(QuicConnectionProtocol):
             if not self.connected.done():
                 self.connected.set_result(status)
         elif isinstance(e, WebTransportStreamDataReceived):
+            self.stream_bytes += len(e.data)
             buf = self.buffers.setdefault(e.stream_id, bytearray())
             buf.extend(e.data)
             found, used = frames(buf)
@@ -162,11 +182,30 @@ class Client(QuicConnectionProtocol):
             found, _ = frames(e.data)
             for kind, body in found:
                 self.items.put_nowait(describe(kind, body))
-        elif isinstance(e, DataReceived) and e.stream_id == self.session_id and e.stream_ended:
-            self.items.put_nowait({"t": "closed", "code": None, "reason": "CONNECT stream ended"})
+        elif isinstance(e, DataReceived) and e.stream_id == self.session_id:
+            # Capsules (RFC 9297) on the CONNECT stream.
+            buf = self.buffers.setdefault(e.stream_id, bytearray())
+            buf.extend(e.data)
+            while True:
+                head = varint(buf, 0)
+                size = head and varint(buf, head[1])
+                if not size:
+                    break
+                typ, (n, i) = head[0], size
+                if len(buf) < i + n:
+                    break
+                self.items.put_nowait({"t": "capsule", "type": typ, "len": n})
+                del buf[: i + n]
+            if e.stream_ended:
+                self.items.put_nowait({"t": "closed", "code": None, "reason": "CONNECT stream ended"})
+
+    def send_capsule(self, typ, payload):
+        """A capsule on the CONNECT stream, in an HTTP/3 DATA frame."""
+        self.h3.send_data(self.session_id, encode_varint(typ) + encode_varint(len(payload)) + payload, False)
+        self.transmit()
 
 
-async def main(url, cert_hash, want, ping, heartbeat):
+async def main(url, cert_hash, want, ping, heartbeat, max_data):
     expected = base64.b64decode(cert_hash)
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536)
     config.verify_mode = ssl.CERT_NONE  # the hash is checked below, as a browser would
@@ -180,10 +219,23 @@ async def main(url, cert_hash, want, ping, heartbeat):
         client.open(url)
         status = await asyncio.wait_for(client.connected, 10)
         print(json.dumps({"t": "connected", "status": status}), flush=True)
+        settings = client.h3.received_settings or {}
+        print(json.dumps({"t": "settings", "settings": {str(k): v for k, v in settings.items()}}), flush=True)
         events, last = 0, {}
         pinged, beat = ping is None, not heartbeat
+        refilled = max_data is None
         while events < want or not pinged or not beat:
-            item = await asyncio.wait_for(client.items.get(), 20)
+            try:
+                item = await asyncio.wait_for(client.items.get(), 1.5 if not refilled else 20)
+            except asyncio.TimeoutError:
+                if refilled:
+                    raise
+                # Nothing for 1.5 s within our session-level window: raise it, as a client
+                # whose window refills would.
+                print(json.dumps({"t": "stalled", "bytes": client.stream_bytes, "events": events}), flush=True)
+                client.send_capsule(WT_MAX_DATA, encode_varint(1 << 30))
+                refilled = True
+                continue
             print(json.dumps(item), flush=True)
             if item["t"] == "closed":
                 return 0
@@ -204,4 +256,12 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     url, cert_hash, n = args[0], args[1], int(args[2])
     ping = args[args.index("--ping") + 1] if "--ping" in args else None
-    sys.exit(asyncio.run(main(url, cert_hash, n, ping, "--heartbeat" in args)))
+    max_data = int(args[args.index("--max-data") + 1]) if "--max-data" in args else None
+    if max_data is not None:
+        EXTRA_SETTINGS.update({
+            WT_MAX_SESSIONS: 1,
+            WT_INITIAL_MAX_DATA: max_data,
+            WT_INITIAL_MAX_STREAMS_UNI: 4,
+            WT_INITIAL_MAX_STREAMS_BIDI: 4,
+        })
+    sys.exit(asyncio.run(main(url, cert_hash, n, ping, "--heartbeat" in args, max_data)))
