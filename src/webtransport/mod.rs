@@ -387,10 +387,8 @@ pub async fn serve(
                 // rather than kept for the session's life.
                 Ok(Some((wt, query))) => {
                     let span = crate::session::session_span("webtransport");
-                    sessions.spawn(tracing::Instrument::instrument(
-                        async move { session::run(env, wt, &query, started).await },
-                        span,
-                    ));
+                    let task = span.in_scope(|| session::run(env, wt, &query, started));
+                    sessions.spawn(tracing::Instrument::instrument(task, span));
                 }
                 Ok(None) => {}
                 Err(_) => tracing::debug!("QUIC handshake or CONNECT timed out"),

@@ -56,43 +56,37 @@ pub const WINDOWS: wire::Windows = wire::Windows {
     max_streams_bidi: 1 + crate::session::core::MAX_UPLOADS as u64,
 };
 
-/// Runs a session until it closes.
-/// `started`: when the connection's first packet arrived (for the handshake histogram).
-pub async fn run(env: Arc<SessionEnv>, wt: h3::Session, query: &str, started: Instant) {
-    let metrics = env.metrics.clone();
-    let close = |mut wt: h3::Session, refusal: Option<Refusal>| async move {
-        match refusal {
-            Some(r) => {
-                metrics.record_close(r.code.code());
-                wt.close(u32::from(r.code.code()), &r.reason, CLOSE_TIMEOUT)
-                    .await;
-            }
-            // The client closed the session (or the connection went): nothing to say.
-            None => wt
-                .connection()
-                .close(quinn::VarInt::from_u32(wire::H3_NO_ERROR), b""),
-        }
-        wt
-    };
+/// A session's task: runs it until it closes. The session is admitted (or refused) before
+/// the future is made, so the task holds only the driver and the close, not the arguments
+/// beside them. `started`: when the connection's first packet arrived (for the handshake
+/// histogram).
+pub fn run(
+    env: Arc<SessionEnv>,
+    wt: h3::Session,
+    query: &str,
+    started: Instant,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     match admit(&env, &wt, query, started) {
-        Ok(core) => {
-            let mut d = Driver::new(env, wt, core);
-            d.io.drive(&mut d.core).await;
-            let r = d.serve().await;
-            d.shutdown();
-            // The client's streams (the CONNECT stream's receiving half among them) stay
-            // open until the close is out: dropping them would stop them, and a browser takes
-            // a stopped CONNECT stream for a lost session.
-            let Driver {
-                wt,
-                client,
-                control,
-                ..
-            } = d;
-            let wt = close(wt, r).await;
-            drop((client, control, wt));
+        Ok(core) => Box::pin(Box::new(Driver::new(env, wt, core)).run()),
+        Err(r) => {
+            let metrics = env.metrics.clone();
+            Box::pin(async move { close(wt, Some(r), &metrics).await })
         }
-        Err(r) => drop(close(wt, Some(r)).await),
+    }
+}
+
+/// Closes the session: with the refusal's close code, or quietly when the client went away.
+async fn close(mut wt: h3::Session, refusal: Option<Refusal>, metrics: &crate::metrics::Metrics) {
+    match refusal {
+        Some(r) => {
+            metrics.record_close(r.code.code());
+            // Boxed: the close's futures (timers, the capsule's write) would otherwise take
+            // room in every session's task for its whole life.
+            Box::pin(wt.close(u32::from(r.code.code()), &r.reason, CLOSE_TIMEOUT)).await;
+        }
+        None => wt
+            .connection()
+            .close(quinn::VarInt::from_u32(wire::H3_NO_ERROR), b""),
     }
 }
 
@@ -215,16 +209,24 @@ impl Gate {
     }
 }
 
-/// What the client sends, as the session task reads it.
+/// What the client sends, as the session task reads it: every source behind one [`Gate`]
+/// (a datagram's wake polls the control stream too, but a live event's wakes none of them).
 struct Client {
-    datagrams: (Gate, Accept<Bytes>),
-    bidi: (Gate, Accept<(SendStream, RecvStream)>),
-    uni: (Gate, Accept<RecvStream>),
-    closed: (Gate, Pin<Box<dyn Future<Output = ()> + Send>>),
+    gate: Gate,
+    sources: Sources,
+}
+
+struct Sources {
+    datagrams: Accept<Bytes>,
+    bidi: Accept<(SendStream, RecvStream)>,
+    uni: Accept<RecvStream>,
+    closed: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// The client's side of the CONNECT stream (capsules).
-    connect: (Gate, Option<RecvStream>, wire::ConnectStream),
+    connect: Option<RecvStream>,
+    capsules: wire::ConnectStream,
     /// The control stream's receiving half and its unparsed bytes.
-    control: (Gate, Option<RecvStream>, BytesMut),
+    control: Option<RecvStream>,
+    control_buf: BytesMut,
 }
 
 /// One thing the client did.
@@ -269,76 +271,69 @@ impl Client {
     fn new(wt: &mut h3::Session) -> Self {
         let conn = wt.connection().clone();
         let c2 = conn.clone();
+        let sources = Sources {
+            datagrams: accept_datagram(conn.clone()),
+            bidi: accept_bidi(conn.clone()),
+            uni: accept_uni(conn),
+            closed: Box::pin(async move {
+                c2.closed().await;
+            }),
+            connect: wt.take_connect_recv(),
+            capsules: wire::ConnectStream::default(),
+            control: None,
+            control_buf: BytesMut::new(),
+        };
         Client {
-            datagrams: (Gate::new(), accept_datagram(conn.clone())),
-            bidi: (Gate::new(), accept_bidi(conn.clone())),
-            uni: (Gate::new(), accept_uni(conn)),
-            closed: (
-                Gate::new(),
-                Box::pin(async move {
-                    c2.closed().await;
-                }),
-            ),
-            connect: (
-                Gate::new(),
-                wt.take_connect_recv(),
-                wire::ConnectStream::default(),
-            ),
-            control: (Gate::new(), None, BytesMut::new()),
+            gate: Gate::new(),
+            sources,
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>, conn: &quinn::Connection) -> Poll<FromClient> {
-        if self
-            .closed
-            .0
-            .poll(cx, |cx| self.closed.1.as_mut().poll(cx))
-            .is_ready()
-        {
+        let sources = &mut self.sources;
+        self.gate.poll(cx, |cx| sources.poll(cx, conn))
+    }
+}
+
+impl Sources {
+    fn poll(&mut self, cx: &mut Context<'_>, conn: &quinn::Connection) -> Poll<FromClient> {
+        if self.closed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(FromClient::Gone);
         }
-        let (gate, recv, capsules) = &mut self.connect;
-        if let Poll::Ready(ev) = gate.poll(cx, |cx| loop {
-            match capsules.next_capsule() {
+        loop {
+            match self.capsules.next_capsule() {
                 Ok(Some(c)) => return Poll::Ready(FromClient::Capsule(c)),
                 Err(_) => return Poll::Ready(FromClient::Gone),
                 Ok(None) => {}
             }
-            let Some(r) = recv.as_mut() else {
-                return Poll::Pending;
+            let Some(r) = self.connect.as_mut() else {
+                break;
             };
             let mut buf = BytesMut::new();
             match poll_read(cx, r, &mut buf) {
-                Poll::Ready(Some(_)) => capsules.feed(&buf),
+                Poll::Ready(Some(_)) => self.capsules.feed(&buf),
                 Poll::Ready(None) => return Poll::Ready(FromClient::Gone),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => break,
             }
-        }) {
-            return Poll::Ready(ev);
         }
-        let (gate, recv, buf) = &mut self.control;
-        if let Some(r) = recv.as_mut() {
-            if let Poll::Ready(n) = gate.poll(cx, |cx| poll_read(cx, r, buf)) {
+        if let Some(r) = self.control.as_mut() {
+            if let Poll::Ready(n) = poll_read(cx, r, &mut self.control_buf) {
                 if n.is_none() {
-                    *recv = None;
+                    self.control = None;
                 }
                 return Poll::Ready(FromClient::Control(n));
             }
         }
-        if let Poll::Ready(r) = self
-            .datagrams
-            .0
-            .poll(cx, |cx| self.datagrams.1.as_mut().poll(cx))
-        {
-            self.datagrams.1 = accept_datagram(conn.clone());
+        if let Poll::Ready(r) = self.datagrams.as_mut().poll(cx) {
+            self.datagrams = accept_datagram(conn.clone());
             return Poll::Ready(r.map_or(FromClient::Gone, FromClient::Datagram));
         }
-        if let Poll::Ready(r) = self.bidi.0.poll(cx, |cx| self.bidi.1.as_mut().poll(cx)) {
-            self.bidi.1 = accept_bidi(conn.clone());
+        if let Poll::Ready(r) = self.bidi.as_mut().poll(cx) {
+            self.bidi = accept_bidi(conn.clone());
             return Poll::Ready(r.map_or(FromClient::Gone, |(s, r)| FromClient::Bidi(s, r)));
         }
-        if let Poll::Ready(r) = self.uni.0.poll(cx, |cx| self.uni.1.as_mut().poll(cx)) {
-            self.uni.1 = accept_uni(conn.clone());
+        if let Poll::Ready(r) = self.uni.as_mut().poll(cx) {
+            self.uni = accept_uni(conn.clone());
             return Poll::Ready(r.map_or(FromClient::Gone, FromClient::Uni));
         }
         Poll::Pending
@@ -413,6 +408,30 @@ impl Driver {
             read: None,
             tasks: Vec::new(),
         }
+    }
+
+    /// The session's life. The driver is boxed: an async fn's argument is kept in its future
+    /// beside the local it is moved into, and a driver held by value would be there twice.
+    async fn run(mut self: Box<Self>) {
+        let r = self.serve().await;
+        self.shutdown();
+        // Boxed: what the close needs would otherwise take room in the task for its life.
+        Box::pin(self.finish(r)).await;
+    }
+
+    async fn finish(self: Box<Self>, r: Option<Refusal>) {
+        // The client's streams (the CONNECT stream's receiving half among them) stay open
+        // until the close is out: dropping them would stop them, and a browser takes a
+        // stopped CONNECT stream for a lost session.
+        let Driver {
+            env,
+            wt,
+            client,
+            control,
+            ..
+        } = *self;
+        close(wt, r, &env.metrics).await;
+        drop((client, control));
     }
 
     fn shutdown(&mut self) {
@@ -543,12 +562,12 @@ impl Driver {
     fn on_control(&mut self) {
         let max = self.env.limits.max_control_frame;
         loop {
-            match Frame::decode(&mut self.client.control.2, max) {
+            match Frame::decode(&mut self.client.sources.control_buf, max) {
                 Ok(Some(f)) => self.core.handle_frame(f, Instant::now()),
                 Ok(None) => break,
                 Err(e) => {
                     self.core.handle_protocol_error(e.into());
-                    self.client.control.1 = None;
+                    self.client.sources.control = None;
                     return;
                 }
             }
@@ -615,9 +634,8 @@ impl Driver {
     fn on_bidi(&mut self, send: SendStream, recv: RecvStream) {
         if self.control.is_none() {
             self.control = Some(send);
-            self.client.control.1 = Some(recv);
-            // Its gate was woken at creation: it is polled at the next turn.
-            self.client.control.0 = Gate::new();
+            self.client.sources.control = Some(recv);
+            // Polled at the next turn (the gate opens after any source completes).
         } else {
             self.on_upload(send, recv);
         }
