@@ -1,9 +1,12 @@
-//! Real headless Chromium (Debian's, driven by playwright-core) against a real server:
-//! raw WebTransport from a page (frames, heartbeats, close codes 4001 and 4503), and the
-//! browser client `/edgestream.js` (transport choice and fallback, resume after a dropped
-//! connection and after a server restart, no retry loop on 4001) and the demo page (a
-//! screenshot is kept in `test-artifacts/`). `scripts/test-all` installs Chromium and the npm
-//! package; these tests fail, never skip, when they are missing.
+//! Real headless browsers against a real server, each test on both engines
+//! (`chromium::NAME`, `firefox::NAME`): Debian's Chromium driven by playwright-core, and
+//! Debian's firefox-esr (153 ESR) driven by puppeteer-core over WebDriver BiDi
+//! (tests/browser/engine.mjs). Raw WebTransport from a page (frames, heartbeats, close codes
+//! 4001, 4003 and 4503), the browser client `/edgestream.js` (transport choice and fallback,
+//! resume after a dropped connection and after a server restart, no retry loop on 4001, token
+//! refresh on 4009, chat and presence) and the demo page (publish, chat, upload; a screenshot
+//! per engine is kept in `test-artifacts/`). `scripts/test-all` installs both browsers and the
+//! npm packages; these tests fail, never skip, when they are missing.
 
 mod support;
 
@@ -17,14 +20,23 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const BROWSER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
 
 /// Runs a node script; `on_line` sees every JSON line; returns the `result` line.
-async fn run_node(script: &str, args: &[String], mut on_line: impl FnMut(&Value)) -> Value {
-    assert!(
-        std::path::Path::new(&format!("{BROWSER_DIR}/node_modules/playwright-core")).exists(),
-        "run scripts/test-all (or npm ci in tests/browser) to install playwright-core"
-    );
+/// `engine`: `chromium` or `firefox` (tests/browser/engine.mjs).
+async fn run_node(
+    engine: &str,
+    script: &str,
+    args: &[String],
+    mut on_line: impl FnMut(&Value),
+) -> Value {
+    for package in ["playwright-core", "puppeteer-core"] {
+        assert!(
+            std::path::Path::new(&format!("{BROWSER_DIR}/node_modules/{package}")).exists(),
+            "run scripts/test-all (or npm ci in tests/browser) to install {package}"
+        );
+    }
     let mut node = tokio::process::Command::new("node")
         .arg(format!("{BROWSER_DIR}/{script}"))
         .args(args)
+        .env("ENGINE", engine)
         .env(
             "ARTIFACTS",
             concat!(env!("CARGO_MANIFEST_DIR"), "/test-artifacts"),
@@ -47,7 +59,7 @@ async fn run_node(script: &str, args: &[String], mut on_line: impl FnMut(&Value)
             result = Some(v.clone());
         }
         if v["step"] != "console" {
-            eprintln!("browser: {line}");
+            eprintln!("{engine}: {line}");
         }
         on_line(&v);
     }
@@ -70,8 +82,7 @@ fn base(s: &TestServer) -> String {
     format!("http://127.0.0.1:{}", s.addr.port())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_receives_events_heartbeats_and_close_codes_over_webtransport() {
+async fn raw_webtransport_events_heartbeats_and_close_codes(engine: &str) {
     // Development mode: the page's origin is allowed and tokens come from /v1/dev/token.
     let s = TestServer::start_with(|a| {
         a.jwt_secret = None;
@@ -93,7 +104,7 @@ async fn chromium_receives_events_heartbeats_and_close_codes_over_webtransport()
         bad,
         "1000".into(),
     ];
-    let r = run_node("wt_e2e.mjs", &args, |v| {
+    let r = run_node(engine, "wt_e2e.mjs", &args, |v| {
         if v["step"] == "ready-for-shutdown" {
             if let Some(s) = stopper.lock().unwrap().as_mut() {
                 s.begin_stop();
@@ -109,6 +120,7 @@ async fn chromium_receives_events_heartbeats_and_close_codes_over_webtransport()
     assert!(r["heartbeats"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["lastHeartbeat"]["heads"]["acme"], 1000, "{r}");
     assert_eq!(r["badClose"]["closeCode"], 4001, "{r}");
+    assert_eq!(r["forbiddenClose"]["closeCode"], 4003, "{r}");
     assert_eq!(r["finalClose"]["closeCode"], 4503, "{r}");
     let mut s = stopper.lock().unwrap().take().unwrap();
     s.join().await.unwrap();
@@ -126,17 +138,16 @@ fn assert_thousand_in_order(r: &Value, transport: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_auto_mode_picks_webtransport() {
+async fn client_auto_mode_picks_webtransport(engine: &str) {
     let s = dev_server().await;
-    let r = run_node("client_e2e.mjs", &["auto".into(), base(&s)], |_| {}).await;
+    let r = run_node(engine, "client_e2e.mjs", &["auto".into(), base(&s)], |_| {}).await;
     assert_thousand_in_order(&r, "webtransport");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_falls_back_to_websocket_without_webtransport() {
+async fn client_falls_back_to_websocket_without_webtransport(engine: &str) {
     let s = dev_server().await;
     let r = run_node(
+        engine,
         "client_e2e.mjs",
         &["no-webtransport".into(), base(&s)],
         |_| {},
@@ -159,7 +170,13 @@ async fn client_falls_back_to_websocket_without_webtransport() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_with_quic_disabled_still_gets_every_event() {
     let s = dev_server().await;
-    let r = run_node("client_e2e.mjs", &["disable-quic".into(), base(&s)], |_| {}).await;
+    let r = run_node(
+        "chromium",
+        "client_e2e.mjs",
+        &["disable-quic".into(), base(&s)],
+        |_| {},
+    )
+    .await;
     let transport = r["transport"].as_str().unwrap().to_string();
     assert!(
         transport == "webtransport" || transport == "websocket",
@@ -168,8 +185,7 @@ async fn client_with_quic_disabled_still_gets_every_event() {
     assert_thousand_in_order(&r, &transport);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_falls_back_when_the_quic_address_is_unreachable() {
+async fn client_falls_back_when_the_quic_address_is_unreachable(engine: &str) {
     // /v1/info names a UDP port where a socket swallows every packet: WebTransport never opens.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let url = format!(
@@ -184,6 +200,7 @@ async fn client_falls_back_when_the_quic_address_is_unreachable() {
     })
     .await;
     let r = run_node(
+        engine,
         "client_e2e.mjs",
         &["unreachable-quic".into(), base(&s)],
         |_| {},
@@ -207,10 +224,9 @@ async fn client_falls_back_when_the_quic_address_is_unreachable() {
     drop(silent);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_resumes_exactly_after_a_dropped_connection() {
+async fn client_resumes_exactly_after_a_dropped_connection(engine: &str) {
     let s = dev_server().await;
-    let r = run_node("client_e2e.mjs", &["drop".into(), base(&s)], |_| {}).await;
+    let r = run_node(engine, "client_e2e.mjs", &["drop".into(), base(&s)], |_| {}).await;
     assert_eq!(r["count"], 500, "every event once: {r}");
     assert_eq!(r["first"], 1);
     assert_eq!(r["inOrder"], true, "{r}");
@@ -219,18 +235,22 @@ async fn client_resumes_exactly_after_a_dropped_connection() {
     assert_eq!(r["resets"], 0, "{r}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_does_not_retry_a_4001() {
+async fn client_does_not_retry_a_4001(engine: &str) {
     let s = dev_server().await;
-    let r = run_node("client_e2e.mjs", &["bad-token".into(), base(&s)], |_| {}).await;
+    let r = run_node(
+        engine,
+        "client_e2e.mjs",
+        &["bad-token".into(), base(&s)],
+        |_| {},
+    )
+    .await;
     assert_eq!(r["connects"], 1, "one attempt, no reconnect loop: {r}");
     assert!(r["failed"].as_str().unwrap().contains("4001"), "{r}");
     let last = r["statuses"].as_array().unwrap().last().cloned().unwrap();
     assert_eq!(last["state"], "failed", "{r}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_refreshes_its_token_on_4009_and_resumes() {
+async fn client_refreshes_its_token_on_4009_and_resumes(engine: &str) {
     let s = TestServer::start_with(|a| {
         a.jwt_secret = None;
         a.dev = true;
@@ -238,7 +258,13 @@ async fn client_refreshes_its_token_on_4009_and_resumes() {
         a.heartbeat = Some("1s".parse().unwrap());
     })
     .await;
-    let r = run_node("client_e2e.mjs", &["refresh".into(), base(&s)], |_| {}).await;
+    let r = run_node(
+        engine,
+        "client_e2e.mjs",
+        &["refresh".into(), base(&s)],
+        |_| {},
+    )
+    .await;
     assert!(r["hookCalls"].as_u64().unwrap() >= 1, "{r}");
     let seqs: Vec<u64> = r["seqs"]
         .as_array()
@@ -256,10 +282,9 @@ async fn client_refreshes_its_token_on_4009_and_resumes() {
     assert_eq!(s.metrics().await["sessions_closed"]["4009"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_page_shows_live_events_and_is_screenshotted() {
+async fn demo_page_shows_live_events_and_is_screenshotted(engine: &str) {
     let s = dev_server().await;
-    let r = run_node("client_e2e.mjs", &["demo".into(), base(&s)], |_| {}).await;
+    let r = run_node(engine, "client_e2e.mjs", &["demo".into(), base(&s)], |_| {}).await;
     assert_eq!(r["transport"], "webtransport", "{r}");
     // 5 published events, the chat message (an org event too) and the upload's event.
     assert_eq!(r["count"], 7, "{r}");
@@ -329,8 +354,7 @@ async fn wait_healthy(http: u16) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_reconnects_after_a_server_restart_and_gets_reset() {
+async fn client_reconnects_after_a_server_restart_and_gets_reset(engine: &str) {
     let secret = "restart-test-secret-0123456789";
     let (http, quic) = (support::free_tcp_port(), support::free_udp_port());
     let mut server = spawn_node_binary(http, quic, secret);
@@ -343,7 +367,7 @@ async fn client_reconnects_after_a_server_restart_and_gets_reset() {
     let args = ["restart".into(), format!("http://127.0.0.1:{http}"), token];
     let r = {
         let server = &mut server;
-        run_node("client_e2e.mjs", &args, |v| {
+        run_node(engine, "client_e2e.mjs", &args, |v| {
             if v["step"] == "kill" {
                 // SIGKILL: no drain, no close code. The in-memory log is gone with the process.
                 let _ = server.start_kill();
@@ -397,10 +421,9 @@ async fn client_reconnects_after_a_server_restart_and_gets_reset() {
     drop(restarted);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_browser_clients_chat_in_a_room_over_both_transports() {
+async fn two_browser_clients_chat_in_a_room_over_both_transports(engine: &str) {
     let s = dev_server().await;
-    let r = run_node("client_e2e.mjs", &["chat".into(), base(&s)], |_| {}).await;
+    let r = run_node(engine, "client_e2e.mjs", &["chat".into(), base(&s)], |_| {}).await;
     assert_eq!(r["transports"], json!(["webtransport", "websocket"]), "{r}");
     assert_eq!(r["acks"], json!([1, 2]), "{r}");
     for who in ["ann", "bob"] {
@@ -464,3 +487,38 @@ async fn two_browser_clients_chat_in_a_room_over_both_transports() {
         "the first frame is a snapshot: {r}"
     );
 }
+
+/// Every test above, on each engine: `chromium::NAME` and `firefox::NAME`.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod chromium {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name("chromium").await
+                }
+            )*
+        }
+        mod firefox {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name("firefox").await
+                }
+            )*
+        }
+    };
+}
+
+on_both_engines!(
+    raw_webtransport_events_heartbeats_and_close_codes,
+    client_auto_mode_picks_webtransport,
+    client_falls_back_to_websocket_without_webtransport,
+    client_falls_back_when_the_quic_address_is_unreachable,
+    client_resumes_exactly_after_a_dropped_connection,
+    client_does_not_retry_a_4001,
+    client_refreshes_its_token_on_4009_and_resumes,
+    demo_page_shows_live_events_and_is_screenshotted,
+    client_reconnects_after_a_server_restart_and_gets_reset,
+    two_browser_clients_chat_in_a_room_over_both_transports,
+);

@@ -1,24 +1,22 @@
-// Real headless Chromium running /edgestream.js (the browser client) against a running server.
+// A real headless browser (ENGINE: chromium or firefox, see engine.mjs) running /edgestream.js
+// (the browser client) against a running server.
 // Usage: node client_e2e.mjs SCENARIO HTTP_BASE [TOKEN]
 // Scenarios: auto, no-webtransport, disable-quic, unreachable-quic, drop, bad-token, refresh,
 // restart, demo, chat.
 // Prints JSON lines {"step": ...}; "kill" asks the caller to kill and restart the server; the
 // last line is {"step":"result", ...}.
-import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
+import { launch, engine } from './engine.mjs';
 
 const [scenario, base, tokenArg] = process.argv.slice(2);
 const say = (o) => console.log(JSON.stringify(o));
-const args = ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-              '--disable-component-update', '--disable-sync'];
-if (scenario === 'disable-quic') args.push('--disable-quic'); // forces the fallback on purpose
+// --disable-quic forces the fallback on purpose (Chromium only).
+const chromiumArgs = scenario === 'disable-quic' ? ['--disable-quic'] : [];
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/lib/chromium/chromium', headless: true, args,
-});
+const browser = await launch({ chromiumArgs });
 try {
   const page = await browser.newPage({ viewport: { width: 1000, height: 800 } });
-  page.on('console', (m) => say({ step: 'console', text: m.text() }));
+  page.onConsole((text) => say({ step: 'console', text }));
   await page.exposeFunction('report', (o) => say(o));
   if (scenario === 'demo') {
     await page.goto(`${base}/`);
@@ -36,12 +34,11 @@ try {
     await page.waitForFunction(() => document.getElementById('orgonline').textContent.includes('demo'));
     await page.click('#send');
     await page.waitForFunction(() => document.getElementById('chatlog').children.length >= 1);
-    await page.setInputFiles('#file', { name: 'report.bin', mimeType: 'application/octet-stream',
-                                        buffer: Buffer.alloc(300 * 1024, 'a') });
+    await page.setInputFile('#file', { name: 'report.bin', buffer: Buffer.alloc(300 * 1024, 'a') });
     await page.click('#uploadbtn');
     await page.waitForFunction(() => document.getElementById('uresult').textContent.includes('sha256'));
     mkdirSync(process.env.ARTIFACTS || 'test-artifacts', { recursive: true });
-    const path = `${process.env.ARTIFACTS || 'test-artifacts'}/demo.png`;
+    const path = `${process.env.ARTIFACTS || 'test-artifacts'}/demo-${engine}.png`;
     await page.screenshot({ path, fullPage: true });
     const shown = await page.evaluate(() => ({
       transport: document.getElementById('transport').textContent,

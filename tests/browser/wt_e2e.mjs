@@ -1,22 +1,18 @@
-// Real headless Chromium against a running edgestream server, over WebTransport.
+// A real headless browser (ENGINE: chromium or firefox, see engine.mjs) against a running
+// edgestream server, over WebTransport.
 // Usage: node wt_e2e.mjs HTTP_BASE TOKEN BAD_TOKEN COUNT
 // Prints one JSON object per line: {"step": ...}. After "ready-for-shutdown" the caller stops
 // the server; the last line is {"step":"result", ...}.
-import { chromium } from 'playwright-core';
+import { launch } from './engine.mjs';
 
 const [base, token, badToken, countArg] = process.argv.slice(2);
 const count = Number(countArg);
 const say = (o) => console.log(JSON.stringify(o));
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/lib/chromium/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
-  page.on('console', (m) => say({ step: 'console', text: m.text() }));
+  page.onConsole((text) => say({ step: 'console', text }));
   // A page served by the server itself: a secure context (127.0.0.1) with WebTransport.
   await page.goto(`${base}/healthz`);
   await page.exposeFunction('report', (o) => say(o));
@@ -72,13 +68,16 @@ try {
     const hash = await (await fetch(`${base}/v1/cert-hash`)).json();
     const info = await (await fetch(`${base}/v1/info`)).json();
     const certHash = Uint8Array.from(atob(hash.value), (c) => c.charCodeAt(0));
-    const open = (tok) => new WebTransport(`${info.webtransport}?access_token=${tok}`, {
+    const open = (tok, extra = '') => new WebTransport(`${info.webtransport}?access_token=${tok}${extra}`, {
       serverCertificateHashes: [{ algorithm: 'sha-256', value: certHash }],
     });
 
     // 1. A bad token: the session closes with 4001, readable by the page.
     const bad = open(badToken);
     const badClose = await bad.closed.then((c) => c, (e) => ({ error: String(e) }));
+    // An org the token does not grant: 4003.
+    const forbidden = open(token, '&orgs=not-granted');
+    const forbiddenClose = await forbidden.closed.then((c) => c, (e) => ({ error: String(e) }));
 
     // 2. A good one: SUBSCRIBED, then `count` events in order, and heartbeat datagrams.
     const wt = open(token);
@@ -126,7 +125,7 @@ try {
     // 3. Shutdown: the caller stops the server now; the page reads 4503.
     await window.report({ step: 'ready-for-shutdown' });
     const finalClose = await wt.closed.then((c) => c, (e) => ({ error: String(e) }));
-    return { first, received: seqs.length, inOrder, payloadsOk, heartbeats, lastHeartbeat, badClose, finalClose };
+    return { first, received: seqs.length, inOrder, payloadsOk, heartbeats, lastHeartbeat, badClose, forbiddenClose, finalClose };
   }, { base, token, badToken, count });
   say({ step: 'result', ...result });
 } finally {
