@@ -8,6 +8,11 @@ const T = { SUBSCRIBED: 1, EVENT: 2, RESET: 3, HEARTBEAT: 4, ERROR: 5, PONG: 6, 
             UPLOAD_BEGIN: 0x17 };
 const RESUME = ['new', 'recovered', 'reset'];
 const WT_FAILED_KEY = 'edgestream.webtransport-failed-until';
+// This browser's place (0-99) in the server's --webtransport-share, kept so a client does not
+// flip between transports from one connection to the next.
+const BUCKET_KEY = 'edgestream.rollout-bucket';
+// A session silent (no datagram, no stream byte) this many heartbeat intervals is dead.
+const DEAD_AFTER_INTERVALS = 2.5;
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
@@ -190,7 +195,7 @@ export class EdgeStreamClient extends EventTarget {
     this._status('closed', 'closed by the application');
   }
 
-  _query(format) {
+  _query(format, fallback) {
     const p = new URLSearchParams();
     p.set('access_token', this.token);
     p.set('orgs', [...this.wanted].join(','));
@@ -203,7 +208,19 @@ export class EdgeStreamClient extends EventTarget {
     if (brotliSupported()) p.set('enc', 'br');
     if (format) p.set('format', format);
     if (this.wantPresence) p.set('presence', '1');
+    if (fallback) p.set('fallback', fallback);
     return p.toString();
+  }
+
+  /** This browser's rollout bucket, 0-99 (stable across page loads when storage allows). */
+  _bucket() {
+    try {
+      let b = localStorage.getItem(BUCKET_KEY);
+      if (b === null) { b = String(Math.floor(Math.random() * 100)); localStorage.setItem(BUCKET_KEY, b); }
+      return Number(b);
+    } catch {
+      return this._ephemeralBucket ??= Math.floor(Math.random() * 100);
+    }
   }
 
   _wtRemembered() {
@@ -218,22 +235,30 @@ export class EdgeStreamClient extends EventTarget {
     const info = await (await fetch(`${this.server}/v1/info`)).json();
     this.heartbeatMs = info.heartbeat_ms || 5000;
     this.stats.connects++;
-    let why = '';
+    // Why WebTransport is not used (`fallback`: the reason's code, sent to the server).
+    let why = ''; let fallback = '';
     const wtWanted = this.mode !== 'websocket';
-    if (wtWanted && typeof WebTransport === 'undefined') why = 'WebTransport not available in this browser';
-    else if (this.mode === 'auto' && this._wtRemembered()) why = 'WebTransport failed recently';
+    const share = info.webtransport_share ?? 100;
+    if (wtWanted && typeof WebTransport === 'undefined') {
+      why = 'WebTransport not available in this browser'; fallback = 'unsupported';
+    } else if (this.mode === 'auto' && this._wtRemembered()) {
+      why = 'WebTransport failed recently'; fallback = 'remembered';
+    } else if (this.mode === 'auto' && this._bucket() >= share) {
+      why = `not in the server's WebTransport share (${share}%)`; fallback = 'share';
+    }
     if (wtWanted && !why) {
       try {
         return await this._webtransport(info);
       } catch (e) {
         if (e && e.sessionClose) return e.sessionClose;
         why = `WebTransport failed: ${e && e.message || e}`;
+        fallback = (e && e.fallback) || 'refused';
         this._rememberWtFailure();
         if (this.mode === 'webtransport') throw e;
       }
     }
     if (this.mode === 'webtransport') throw new Error(why);
-    return this._websocket(info, why);
+    return this._websocket(info, why, fallback);
   }
 
   _up(transport, reason) {
@@ -251,7 +276,9 @@ export class EdgeStreamClient extends EventTarget {
     }
     const wt = new WebTransport(`${info.webtransport}?${this._query()}`, opts);
     let timer;
-    const timeout = new Promise((_, rej) => { timer = setTimeout(() => rej(new Error('timed out')), this.wtTimeout); });
+    const timeout = new Promise((_, rej) => {
+      timer = setTimeout(() => rej(Object.assign(new Error('timed out'), { fallback: 'timeout' })), this.wtTimeout);
+    });
     try {
       await Promise.race([wt.ready, timeout]);
     } catch (e) {
@@ -286,6 +313,9 @@ export class EdgeStreamClient extends EventTarget {
     };
     this._conn = conn;
     conn.onFirstFrame = () => this._up('webtransport');
+    // A session that opens but delivers nothing (no frame within the WebTransport timeout:
+    // a stalled flow-control window) is a WebTransport failure: fall back, and remember it.
+    conn.stallAfter = Date.now() + Math.max(this.wtTimeout, DEAD_AFTER_INTERVALS * this.heartbeatMs);
     const done = this._watch(conn);
     (async () => {
       const r = wt.incomingUnidirectionalStreams.getReader();
@@ -295,6 +325,7 @@ export class EdgeStreamClient extends EventTarget {
           const fr = new FrameReader(); const sr = value.getReader();
           for (;;) {
             const { value: chunk, done: fin } = await sr.read(); if (fin) return;
+            conn.lastSeen = Date.now();
             for (const f of fr.push(chunk)) await this._frame(f, conn);
           }
         })().catch(() => {});
@@ -304,17 +335,26 @@ export class EdgeStreamClient extends EventTarget {
       const r = wt.datagrams.readable.getReader();
       for (;;) {
         const { value, done: end } = await r.read(); if (end) return;
+        conn.lastSeen = Date.now();
         const f = decodeOne(value); if (f) await this._frame(f, conn);
       }
     })().catch(() => {});
     const closed = await Promise.race([wt.closed.then((c) => c, (e) => ({ closeCode: 0, reason: String(e) })), done]);
     conn.dead = true;
     try { wt.close(); } catch { /* closed */ }
+    if (conn.stalled) throw Object.assign(new Error('the session delivered nothing'), { fallback: 'stalled' });
+    // Sessions that keep falling behind the heads the heartbeats announce (a window that
+    // delivers some bytes, then stops) count as stalled from the second in a row.
+    this._wtGaps = closed.gap ? (this._wtGaps || 0) + 1 : 0;
+    if (this._wtGaps >= 2) {
+      this._wtGaps = 0;
+      throw Object.assign(new Error('the session fell behind twice in a row'), { fallback: 'stalled' });
+    }
     return { code: closed.closeCode || 0, reason: closed.reason || 'connection lost', up: !!conn.up };
   }
 
-  async _websocket(info, why) {
-    const ws = new WebSocket(`${info.websocket}?${this._query('bin')}`);
+  async _websocket(info, why, fallback) {
+    const ws = new WebSocket(`${info.websocket}?${this._query('bin', fallback)}`);
     ws.binaryType = 'arraybuffer';
     const conn = {
       kind: 'websocket',
@@ -326,6 +366,7 @@ export class EdgeStreamClient extends EventTarget {
       ws.onopen = () => { this._conn = conn; };
       conn.onFirstFrame = () => this._up('websocket', why || 'connected over websocket');
       ws.onmessage = (m) => {
+        conn.lastSeen = Date.now();
         const f = decodeOne(new Uint8Array(m.data));
         if (f) queue = queue.then(() => this._frame(f, conn)); // keep order across async decoding
       };
@@ -342,7 +383,7 @@ export class EdgeStreamClient extends EventTarget {
 
   /** Dead-link and gap detection; resolves when the connection must be dropped. */
   _watch(conn) {
-    conn.lastHeartbeat = Date.now();
+    conn.lastHeartbeat = conn.lastSeen = Date.now();
     conn.gapSince = {};
     conn.presenceSeen = new Set();   // groups whose snapshot came on this connection
     return new Promise((resolve) => {
@@ -350,13 +391,21 @@ export class EdgeStreamClient extends EventTarget {
       const t = setInterval(() => {
         if (conn.dead) { clearInterval(t); return; }
         const now = Date.now();
-        let reason = null;
-        if (now - conn.lastHeartbeat > 3 * this.heartbeatMs) reason = 'no heartbeat for three intervals';
+        let reason = null; let gap = false;
+        // Anything the server sent proves the link: a heartbeat datagram, a stream byte, a
+        // WebSocket message. Silence for 2.5 intervals: dead; resume elsewhere at once.
+        if (now - conn.lastSeen > DEAD_AFTER_INTERVALS * this.heartbeatMs) {
+          reason = `nothing received for ${DEAD_AFTER_INTERVALS} heartbeat intervals`;
+        }
         for (const [org, since] of Object.entries(conn.gapSince)) {
-          if (now - since > this.heartbeatMs) reason = `gap in ${org}`;
+          if (now - since > this.heartbeatMs) { reason = `gap in ${org}`; gap = true; }
+        }
+        if (!conn.up && conn.stallAfter && now > conn.stallAfter) {
+          conn.stalled = true;
+          reason = 'the WebTransport session delivered nothing';
         }
         if (conn.forced) reason = conn.forced;
-        if (reason) { clearInterval(t); conn.drop(); resolve({ code: 0, reason, up: !!conn.up }); }
+        if (reason) { clearInterval(t); conn.drop(); resolve({ code: 0, reason, up: !!conn.up, gap }); }
       }, every);
     });
   }

@@ -275,6 +275,8 @@ serve_options! {
     public_webtransport_url: String,
     /// WebSocket URL /v1/info reports, for a node behind a load balancer [default: this node's]
     public_websocket_url: String,
+    /// Percent of browser clients sent to WebTransport (0 to 100), advertised in /v1/info; the others use WebSocket, for a gradual rollout [default: 100]
+    webtransport_share: u8,
 }
 
 /// How tokens are verified.
@@ -341,6 +343,8 @@ pub struct Config {
     pub quic: crate::webtransport::QuicConfig,
     pub public_webtransport_url: Option<String>,
     pub public_websocket_url: Option<String>,
+    /// `--webtransport-share`: percent of browser clients told to use WebTransport.
+    pub webtransport_share: u8,
 }
 
 impl Default for Config {
@@ -578,6 +582,15 @@ impl Config {
             },
             public_webtransport_url: a.public_webtransport_url,
             public_websocket_url: a.public_websocket_url,
+            webtransport_share: match a.webtransport_share {
+                None => 100,
+                Some(n) if n <= 100 => n,
+                Some(n) => {
+                    return Err(format!(
+                        "--webtransport-share is a percentage (0 to 100), not {n}"
+                    ))
+                }
+            },
         })
     }
 

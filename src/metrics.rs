@@ -108,6 +108,93 @@ const APPEND_BUCKETS: [f64; 16] = [
 ];
 
 type LogLabel = [(&'static str, &'static str); 1];
+/// `transport`, `fallback`, `engine`.
+type ClientLabels = [(&'static str, &'static str); 3];
+
+/// Why a client that tried WebTransport connects over WebSocket: the `fallback` query
+/// parameter of the browser client (PROTOCOL.md: "Fallback reasons").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// No parameter: a WebTransport session, or a WebSocket client that did not try it.
+    None,
+    Timeout,
+    Refused,
+    Unsupported,
+    Stalled,
+    Remembered,
+    /// Not in the `--webtransport-share`.
+    Share,
+    /// A reason this server does not know (counted, never refused).
+    Other,
+}
+
+impl Fallback {
+    pub fn parse(v: &str) -> Self {
+        match v {
+            "" => Fallback::None,
+            "timeout" => Fallback::Timeout,
+            "refused" => Fallback::Refused,
+            "unsupported" => Fallback::Unsupported,
+            "stalled" => Fallback::Stalled,
+            "remembered" => Fallback::Remembered,
+            "share" => Fallback::Share,
+            _ => Fallback::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::None => "none",
+            Fallback::Timeout => "timeout",
+            Fallback::Refused => "refused",
+            Fallback::Unsupported => "unsupported",
+            Fallback::Stalled => "stalled",
+            Fallback::Remembered => "remembered",
+            Fallback::Share => "share",
+            Fallback::Other => "other",
+        }
+    }
+}
+
+/// The browser engine a User-Agent names (a bounded label: never the raw string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Chromium,
+    Gecko,
+    WebKit,
+    /// A User-Agent of something else (a server-side client, a tool).
+    Other,
+    /// No User-Agent.
+    Unknown,
+}
+
+impl Engine {
+    pub fn from_user_agent(ua: Option<&str>) -> Self {
+        let Some(ua) = ua else {
+            return Engine::Unknown;
+        };
+        // Order matters: Chromium's User-Agent also says Safari and AppleWebKit.
+        if ua.contains("Firefox/") || ua.contains("Gecko/") {
+            Engine::Gecko
+        } else if ua.contains("Chrome/") || ua.contains("Chromium/") || ua.contains("CriOS/") {
+            Engine::Chromium
+        } else if ua.contains("AppleWebKit/") {
+            Engine::WebKit
+        } else {
+            Engine::Other
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Engine::Chromium => "chromium",
+            Engine::Gecko => "gecko",
+            Engine::WebKit => "webkit",
+            Engine::Other => "other",
+            Engine::Unknown => "unknown",
+        }
+    }
+}
 
 fn append_histogram() -> Histogram {
     Histogram::new(APPEND_BUCKETS)
@@ -135,6 +222,8 @@ pub struct Metrics {
     pub http_accept_errors: Counter,
     /// Append latency by log kind (`memory`, `durable`, `redis`), successful or not.
     append: Family<LogLabel, Histogram, fn() -> Histogram>,
+    /// Sessions accepted by transport, fallback reason and browser engine.
+    clients: Family<ClientLabels, Counter>,
     closes: Mutex<BTreeMap<u16, u64>>,
 }
 
@@ -152,6 +241,7 @@ impl Default for Metrics {
             http_connections_refused: Counter::default(),
             http_accept_errors: Counter::default(),
             append: Family::new_with_constructor(append_histogram),
+            clients: Family::default(),
             closes: Mutex::default(),
         }
     }
@@ -195,6 +285,17 @@ impl Metrics {
 
     pub fn closes(&self) -> BTreeMap<u16, u64> {
         self.closes.lock().clone()
+    }
+
+    /// Counts a session accepted: its transport, why it fell back (if it says), its engine.
+    pub fn record_client(&self, transport: Transport, fallback: Fallback, engine: Engine) {
+        self.clients
+            .get_or_create(&[
+                ("transport", transport.label()),
+                ("fallback", fallback.label()),
+                ("engine", engine.label()),
+            ])
+            .inc();
     }
 
     /// Records one append to the log of `kind`.
@@ -299,6 +400,7 @@ impl Metrics {
                 },
             ],
             append: self.append.clone(),
+            clients: self.clients.clone(),
         }));
         let mut s = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
@@ -383,6 +485,7 @@ struct Scrape {
     figures: Vec<Figure>,
     histograms: Vec<Histograms>,
     append: Family<LogLabel, Histogram, fn() -> Histogram>,
+    clients: Family<ClientLabels, Counter>,
 }
 
 impl Collector for Scrape {
@@ -410,6 +513,13 @@ impl Collector for Scrape {
                 hist.encode(m.encode_family(&[("transport", *transport)])?)?;
             }
         }
+        let m = encoder.encode_descriptor(
+            "sessions_by_client",
+            "Sessions accepted by transport, fallback reason (the browser client's fallback parameter after a WebTransport attempt; none otherwise) and browser engine (from the User-Agent)",
+            None,
+            MetricType::Counter,
+        )?;
+        self.clients.encode(m)?;
         let m = encoder.encode_descriptor(
             "append_duration",
             "Log append latency by log kind (successful or not)",
@@ -540,5 +650,41 @@ mod tests {
         assert_eq!(TextFormat::negotiate(Some(om)), TextFormat::OpenMetrics);
         assert_eq!(TextFormat::negotiate(Some("*/*")), TextFormat::Prometheus);
         assert_eq!(TextFormat::negotiate(None), TextFormat::Prometheus);
+    }
+
+    #[test]
+    fn engines_from_user_agents_and_fallback_reasons() {
+        let chrome = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36";
+        let firefox = "Mozilla/5.0 (X11; Linux x86_64; rv:153.0) Gecko/20100101 Firefox/153.0";
+        let safari = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/26.4 Safari/605.1.15";
+        let cases = [
+            (Some(chrome), Engine::Chromium),
+            (Some(firefox), Engine::Gecko),
+            (Some(safari), Engine::WebKit),
+            (Some("curl/8.5.0"), Engine::Other),
+            (None, Engine::Unknown),
+        ];
+        for (ua, want) in cases {
+            assert_eq!(Engine::from_user_agent(ua), want, "{ua:?}");
+        }
+        for r in [
+            "timeout",
+            "refused",
+            "unsupported",
+            "stalled",
+            "remembered",
+            "share",
+        ] {
+            assert_eq!(Fallback::parse(r).label(), r);
+        }
+        assert_eq!(Fallback::parse("from-the-future"), Fallback::Other);
+        assert_eq!(Fallback::parse(""), Fallback::None);
+        let m = Metrics::default();
+        m.record_client(Transport::WebSocket, Fallback::Stalled, Engine::WebKit);
+        let text = m.render_text(LogUsage::default(), false, TextFormat::Prometheus);
+        assert!(
+            text.contains(r#"edgestream_sessions_by_client_total{transport="websocket",fallback="stalled",engine="webkit"} 1"#),
+            "{text}"
+        );
     }
 }

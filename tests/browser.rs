@@ -142,6 +142,17 @@ async fn client_auto_mode_picks_webtransport(engine: &str) {
     let s = dev_server().await;
     let r = run_node(engine, "client_e2e.mjs", &["auto".into(), base(&s)], |_| {}).await;
     assert_thousand_in_order(&r, "webtransport");
+    // Counted by the engine the CONNECT's User-Agent names.
+    let (_, text) = s.api.get("/metrics", None).await.unwrap();
+    let label = if engine == "firefox" {
+        "gecko"
+    } else {
+        "chromium"
+    };
+    let series = format!(
+        "sessions_by_client_total{{transport=\"webtransport\",fallback=\"none\",engine=\"{label}\"}}"
+    );
+    assert!(text.as_str().unwrap().contains(&series), "{series}: {text}");
 }
 
 async fn client_falls_back_to_websocket_without_webtransport(engine: &str) {
@@ -161,6 +172,38 @@ async fn client_falls_back_to_websocket_without_webtransport(engine: &str) {
     assert!(
         reason.contains("WebTransport"),
         "the reason is reported: {r}"
+    );
+}
+
+/// `--webtransport-share 0`: the client in auto mode does not try WebTransport, connects over
+/// WebSocket with `fallback=share`, and `/metrics` counts it by reason and by the engine its
+/// User-Agent names.
+async fn client_honours_the_webtransport_share(engine: &str) {
+    let s = TestServer::start_with(|a| {
+        a.jwt_secret = None;
+        a.dev = true;
+        a.heartbeat = Some("1s".parse().unwrap());
+        a.webtransport_share = Some(0);
+    })
+    .await;
+    let (_, info) = s.api.get("/v1/info", None).await.unwrap();
+    assert_eq!(info["webtransport_share"], 0);
+    let r = run_node(engine, "client_e2e.mjs", &["auto".into(), base(&s)], |_| {}).await;
+    assert_thousand_in_order(&r, "websocket");
+    let reason = r["statuses"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("share"), "{r}");
+    let (_, text) = s.api.get("/metrics", None).await.unwrap();
+    let label = if engine == "firefox" {
+        "gecko"
+    } else {
+        "chromium"
+    };
+    let series = format!(
+        "sessions_by_client_total{{transport=\"websocket\",fallback=\"share\",engine=\"{label}\"}}"
+    );
+    assert!(
+        text.as_str().unwrap().contains(&series),
+        "{series} in /metrics: {text}"
     );
 }
 
@@ -511,6 +554,7 @@ macro_rules! on_both_engines {
 }
 
 on_both_engines!(
+    client_honours_the_webtransport_share,
     raw_webtransport_events_heartbeats_and_close_codes,
     client_auto_mode_picks_webtransport,
     client_falls_back_to_websocket_without_webtransport,

@@ -400,6 +400,11 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
     let started = tokio::time::Instant::now();
     let query = req.uri().query().unwrap_or("").to_owned();
     let bearer = bearer(req.headers()).map(str::to_owned);
+    let engine = crate::metrics::Engine::from_user_agent(
+        req.headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    );
     let (response, on_upgrade) = match edgestream_ws::upgrade(&mut req) {
         Ok(ok) => ok,
         Err(e) => return ApiError::new(e.status(), e.to_string()).into_response(),
@@ -418,7 +423,7 @@ async fn stream(State(app): State<Arc<App>>, mut req: Request) -> Response {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let session = WsStreamSession::new(env, &query, bearer.as_deref(), started);
+            let session = WsStreamSession::new(env, &query, bearer.as_deref(), engine, started);
             // The query holds the token: free it for the session's life.
             drop((query, bearer));
             let end = edgestream_ws::pump::run(upgraded, session, &ws_config).await;
@@ -518,6 +523,7 @@ async fn info(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             }),
         "cert_hash": cert_hash,
         "heartbeat_ms": app.env.limits.heartbeat.as_millis() as u64,
+        "webtransport_share": app.config.webtransport_share,
     }));
     ([(header::CACHE_CONTROL, "no-store")], body).into_response()
 }

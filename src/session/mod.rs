@@ -218,6 +218,8 @@ pub fn admit(
     let m = env.metrics.transport(transport);
     m.sessions.inc();
     m.sessions_opened.inc();
+    env.metrics
+        .record_client(transport, params.fallback, params.engine);
     Ok(Admitted {
         token,
         plan,
@@ -329,6 +331,10 @@ pub struct ConnectParams {
     pub format: Format,
     /// `presence=1`: the session gets the presence of the orgs it subscribes to.
     pub presence: bool,
+    /// `fallback=`: why a client that tried WebTransport connects over WebSocket (metrics).
+    pub fallback: crate::metrics::Fallback,
+    /// The browser engine the User-Agent names (set by the transport; metrics).
+    pub engine: crate::metrics::Engine,
 }
 
 /// The initial subscriptions a query asks for, parsed.
@@ -345,6 +351,8 @@ impl ConnectParams {
             brotli: false,
             format: Format::Binary,
             presence: false,
+            fallback: crate::metrics::Fallback::None,
+            engine: crate::metrics::Engine::Unknown,
         };
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
@@ -381,6 +389,8 @@ impl ConnectParams {
                         }
                     }
                 }
+                // Unknown reasons are counted as `other`: a newer client must not be refused.
+                "fallback" => p.fallback = crate::metrics::Fallback::parse(&v),
                 _ => {} // access_token above; unknown parameters are ignored, for forward compatibility
             }
         }

@@ -51,10 +51,21 @@ enum State {
 impl WsStreamSession {
     /// A session for a `/v1/stream` request; nothing is checked until it starts.
     /// `started`: when the upgrade request arrived.
-    pub fn new(env: Arc<SessionEnv>, query: &str, bearer: Option<&str>, started: Instant) -> Self {
+    /// `engine`: the browser engine its User-Agent names (metrics only).
+    pub fn new(
+        env: Arc<SessionEnv>,
+        query: &str,
+        bearer: Option<&str>,
+        engine: crate::metrics::Engine,
+        started: Instant,
+    ) -> Self {
         let (io, queue, overflow) = SessionIo::new(env.clone());
+        let params = ConnectParams::parse(query, bearer).map(|mut p| {
+            p.engine = engine;
+            p
+        });
         WsStreamSession {
-            state: State::New(ConnectParams::parse(query, bearer)),
+            state: State::New(params),
             env,
             io,
             queue,

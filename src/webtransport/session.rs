@@ -97,7 +97,8 @@ fn admit(
     query: &str,
     started: Instant,
 ) -> Result<SessionCore, Refusal> {
-    let params = ConnectParams::parse(query, None)?;
+    let mut params = ConnectParams::parse(query, None)?;
+    params.engine = wt.engine;
     let now = Instant::now();
     let mut core = SessionCore::admit(env.clone(), &params, Layout::Streams, now)?;
     env.metrics

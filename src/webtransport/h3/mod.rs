@@ -178,7 +178,13 @@ impl Request {
         ConnectResponse::OK.encode(&mut buf)?;
         self.send.write_all(&buf).await?;
         let id = quinn::VarInt::from(self.send.id()).into_inner();
+        let engine = crate::metrics::Engine::from_user_agent(
+            self.headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+        );
         Ok(Session {
+            engine,
             conn: self.conn,
             id,
             connect: self.send,
@@ -202,6 +208,8 @@ pub struct Session {
     held: Vec<quinn::RecvStream>,
     /// What the client's SETTINGS allow this server.
     pub peer: PeerSettings,
+    /// The browser engine of the CONNECT's User-Agent (metrics).
+    pub engine: crate::metrics::Engine,
 }
 
 impl Session {
