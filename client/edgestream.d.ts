@@ -34,7 +34,9 @@ export interface EdgeStreamOptions {
   transport?: 'auto' | 'webtransport' | 'websocket';
   /** Called after a 4009 close (token expired) for a fresh token. */
   refreshToken?: () => Promise<string>;
-  /** How long a WebTransport session may take to open before falling back (ms, default 4000). */
+  /** How long a WebTransport session may take to open, and then to deliver its first frame,
+   * before the client falls back to WebSocket (ms, default 4000; the second wait is at least
+   * 2.5 heartbeat intervals). */
   webTransportTimeoutMs?: number;
   /** Receive the presence of the subscribed orgs (`presence=1`); rooms joined are heard either way. */
   presence?: boolean;
