@@ -13,6 +13,21 @@ const WT_FAILED_KEY = 'edgestream.webtransport-failed-until';
 const BUCKET_KEY = 'edgestream.rollout-bucket';
 // A session silent (no datagram, no stream byte) this many heartbeat intervals is dead.
 const DEAD_AFTER_INTERVALS = 2.5;
+// Liveness probes: a session silent for longer than its traffic makes usual (four mean gaps
+// between receipts, at least PROBE_AFTER_MIN_MS, at most 1.25 heartbeat intervals) is sent a
+// PING; no byte back within PROBE_TIMEOUT_MIN_MS (or four round trips) means dead. A node
+// killed under a busy session is noticed in about half a second, not after 2.5 intervals.
+const PROBE_AFTER_MIN_MS = 200;
+const PROBE_TIMEOUT_MIN_MS = 500;
+
+/** Something arrived on `conn`: the link is alive; keeps the mean gap and the probe's RTT. */
+function heard(conn) {
+  const now = Date.now();
+  const gap = now - conn.lastSeen;
+  conn.meanGap = conn.meanGap === undefined ? gap : conn.meanGap * 0.8 + gap * 0.2;
+  if (conn.probeAt) { conn.rtt = now - conn.probeAt; conn.probeAt = 0; }
+  conn.lastSeen = now;
+}
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
@@ -310,6 +325,11 @@ export class EdgeStreamClient extends EventTarget {
       // Uploads go on later bidirectional streams, after the control stream.
       openUpload: async () => { await openControl(); return wt.createBidirectionalStream(); },
       drop: () => { try { wt.close({ closeCode: 0, reason: 'client reconnect' }); } catch { /* closed */ } },
+      // Liveness probes go as PING datagrams (answered with PONG datagrams).
+      probe: (bytes) => {
+        conn.datagramWriter ??= wt.datagrams.writable.getWriter();
+        conn.datagramWriter.write(bytes).catch(() => {});
+      },
     };
     this._conn = conn;
     conn.onFirstFrame = () => this._up('webtransport');
@@ -325,7 +345,7 @@ export class EdgeStreamClient extends EventTarget {
           const fr = new FrameReader(); const sr = value.getReader();
           for (;;) {
             const { value: chunk, done: fin } = await sr.read(); if (fin) return;
-            conn.lastSeen = Date.now();
+            heard(conn);
             for (const f of fr.push(chunk)) await this._frame(f, conn);
           }
         })().catch(() => {});
@@ -335,7 +355,7 @@ export class EdgeStreamClient extends EventTarget {
       const r = wt.datagrams.readable.getReader();
       for (;;) {
         const { value, done: end } = await r.read(); if (end) return;
-        conn.lastSeen = Date.now();
+        heard(conn);
         const f = decodeOne(value); if (f) await this._frame(f, conn);
       }
     })().catch(() => {});
@@ -360,13 +380,14 @@ export class EdgeStreamClient extends EventTarget {
       kind: 'websocket',
       send: async (bytes) => ws.send(bytes),
       drop: () => { try { ws.close(1000, 'client reconnect'); } catch { /* closed */ } },
+      probe: (bytes) => { try { ws.send(bytes); } catch { /* closing */ } },
     };
     let queue = Promise.resolve();
     const closed = new Promise((resolve) => {
       ws.onopen = () => { this._conn = conn; };
       conn.onFirstFrame = () => this._up('websocket', why || 'connected over websocket');
       ws.onmessage = (m) => {
-        conn.lastSeen = Date.now();
+        heard(conn);
         const f = decodeOne(new Uint8Array(m.data));
         if (f) queue = queue.then(() => this._frame(f, conn)); // keep order across async decoding
       };
@@ -387,11 +408,20 @@ export class EdgeStreamClient extends EventTarget {
     conn.gapSince = {};
     conn.presenceSeen = new Set();   // groups whose snapshot came on this connection
     return new Promise((resolve) => {
-      const every = Math.max(50, this.heartbeatMs / 4);
+      const every = Math.min(50, this.heartbeatMs / 4);
       const t = setInterval(() => {
         if (conn.dead) { clearInterval(t); return; }
         const now = Date.now();
         let reason = null; let gap = false;
+        const probeAfter = Math.min(1.25 * this.heartbeatMs,
+          Math.max(PROBE_AFTER_MIN_MS, 4 * (conn.meanGap ?? this.heartbeatMs)));
+        if (conn.up && !conn.probeAt && now - conn.lastSeen > probeAfter) {
+          conn.probeAt = now;
+          conn.probe(encodeFrame(T.PING, [enc.encode('live?')]));
+        }
+        if (conn.probeAt && now - conn.probeAt > Math.max(PROBE_TIMEOUT_MIN_MS, 4 * (conn.rtt ?? 50))) {
+          reason = 'no answer to a liveness probe';
+        }
         // Anything the server sent proves the link: a heartbeat datagram, a stream byte, a
         // WebSocket message. Silence for 2.5 intervals: dead; resume elsewhere at once.
         if (now - conn.lastSeen > DEAD_AFTER_INTERVALS * this.heartbeatMs) {

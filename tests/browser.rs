@@ -25,6 +25,17 @@ async fn run_node(
     engine: &str,
     script: &str,
     args: &[String],
+    on_line: impl FnMut(&Value),
+) -> Value {
+    run_node_with(engine, script, args, &[], on_line).await
+}
+
+/// [`run_node`] with more environment for node and the browser (e.g. `HOME`).
+async fn run_node_with(
+    engine: &str,
+    script: &str,
+    args: &[String],
+    env: &[(&str, &str)],
     mut on_line: impl FnMut(&Value),
 ) -> Value {
     for package in ["playwright-core", "puppeteer-core"] {
@@ -37,6 +48,7 @@ async fn run_node(
         .arg(format!("{BROWSER_DIR}/{script}"))
         .args(args)
         .env("ENGINE", engine)
+        .envs(env.iter().copied())
         .env(
             "ARTIFACTS",
             concat!(env!("CARGO_MANIFEST_DIR"), "/test-artifacts"),
@@ -566,3 +578,192 @@ on_both_engines!(
     client_reconnects_after_a_server_restart_and_gets_reset,
     two_browser_clients_chat_in_a_room_over_both_transports,
 );
+
+/// A private CA, a certificate it issued for 127.0.0.1 (ECDSA P-256, the chain in
+/// `cert.pem`), and an NSS database under `home` that trusts the CA, as Chromium reads it.
+fn operator_certificate(dir: &std::path::Path, home: &std::path::Path) -> (String, String) {
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("openssl and certutil (libnss3-tools)");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(std::process::Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-keyout", &p("ca.key"), "-out", &p("ca.pem"), "-days", "3"])
+        .args(["-subj", "/CN=edgestream test CA"]));
+    run(std::process::Command::new("openssl")
+        .arg("req")
+        .args(ec)
+        .args(["-keyout", &p("key.pem"), "-out", &p("leaf.csr")])
+        .args(["-subj", "/CN=127.0.0.1"]));
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(std::process::Command::new("openssl")
+        .args(["x509", "-req", "-in", &p("leaf.csr"), "-CA", &p("ca.pem")])
+        .args(["-CAkey", &p("ca.key"), "-CAcreateserial", "-days", "3"])
+        .args(["-extfile", &p("ext.cnf"), "-out", &p("leaf.pem")]));
+    let chain = std::fs::read_to_string(dir.join("leaf.pem")).unwrap()
+        + &std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    std::fs::write(dir.join("cert.pem"), chain).unwrap();
+    let db = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&db).unwrap();
+    let db = format!("sql:{}", db.display());
+    run(std::process::Command::new("certutil").args(["-d", &db, "-N", "--empty-password"]));
+    run(std::process::Command::new("certutil")
+        .args(["-d", &db, "-A", "-t", "C,,", "-n", "edgestream-test-ca"])
+        .args(["-i", &p("ca.pem")]));
+    (p("cert.pem"), p("key.pem"))
+}
+
+/// Issue 20, fast failover: Chromium behind nginx (the documented configuration, UDP and TCP)
+/// on two nodes sharing Redis and one operator certificate, heartbeat 1 s. The node holding
+/// the page's WebTransport session is SIGKILLed while events flow (one every 50 ms, published
+/// on the other node): every event arrives once, in order, without a reset, and the time from
+/// the kill to the first event from the surviving node is printed (the bench of this figure;
+/// no threshold here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_fails_over_through_nginx_after_a_sigkill() {
+    const TOTAL: u64 = 60;
+    const BEFORE_KILL: u64 = 20;
+    let redis = support::redis::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (cert, key) = operator_certificate(dir.path(), home.path());
+    let (udp, tcp) = support::nginx::Nginx::free_addresses();
+    let url = redis.url();
+    let args = |id: &str| -> Vec<String> {
+        let wt = format!("https://127.0.0.1:{}/v1/stream", udp.port());
+        let ws = format!("ws://{tcp}/v1/stream");
+        let origin = format!("http://{tcp}");
+        [
+            "--redis",
+            &url,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--server-id",
+            id,
+            "--reset-key",
+            "failover-test-reset-key-0123456789abcdef",
+            "--heartbeat",
+            "1s",
+            "--quic-idle-timeout",
+            "5s",
+            "--public-webtransport-url",
+            &wt,
+            "--public-websocket-url",
+            &ws,
+            "--allowed-origins",
+            &origin,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (args_a, args_b) = (args("01"), args("02"));
+    let a =
+        support::node::Node::spawn(&args_a.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let b =
+        support::node::Node::spawn(&args_b.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let _nginx = support::nginx::Nginx::start_at(&[a.quic, b.quic], &[a.http, b.http], (udp, tcp));
+    let token = support::token(&["acme"]);
+
+    // On "connected": find the node holding the session, publish on the other, kill the holder.
+    let (go, mut connected) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let publisher = tokio::spawn({
+        let token = token.clone();
+        async move {
+            let mut nodes = [a, b];
+            connected.recv().await.expect("the page connected");
+            let sessions = |m: &Value| m["sessions"]["webtransport"].as_u64().unwrap_or(0);
+            let mut holder = None;
+            for _ in 0..250 {
+                for (i, n) in nodes.iter().enumerate() {
+                    if sessions(&n.api.get("/v1/metrics", None).await.unwrap().1) == 1 {
+                        holder = Some(i);
+                    }
+                }
+                if holder.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let holder = holder.expect("one node holds the WebTransport session");
+            let mut killed_at = 0;
+            for n in 0..TOTAL {
+                nodes[1 - holder]
+                    .api
+                    .publish(&token, "acme", &json!([{ "n": n }]))
+                    .await
+                    .unwrap();
+                if n + 1 == BEFORE_KILL {
+                    nodes[holder].kill().await;
+                    killed_at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as u64;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (killed_at, nodes)
+        }
+    });
+    let mut arrivals: Vec<(u64, u64)> = Vec::new();
+    let args = [format!("http://{tcp}"), token, TOTAL.to_string()];
+    let r = {
+        let env = [("HOME", home.path().to_str().unwrap())];
+        run_node_with("chromium", "failover_e2e.mjs", &args, &env, |v| {
+            match v["step"].as_str() {
+                Some("connected") => {
+                    let _ = go.send(());
+                }
+                Some("event") => {
+                    arrivals.push((v["seq"].as_u64().unwrap(), v["at"].as_u64().unwrap()))
+                }
+                _ => {}
+            }
+        })
+        .await
+    };
+    let (killed_at, _nodes) = publisher.await.unwrap();
+    let seqs: Vec<u64> = r["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "every event once, in order: {r}"
+    );
+    assert_eq!(r["resets"], 0, "{r}");
+    assert!(r["reconnects"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["transports"][0], "webtransport", "{r}");
+    let first_after = arrivals
+        .iter()
+        .find(|(seq, at)| *seq > BEFORE_KILL && *at >= killed_at)
+        .expect("events after the kill");
+    eprintln!(
+        "failover: first event from the surviving node {} ms after the SIGKILL (seq {}); transports {}",
+        first_after.1 - killed_at,
+        first_after.0,
+        r["transports"]
+    );
+}

@@ -65,14 +65,28 @@ impl Nginx {
     /// Balances UDP over `quic` and TCP over `http` (one entry per node) with the documented
     /// configuration (`deploy/nginx.conf`).
     pub fn start(quic: &[SocketAddr], http: &[SocketAddr]) -> Nginx {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_at(quic, http, Self::free_addresses())
+    }
+
+    /// Free loopback addresses for nginx's UDP and TCP listeners (for nodes that must name
+    /// them in `--public-*-url` before nginx starts).
+    pub fn free_addresses() -> (SocketAddr, SocketAddr) {
         let port = super::free_tcp_port();
-        let (udp, tcp): (SocketAddr, SocketAddr) = (
+        (
             format!("127.0.0.1:{port}").parse().unwrap(),
             format!("127.0.0.1:{}", super::free_tcp_port())
                 .parse()
                 .unwrap(),
-        );
+        )
+    }
+
+    /// Like [`Self::start`], listening on `(udp, tcp)`.
+    pub fn start_at(
+        quic: &[SocketAddr],
+        http: &[SocketAddr],
+        (udp, tcp): (SocketAddr, SocketAddr),
+    ) -> Nginx {
+        let dir = tempfile::tempdir().expect("tempdir");
         let conf = documented_config(quic, http, udp, tcp);
         let d = dir.path().display();
         let path = dir.path().join("nginx.conf");
