@@ -18,7 +18,7 @@ const DEAD_AFTER_INTERVALS = 2.5;
 // PING; no byte back within PROBE_TIMEOUT_MIN_MS (or four round trips) means dead. A node
 // killed under a busy session is noticed in about half a second, not after 2.5 intervals.
 const PROBE_AFTER_MIN_MS = 200;
-const PROBE_TIMEOUT_MIN_MS = 500;
+const PROBE_TIMEOUT_MIN_MS = 400;
 
 /** Something arrived on `conn`: the link is alive; keeps the mean gap and the probe's RTT. */
 function heard(conn) {
