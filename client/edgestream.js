@@ -25,7 +25,13 @@ function heard(conn) {
   const now = Date.now();
   const gap = now - conn.lastSeen;
   conn.meanGap = conn.meanGap === undefined ? gap : conn.meanGap * 0.8 + gap * 0.2;
-  if (conn.probeAt) { conn.rtt = now - conn.probeAt; conn.probeAt = 0; }
+  if (conn.probeAt) {
+    // The org went quiet, the link is fine: wait at least this long before the next probe,
+    // so a quiet spell costs one or two probes, not one every 200 ms while the mean catches up
+    // (with 10,000 subscribers of one org that is 10,000 PINGs after each burst, not 100,000).
+    conn.meanGap = Math.max(conn.meanGap, gap);
+    conn.rtt = now - conn.probeAt; conn.probeAt = 0;
+  }
   conn.lastSeen = now;
 }
 const enc = new TextEncoder();
@@ -413,8 +419,10 @@ export class EdgeStreamClient extends EventTarget {
         if (conn.dead) { clearInterval(t); return; }
         const now = Date.now();
         let reason = null; let gap = false;
+        // Jittered per connection, so the subscribers of one org do not probe in step.
+        conn.jitter ??= 1 + Math.random() / 4;
         const probeAfter = Math.min(1.25 * this.heartbeatMs,
-          Math.max(PROBE_AFTER_MIN_MS, 4 * (conn.meanGap ?? this.heartbeatMs)));
+          conn.jitter * Math.max(PROBE_AFTER_MIN_MS, 4 * (conn.meanGap ?? this.heartbeatMs)));
         if (conn.up && !conn.probeAt && now - conn.lastSeen > probeAfter) {
           conn.probeAt = now;
           conn.probe(encodeFrame(T.PING, [enc.encode('live?')]));
