@@ -263,7 +263,7 @@ serve_options! {
     quic_retry: crate::webtransport::RetryPolicy,
     /// With --quic-retry auto: new connections per second above which clients must prove their address with a Retry (as must all while 256 handshakes are in flight) [default: 200]
     quic_retry_above_rate: u32,
-    /// Kernel buffer (SO_RCVBUF, SO_SNDBUF) for the QUIC socket, in bytes [default: 4194304]
+    /// Kernel buffer (SO_RCVBUF, SO_SNDBUF) for the QUIC socket, in bytes; absorbs a burst of handshakes (a reconnect storm) and of fan-out [default: 16777216]
     quic_socket_buffer: usize,
     /// This node's server id in its QUIC connection IDs (QUIC-LB plaintext), 1 to 11 bytes in hex, e.g. 0a01 [default: random CIDs]
     server_id: String,
@@ -555,7 +555,7 @@ impl Config {
                 handshake_timeout: dur(a.quic_handshake_timeout, 10),
                 retry: a.quic_retry.unwrap_or_default(),
                 retry_above_rate: a.quic_retry_above_rate.unwrap_or(200),
-                socket_buffer: positive(a.quic_socket_buffer, 4 << 20, "quic-socket-buffer")?,
+                socket_buffer: positive(a.quic_socket_buffer, 16 << 20, "quic-socket-buffer")?,
                 server_id: a
                     .server_id
                     .as_deref()

@@ -219,10 +219,11 @@ fn scale_rows(r: &Value) -> String {
         let x = &r["handshakes"][t];
         if !x.is_null() {
             s += &format!(
-                "| {t}: {} sessions connect at once, handshakes/s | {:.0} | {} | |\n",
+                "| {t}: {} sessions connect at once, handshakes/s | {:.0} | {}; UDP datagrams dropped at full receive buffers {} | |\n",
                 x["sessions"],
                 f(&x["per_sec"]),
-                cpu(&x["cpu"])
+                cpu(&x["cpu"]),
+                x["udp_dropped"]
             );
         }
     }

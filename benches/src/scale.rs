@@ -77,6 +77,16 @@ async fn publish_to_orgs(es: &Edgestream, orgs: usize, per_org: u64) -> anyhow::
         .await
 }
 
+/// The kernel's count of UDP datagrams dropped at a full socket receive buffer, machine-wide
+/// (`RcvbufErrors` in /proc/net/snmp).
+fn udp_receive_buffer_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 fn procs(cli: &Cli, clients: usize) -> usize {
     // One source address holds about 28,000 ephemeral ports: at least one worker per 20,000.
     cli.load_procs.max(clients.div_ceil(20_000)).max(1)
@@ -249,6 +259,9 @@ pub struct Handshakes {
     sessions: usize,
     seconds: f64,
     per_sec: f64,
+    /// Datagrams the kernel dropped at full UDP receive buffers during the storm (the whole
+    /// machine's `RcvbufErrors`; `None` off Linux): what limits a QUIC storm before CPU does.
+    pub udp_dropped: Option<u64>,
     cpu: Cpu,
 }
 
@@ -264,6 +277,7 @@ pub async fn handshakes(
     let n = procs(cli, sessions);
     let server0 = es.proc.cpu_seconds();
     let own0 = own_cpu_seconds();
+    let dropped0 = udp_receive_buffer_errors();
     let t0 = Instant::now();
     let load = Load::start(
         Spec {
@@ -275,10 +289,12 @@ pub async fn handshakes(
             procs: n,
             sample_every: 0,
             bare: false,
-            // QUIC: 1,024 handshakes in flight (256 per worker) left some unanswered for 20 s.
+            // WebTransport: a storm, every handshake at once. WebSocket: 256 in flight per
+            // worker; 2,500 at once per worker overflowed the kernel's accept queue
+            // (net.core.somaxconn 4,096) and some clients saw their connection end.
             concurrency: match transport {
                 Transport::Ws => 256,
-                Transport::Wt => 32,
+                Transport::Wt => sessions,
             },
         },
         &cli.load_cpus,
@@ -295,11 +311,15 @@ pub async fn handshakes(
         load_procs: n,
         publisher_cores: (own_cpu_seconds() - own0) / window,
     };
+    let udp_dropped = udp_receive_buffer_errors()
+        .zip(dropped0)
+        .map(|(b, a)| b - a);
     load.finish().await?;
     Ok(Handshakes {
         sessions,
         seconds,
         per_sec: sessions as f64 / seconds,
+        udp_dropped,
         cpu,
     })
 }

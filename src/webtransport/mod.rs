@@ -77,7 +77,7 @@ impl Default for QuicConfig {
             retry_above_rate: 200,
             cert_files: None,
             dev_cert_validity: Duration::from_secs(10 * 24 * 3600),
-            socket_buffer: 4 << 20,
+            socket_buffer: 16 << 20,
             server_id: None,
             reset_key: None,
         }
