@@ -15,6 +15,7 @@
 //! - [`metrics`]: counters and gauges, Prometheus and JSON.
 //! - [`time`]: the wall clock, read only at the edges.
 //! - [`tls`]: the self-signed development certificate for QUIC and its hash.
+//! - [`heap`]: freed heap memory handed back to the OS when much of it is free.
 //! - [`config`], [`server`], [`http`]: configuration, wiring and the HTTP API.
 
 pub mod app;
@@ -40,6 +41,7 @@ pub mod config;
 pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heap;
 pub mod http;
 pub mod hub;
 pub mod log;

@@ -277,11 +277,28 @@ impl Server {
             let uploads = app.env.uploads.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut trimmer = crate::heap::Trimmer::default();
                 loop {
                     tick.tick().await;
                     log.sweep(unix_ms());
                     if let Some(u) = &uploads {
                         u.sweep();
+                    }
+                    if trimmer.due(std::time::Instant::now()) {
+                        // Off the workers: the trim holds the allocator's locks while it runs.
+                        let floor = trimmer.floor();
+                        let checked =
+                            tokio::task::spawn_blocking(move || crate::heap::check(floor)).await;
+                        if let Ok(Some(c)) = checked {
+                            trimmer.record(c);
+                            if let Some(took) = c.trimmed {
+                                tracing::debug!(
+                                    free_bytes = c.free,
+                                    took_us = took.as_micros() as u64,
+                                    "freed heap memory returned to the OS"
+                                );
+                            }
+                        }
                     }
                 }
             })

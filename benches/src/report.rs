@@ -251,16 +251,16 @@ fn scale_rows(r: &Value) -> String {
     let m = &r["org_memory"];
     if !m.is_null() {
         s += &format!(
-            "| memory per org at {} orgs: one retained event / emptied by retention (RSS bytes) | {:.0} / {:.0} | | |\n",
-            m["orgs"], f(&m["bytes_per_org_one_event"]), f(&m["bytes_per_org_emptied"])
+            "| memory per org at {} orgs: one retained event / emptied by retention / as many other orgs later, emptied too (RSS bytes) | {:.0} / {:.0} / {:.0} | | |\n",
+            m["orgs"], f(&m["bytes_per_org_one_event"]), f(&m["bytes_per_org_emptied"]), f(&m["bytes_per_org_second_round"])
         );
     }
     for t in ["websocket", "webtransport"] {
         let x = &r["idle_scale"][t];
         if !x.is_null() {
             s += &format!(
-                "| {} idle {t} sessions: RSS per session; idle CPU; server CPU per heartbeat | {:.0} B; {}; {:.0} us | | |\n",
-                x["sessions"], f(&x["bytes_per_session"]), cpu(&x["idle"]), f(&x["server_cpu_us_per_heartbeat"])
+                "| {} idle {t} sessions: RSS per session; idle CPU; server CPU per heartbeat; RSS per session kept after all closed | {:.0} B; {}; {:.0} us; {:.0} B | | |\n",
+                x["sessions"], f(&x["bytes_per_session"]), cpu(&x["idle"]), f(&x["server_cpu_us_per_heartbeat"]), f(&x["bytes_per_session_kept"])
             );
         }
     }

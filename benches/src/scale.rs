@@ -63,7 +63,16 @@ fn stream_url(es: &Edgestream, transport: Transport) -> String {
 /// Publishes `per_org` events to each of `orgs` orgs (one request per org), 32 requests at a
 /// time.
 async fn publish_to_orgs(es: &Edgestream, orgs: usize, per_org: u64) -> anyhow::Result<()> {
-    futures_util::stream::iter(0..orgs)
+    publish_to_org_range(es, 0..orgs, per_org).await
+}
+
+/// `per_org` events to each of the orgs `o{i}`, `i` in `range`, 32 requests at a time.
+async fn publish_to_org_range(
+    es: &Edgestream,
+    range: std::ops::Range<usize>,
+    per_org: u64,
+) -> anyhow::Result<()> {
+    futures_util::stream::iter(range)
         .map(|i| {
             let api = es.api.clone();
             async move {
@@ -388,10 +397,15 @@ pub struct OrgMemory {
     bytes_per_org_emptied: f64,
     log_orgs_emptied: u64,
     log_idle_orgs_emptied: u64,
+    /// After `orgs` other orgs got one event each and were emptied too: whether the first
+    /// round's memory was reused (the tombstone cap, 100,000, then holds the second round).
+    rss_second_round_emptied: u64,
+    bytes_per_org_second_round: f64,
 }
 
 /// One event published to each of `orgs` orgs (nobody subscribed): RSS per org while each
-/// retains its event, and after retention has emptied them (`--replay-window 2s`).
+/// retains its event, after retention has emptied them (`--replay-window 2s`), and after as
+/// many other orgs did the same.
 pub async fn org_memory(cli: &Cli, orgs: usize) -> anyhow::Result<OrgMemory> {
     let extra = ["--replay-window", "2s"].map(String::from);
     let es = start_edgestream_with(cli, 1000, &extra).await?;
@@ -400,6 +414,29 @@ pub async fn org_memory(cli: &Cli, orgs: usize) -> anyhow::Result<OrgMemory> {
     publish_to_orgs(&es, orgs, 1).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let one = rss_bytes(&es.proc);
+    let m = until_emptied(&es).await?;
+    let emptied = rss_bytes(&es.proc);
+    publish_to_org_range(&es, orgs..2 * orgs, 1).await?;
+    until_emptied(&es).await?;
+    let second = rss_bytes(&es.proc);
+    let per_org = |rss: u64| (rss as f64 - before as f64) / orgs as f64;
+    Ok(OrgMemory {
+        orgs,
+        rss_before: before,
+        rss_one_event: one,
+        bytes_per_org_one_event: per_org(one),
+        rss_emptied: emptied,
+        bytes_per_org_emptied: per_org(emptied),
+        log_orgs_emptied: m["log_orgs"].as_u64().unwrap_or(0),
+        log_idle_orgs_emptied: m["log_idle_orgs"].as_u64().unwrap_or(0),
+        rss_second_round_emptied: second,
+        bytes_per_org_second_round: per_org(second),
+    })
+}
+
+/// Waits until retention has emptied every org and the sweep has retired them (2 s more);
+/// returns `/v1/metrics`.
+async fn until_emptied(es: &Edgestream) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let m = loop {
         let (_, m) = es.api.get("/v1/metrics", None).await?;
@@ -412,17 +449,7 @@ pub async fn org_memory(cli: &Cli, orgs: usize) -> anyhow::Result<OrgMemory> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let emptied = rss_bytes(&es.proc);
-    Ok(OrgMemory {
-        orgs,
-        rss_before: before,
-        rss_one_event: one,
-        bytes_per_org_one_event: (one as f64 - before as f64) / orgs as f64,
-        rss_emptied: emptied,
-        bytes_per_org_emptied: (emptied as f64 - before as f64) / orgs as f64,
-        log_orgs_emptied: m["log_orgs"].as_u64().unwrap_or(0),
-        log_idle_orgs_emptied: m["log_idle_orgs"].as_u64().unwrap_or(0),
-    })
+    Ok(m)
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -431,6 +458,9 @@ pub struct IdleScale {
     rss_before: u64,
     rss_open: u64,
     bytes_per_session: f64,
+    /// After every session closed (and a heap check of the server's): what was not returned.
+    rss_closed: u64,
+    bytes_per_session_kept: f64,
     idle: Cpu,
     heartbeats_sent: u64,
     server_cpu_us_per_heartbeat: f64,
@@ -444,7 +474,10 @@ pub async fn idle_scale(
     sessions: usize,
     idle_secs: u64,
 ) -> anyhow::Result<IdleScale> {
-    let es = start_edgestream(cli, 1000).await?;
+    // Memory, not handshakes: no Retry. With `--quic-retry auto`, about every second run of
+    // 20,000 WebTransport connects (128 in flight, ~1,150/s, so Retry for all) left 2 to 68
+    // clients unconnected after 20 s; with `never`, 0 of 4 runs (docs/PERFORMANCE.md).
+    let es = start_edgestream_with(cli, 1000, &["--quic-retry".into(), "never".into()]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_bytes(&es.proc);
     let url = stream_url(&es, transport);
@@ -477,11 +510,24 @@ pub async fn idle_scale(
     let (_, m1) = es.api.get("/v1/metrics", None).await?;
     let heartbeats = hb(&m1) - hb(&m0);
     load.finish().await?;
+    // Every session gone, then one heap check of the server (src/heap.rs) and a margin.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, m) = es.api.get("/v1/metrics", None).await?;
+        if m["sessions"][key].as_u64() == Some(0) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(edgestream::heap::CHECK_EVERY + Duration::from_secs(2)).await;
+    let rss_closed = rss_bytes(&es.proc);
     Ok(IdleScale {
         sessions,
         rss_before,
         rss_open,
         bytes_per_session: (rss_open as f64 - rss_before as f64) / sessions as f64,
+        rss_closed,
+        bytes_per_session_kept: (rss_closed as f64 - rss_before as f64) / sessions as f64,
         server_cpu_us_per_heartbeat: idle.server_cores * idle.seconds * 1e6
             / heartbeats.max(1) as f64,
         heartbeats_sent: heartbeats,
