@@ -225,6 +225,8 @@ pub struct Metrics {
     /// Sessions accepted by transport, fallback reason and browser engine.
     clients: Family<ClientLabels, Counter>,
     closes: Mutex<BTreeMap<u16, u64>>,
+    /// The QUIC listener's socket (its inode), whose kernel drop count is read at each scrape.
+    pub quic_socket: std::sync::OnceLock<u64>,
 }
 
 impl Default for Metrics {
@@ -243,8 +245,28 @@ impl Default for Metrics {
             append: Family::new_with_constructor(append_histogram),
             clients: Family::default(),
             closes: Mutex::default(),
+            quic_socket: std::sync::OnceLock::new(),
         }
     }
+}
+
+/// The kernel's drop count of the UDP socket with this inode (the last column of
+/// /proc/net/udp and udp6); `None` off Linux or when the socket is not listed.
+pub fn udp_socket_drops(inode: u64) -> Option<u64> {
+    ["/proc/net/udp", "/proc/net/udp6"].iter().find_map(|path| {
+        let table = std::fs::read_to_string(path).ok()?;
+        udp_table_drops(&table, inode)
+    })
+}
+
+/// [`udp_socket_drops`] on the text of one table: `sl local rem st tx:rx tr:when retrnsmt uid
+/// timeout inode ref pointer drops`.
+fn udp_table_drops(table: &str, inode: u64) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() >= 13 && fields[9].parse::<u64>().ok()? == inode)
+            .then(|| fields.last()?.parse().ok())?
+    })
 }
 
 /// The two text formats `/metrics` serves.
@@ -359,6 +381,7 @@ impl Metrics {
             f("log_recovered_corrupt_segments", G, "Durable log segments whose scan stopped at a corrupt record at start", "", one(log.recovered_corrupt_segments)),
             f("log_recovered_reset_orgs", G, "Orgs given a new epoch at start because their stored history had a hole", "", one(log.recovered_reset_orgs)),
             f("draining", G, "1 while the node drains for shutdown", "", one(u64::from(draining))),
+            f("quic_socket_receive_drops", C, "Datagrams the kernel dropped at the QUIC socket, mostly at a full receive buffer (a handshake storm, a fan-out burst): raise --quic-socket-buffer and net.core.rmem_max", "", one(self.quic_socket.get().and_then(|i| udp_socket_drops(*i)).unwrap_or(0))),
         ]
     }
 
@@ -544,6 +567,17 @@ fn encode_value(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn udp_drops_are_read_by_inode() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+   12: 0200007F:EA22 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2361808 2 00000000d15a7bbe 0
+  217: 0100007F:D16E 00000000:0000 07 00000000:0009E800 00:00000000 00000000     0        0 2356581 2 0000000051e1b2a6 7347
+";
+        assert_eq!(udp_table_drops(table, 2356581), Some(7347));
+        assert_eq!(udp_table_drops(table, 2361808), Some(0));
+        assert_eq!(udp_table_drops(table, 1), None);
+    }
+
     use super::*;
 
     #[test]

@@ -122,8 +122,9 @@ impl Server {
             webtransport::dev_cert_names(config.quic.listen),
         )?);
         let peers = webtransport::lb::Peers::new();
-        let quic = webtransport::endpoint(&config.quic, certs.clone(), peers.clone())
-            .with_context(|| format!("cannot listen on udp {}", config.quic.listen))?;
+        let (quic, quic_socket) =
+            webtransport::endpoint(&config.quic, certs.clone(), peers.clone())
+                .with_context(|| format!("cannot listen on udp {}", config.quic.listen))?;
         if let (Some(redis), Some(id)) = (log.backbone(), &config.quic.server_id) {
             crate::peers::start(redis, id.clone(), config.node_ttl, &peers);
         }
@@ -153,6 +154,9 @@ impl Server {
         };
         let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::default());
+        if let Some(inode) = quic_socket {
+            let _ = metrics.quic_socket.set(inode);
+        }
         let hub = Hub::new(log.clone(), metrics.clone());
         // Development mode accepts uploads into a temporary directory, so the demo works
         // without set-up; otherwise uploads need --upload-dir.

@@ -217,3 +217,30 @@ fn dashboard_queries_only_series_that_exist(families: &Value) {
     }
     assert!(queried >= 20, "only {queried} series queried");
 }
+
+/// A full QUIC receive buffer shows on `/metrics`: datagrams blasted at a node whose socket
+/// buffer is the kernel's minimum overflow it, and the kernel's count of them is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_drops_at_the_quic_socket_are_counted() {
+    let s = TestServer::start_with(|a| a.quic_socket_buffer = Some(2048)).await;
+    let (_, m) = s.api.get("/v1/metrics", None).await.unwrap();
+    assert_eq!(m["quic_socket_receive_drops"], 0, "{m}");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let junk = [0x40u8; 1200];
+    let m = support::eventually("kernel drops counted", || async {
+        // Bursts the node cannot read as fast (its socket holds two or three datagrams).
+        for _ in 0..2_000 {
+            let _ = sock.send_to(&junk, s.quic_addr);
+        }
+        let (_, m) = s.api.get("/v1/metrics", None).await.unwrap();
+        (m["quic_socket_receive_drops"].as_u64() > Some(0)).then_some(m)
+    })
+    .await;
+    let (_, text) = scrape(&s, "text/plain").await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("edgestream_quic_socket_receive_drops_total ")),
+        "{m}"
+    );
+    s.stop().await.unwrap();
+}

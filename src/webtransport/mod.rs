@@ -263,12 +263,13 @@ pub fn dev_cert_names(listen: SocketAddr) -> Vec<String> {
 }
 
 /// Builds the quinn endpoint: TLS 1.3 only, ALPN h3, no 0-RTT, limits fit for a push server.
-/// `peers`: who is alive, for the stateless-reset rule (`lb`).
+/// `peers`: who is alive, for the stateless-reset rule (`lb`). Also returns the UDP socket's
+/// inode, by which the kernel's drop count for it is read (`metrics::udp_socket_drops`).
 pub fn endpoint(
     cfg: &QuicConfig,
     certs: Arc<Certificates>,
     peers: Arc<lb::Peers>,
-) -> anyhow::Result<quinn::Endpoint> {
+) -> anyhow::Result<(quinn::Endpoint, Option<u64>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -292,13 +293,26 @@ pub fn endpoint(
     t.datagram_send_buffer_size(256 * 1024);
     server.transport_config(Arc::new(t));
     let socket = udp_socket(cfg.listen, cfg.socket_buffer)?;
+    let inode = socket_inode(&socket);
     let runtime = quinn::default_runtime().context("no async runtime")?;
-    Ok(quinn::Endpoint::new(
+    let endpoint = quinn::Endpoint::new(
         lb::endpoint_config(cfg.server_id.as_deref(), cfg.reset_key.as_deref(), peers)?,
         Some(server),
         socket,
         runtime,
-    )?)
+    )?;
+    Ok((endpoint, inode))
+}
+
+/// The socket's inode (what /proc/net/udp lists it by), from /proc/self/fd; `None` off Linux.
+fn socket_inode(socket: &std::net::UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The listener's UDP socket with large kernel buffers. One socket carries every session, and
