@@ -474,9 +474,9 @@ pub async fn idle_scale(
     sessions: usize,
     idle_secs: u64,
 ) -> anyhow::Result<IdleScale> {
-    // Memory, not handshakes: no Retry. With `--quic-retry auto`, about every second run of
-    // 20,000 WebTransport connects (128 in flight, ~1,150/s, so Retry for all) left 2 to 68
-    // clients unconnected after 20 s; with `never`, 0 of 4 runs (docs/PERFORMANCE.md).
+    // Memory, not handshakes: no Retry. With `--quic-retry auto`, 8 of 22 runs of 20,000
+    // WebTransport connects (128 in flight, ~1,150/s, so Retry for all) left 1 to 68 clients
+    // unconnected after 20 s; with `never`, 0 of 8 runs (docs/PERFORMANCE.md).
     let es = start_edgestream_with(cli, 1000, &["--quic-retry".into(), "never".into()]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_bytes(&es.proc);
