@@ -106,29 +106,7 @@ impl Server {
 
     /// Binds the listeners and builds the node over the given log.
     pub async fn bind_with_log(config: Config, log: Arc<dyn EventLog>) -> anyhow::Result<Server> {
-        let http = listen(config.http_listen)
-            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
-        let http_addr = http.local_addr()?;
-        let admin = match config.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("--admin-listen: cannot listen on {addr}"))?,
-            ),
-            None => None,
-        };
-        let certs = Arc::new(Certificates::load(
-            &config.quic,
-            webtransport::dev_cert_names(config.quic.listen),
-        )?);
-        let peers = webtransport::lb::Peers::new();
-        let (quic, quic_socket) =
-            webtransport::endpoint(&config.quic, certs.clone(), peers.clone())
-                .with_context(|| format!("cannot listen on udp {}", config.quic.listen))?;
-        if let (Some(redis), Some(id)) = (log.backbone(), &config.quic.server_id) {
-            crate::peers::start(redis, id.clone(), config.node_ttl, &peers);
-        }
-        let quic_addr = quic.local_addr()?;
+        // The key first: a start refused for it binds nothing.
         let (auth_config, dev_secret) = match &config.auth {
             AuthMode::Keyed(c) => (c.clone(), None),
             AuthMode::Development => {
@@ -153,6 +131,29 @@ impl Server {
             }
         };
         let auth = Authenticator::new(&auth_config).map_err(anyhow::Error::msg)?;
+        let http = listen(config.http_listen)
+            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+        let http_addr = http.local_addr()?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--admin-listen: cannot listen on {addr}"))?,
+            ),
+            None => None,
+        };
+        let certs = Arc::new(Certificates::load(
+            &config.quic,
+            webtransport::dev_cert_names(config.quic.listen),
+        )?);
+        let peers = webtransport::lb::Peers::new();
+        let (quic, quic_socket) =
+            webtransport::endpoint(&config.quic, certs.clone(), peers.clone())
+                .with_context(|| format!("cannot listen on udp {}", config.quic.listen))?;
+        if let (Some(redis), Some(id)) = (log.backbone(), &config.quic.server_id) {
+            crate::peers::start(redis, id.clone(), config.node_ttl, &peers);
+        }
+        let quic_addr = quic.local_addr()?;
         let metrics = Arc::new(Metrics::default());
         if let Some(inode) = quic_socket {
             let _ = metrics.quic_socket.set(inode);
