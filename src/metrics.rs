@@ -263,9 +263,11 @@ pub fn udp_socket_drops(inode: u64) -> Option<u64> {
 /// timeout inode ref pointer drops`.
 fn udp_table_drops(table: &str, inode: u64) -> Option<u64> {
     table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.len() >= 13 && fields[9].parse::<u64>().ok()? == inode)
-            .then(|| fields.last()?.parse().ok())?
+        let mut fields = line.split_whitespace();
+        if fields.nth(9)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        fields.last()?.parse().ok()
     })
 }
 
@@ -567,6 +569,8 @@ fn encode_value(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn udp_drops_are_read_by_inode() {
         let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
@@ -577,8 +581,6 @@ mod tests {
         assert_eq!(udp_table_drops(table, 2361808), Some(0));
         assert_eq!(udp_table_drops(table, 1), None);
     }
-
-    use super::*;
 
     #[test]
     fn both_renderings_carry_the_same_figures() {

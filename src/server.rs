@@ -64,6 +64,19 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
+    // As the QUIC socket's buffers: say so when the kernel caps what a storm needs.
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if let Some(cap) = cap.filter(|c| *c < LISTEN_BACKLOG) {
+        tracing::warn!(
+            asked = LISTEN_BACKLOG,
+            cap,
+            %addr,
+            "HTTP listen backlog capped by the kernel; raise net.core.somaxconn \
+             (a WebSocket reconnect storm overflows a short accept queue)"
+        );
+    }
     socket.listen(LISTEN_BACKLOG)
 }
 
