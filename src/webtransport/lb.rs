@@ -139,11 +139,40 @@ pub fn endpoint_config(
         }
         None => quinn::EndpointConfig::default(),
     };
-    if let Some(id) = server_id {
-        let generator = LbCidGenerator::new(id.to_vec(), peers)?;
-        config.cid_generator(move || Box::new(generator.clone()));
-    }
+    let cids = node_cids(server_id, peers)?;
+    config.cid_generator(move || cids.generator());
     Ok(config)
+}
+
+/// The connection IDs this node issues.
+#[derive(Debug, Clone)]
+enum NodeCids {
+    /// QUIC-LB CIDs for a CID-aware balancer.
+    Lb(LbCidGenerator),
+    /// No server id: 8 random bytes. Not quinn's default (`HashedConnectionIdGenerator`, 3
+    /// random bytes and a 5-byte keyed hash): quinn gives a Retry a fresh CID without checking
+    /// it against the live ones and routes by live CIDs first, so in a 2^24 space a Retry
+    /// sometimes named a live connection's CID and that client's Initials went to the live
+    /// connection, which dropped them (docs/PERFORMANCE.md, "Retry in a long storm"). What the
+    /// hash bought, not answering non-QUIC packets with a stateless reset, is lost; quinn sends
+    /// at most one reset per 20 ms, each smaller than the packet that caused it.
+    Random,
+}
+
+fn node_cids(server_id: Option<&[u8]>, peers: Arc<Peers>) -> anyhow::Result<NodeCids> {
+    Ok(match server_id {
+        Some(id) => NodeCids::Lb(LbCidGenerator::new(id.to_vec(), peers)?),
+        None => NodeCids::Random,
+    })
+}
+
+impl NodeCids {
+    fn generator(&self) -> Box<dyn ConnectionIdGenerator> {
+        match self {
+            NodeCids::Lb(g) => Box::new(g.clone()),
+            NodeCids::Random => Box::new(quinn_proto::RandomConnectionIdGenerator::new(NONCE_LEN)),
+        }
+    }
 }
 
 /// Parses a server id given in hex (`0a01`).
@@ -184,6 +213,17 @@ mod tests {
         rand::rng().fill_bytes(&mut random);
         random[0] = 0xff;
         assert!(g.validate(&ConnectionId::new(&random)).is_err());
+    }
+
+    /// quinn's default generator draws 3 random bytes (2^24 CIDs), and quinn does not check
+    /// a Retry's CID against the live ones: at thousands of connections, a Retry could name
+    /// a live connection's CID and the client's next Initial went to that connection.
+    #[test]
+    fn a_node_without_a_server_id_never_issues_a_cid_twice() {
+        let mut g = node_cids(None, Peers::new()).unwrap().generator();
+        let draws = 200_000;
+        let distinct: HashSet<ConnectionId> = (0..draws).map(|_| g.generate_cid()).collect();
+        assert_eq!(distinct.len(), draws, "CIDs issued twice");
     }
 
     #[test]
