@@ -26,7 +26,6 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use edgestream_codec::Frame;
 use edgestream_testkit::{http::Api, token, ws::Msg, ws::WsClient, wt};
-use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
