@@ -896,3 +896,171 @@ async fn a_sessions_log_lines_carry_its_span() {
     assert!(!line.contains(&tok), "{line}");
     child.kill().await.unwrap();
 }
+
+/// POSTs a multi-org publish (`POST /v1/events`); the status and the JSON answer.
+async fn publish_many(
+    s: &TestServer,
+    tok: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = s
+        .api
+        .client
+        .post(format!("{}/v1/events", s.api.base))
+        .bearer_auth(tok)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap())
+}
+
+async fn head(s: &TestServer, org: &str) -> u64 {
+    let tok = s.token(&[org]);
+    let (_, h) = s
+        .api
+        .get(&format!("/v1/orgs/{org}/events?limit=1"), Some(&tok))
+        .await
+        .unwrap();
+    h["head"].as_u64().unwrap()
+}
+
+/// One request publishes to several orgs: each org's events get its own consecutive seqs and
+/// reach its subscribers in order; the answer lists every org's seqs in the request's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_publishes_to_many_orgs() {
+    let s = TestServer::start().await;
+    s.api
+        .publish(&s.token(&["beta"]), "beta", &json!({"before": 1}))
+        .await
+        .unwrap();
+    let mut acme = s.client(&["acme"], "").await;
+    let mut beta = s.client(&["beta"], "").await;
+    for c in [&mut acme, &mut beta] {
+        assert!(matches!(
+            c.next().await.unwrap(),
+            Msg::Frame(Frame::Subscribed { .. })
+        ));
+    }
+    let tok = s.token(&["acme", "beta", "gamma"]);
+    let body = r#"[{"org":"acme","events":[{"a":1},{"a":2}]},
+                   {"org":"beta","events":{"b":1}},
+                   {"org":"gamma","events":[{"g":1}]}]"#;
+    let (st, v) = publish_many(&s, &tok, body, None).await;
+    assert_eq!(st, 201, "{v}");
+    let r = &v["results"];
+    assert_eq!(r.as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(
+        (&r[0]["org"], &r[0]["first_seq"], &r[0]["last_seq"]),
+        (&json!("acme"), &json!(1), &json!(2))
+    );
+    assert_eq!(
+        (&r[1]["org"], &r[1]["first_seq"], &r[1]["last_seq"]),
+        (&json!("beta"), &json!(2), &json!(2))
+    );
+    assert_eq!(
+        (&r[2]["org"], &r[2]["first_seq"]),
+        (&json!("gamma"), &json!(1))
+    );
+    let got = acme.events(2).await.unwrap();
+    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(&got[1].payload[..], br#"{"a":2}"#, "payloads verbatim");
+    let got = beta.events(1).await.unwrap();
+    assert_eq!((got[0].seq, &got[0].payload[..]), (2, &br#"{"b":1}"#[..]));
+    assert_eq!(head(&s, "gamma").await, 1);
+}
+
+/// Anything wrong in any part refuses the whole request with a JSON reason, and nothing is
+/// stored in any org: an org the token may not publish to, a bad org name, an org named
+/// twice, a bad event, too many orgs, a body of another shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_org_publish_is_refused_whole() {
+    let s = TestServer::start().await;
+    let tok = s.token(&["acme", "beta"]);
+    let cases: Vec<(String, u16)> = vec![
+        (
+            r#"[{"org":"acme","events":{"a":1}},{"org":"gamma","events":{"g":1}}]"#.into(),
+            403,
+        ),
+        (
+            r#"[{"org":"acme","events":{"a":1}},{"org":"no/slash","events":{"g":1}}]"#.into(),
+            400,
+        ),
+        (
+            r#"[{"org":"acme","events":{"a":1}},{"org":"acme","events":{"a":2}}]"#.into(),
+            400,
+        ),
+        (
+            r#"[{"org":"acme","events":{"a":1}},{"org":"beta","events":[1]}]"#.into(),
+            400,
+        ),
+        (
+            r#"[{"org":"acme","events":{"a":1}},{"org":"beta","events":[]}]"#.into(),
+            400,
+        ),
+        (
+            r#"[{"org":"acme","events":{"a":1}},{"org":"beta"}]"#.into(),
+            400,
+        ),
+        (
+            r#"[{"org":"acme","events":{"a":1},"extra":true}]"#.into(),
+            400,
+        ),
+        (r#"{"org":"acme","events":{"a":1}}"#.into(), 400),
+        ("[]".into(), 400),
+        ("not json".into(), 400),
+        (
+            format!(
+                "[{}]",
+                (0..1001)
+                    .map(|i| format!(r#"{{"org":"o{i}","events":{{"a":1}}}}"#))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            400,
+        ),
+    ];
+    for (body, want) in &cases {
+        let wide = if *want == 400 && body.len() > 10_000 {
+            s.token(&["*"])
+        } else {
+            tok.clone()
+        };
+        let (st, v) = publish_many(&s, &wide, body, None).await;
+        assert_eq!(st, *want, "{body:.120}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    // A subscribe-only token may not publish anywhere.
+    let reader = s.token_for("r", &["acme"], "subscribe");
+    let (st, _) = publish_many(&s, &reader, r#"[{"org":"acme","events":{"a":1}}]"#, None).await;
+    assert_eq!(st, 403);
+    assert_eq!(
+        (head(&s, "acme").await, head(&s, "beta").await),
+        (0, 0),
+        "nothing stored"
+    );
+}
+
+/// A repeat with the same Idempotency-Key appends nothing: every org answers its first result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_org_publish_repeat_appends_nothing() {
+    let s = TestServer::start().await;
+    let tok = s.token(&["acme", "beta"]);
+    let body = r#"[{"org":"acme","events":[{"a":1},{"a":2}]},{"org":"beta","events":{"b":1}}]"#;
+    let (st, first) = publish_many(&s, &tok, body, Some("batch-9")).await;
+    assert_eq!(st, 201, "{first}");
+    let (st, again) = publish_many(&s, &tok, body, Some("batch-9")).await;
+    assert_eq!(st, 200, "{again}");
+    for i in 0..2 {
+        assert_eq!(
+            again["results"][i]["first_seq"],
+            first["results"][i]["first_seq"]
+        );
+        assert_eq!(again["results"][i]["duplicate"], true, "{again}");
+    }
+    assert_eq!((head(&s, "acme").await, head(&s, "beta").await), (2, 1));
+}

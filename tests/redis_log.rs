@@ -1128,3 +1128,65 @@ async fn a_log_outage_during_catch_up_closes_with_4503_on_both_transports() {
     assert_eq!(ws_code, Some(4503));
     assert_eq!(wt_code, 4503);
 }
+
+/// `POST /v1/events` on Redis: one request to node a appends to many orgs at once (their
+/// scripts run concurrently), each org with its own gap-free seqs, delivered on node b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_org_publish_on_one_node_is_delivered_on_the_other() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let orgs: Vec<String> = (0..50).map(|i| format!("o{i}")).collect();
+    let mut watched = b.client(&["o7"], "orgs=o7").await;
+    subscribed(&mut watched).await;
+    let tok = a.token(&["*"]);
+    for round in 0..3 {
+        let body: Vec<serde_json::Value> = orgs
+            .iter()
+            .map(|o| serde_json::json!({"org": o, "events": [{"r": round, "k": 0}, {"r": round, "k": 1}]}))
+            .collect();
+        let res = a
+            .api
+            .client
+            .post(format!("{}/v1/events", a.api.base))
+            .bearer_auth(&tok)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 201);
+        let v: serde_json::Value = res.json().await.unwrap();
+        for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(r["org"], orgs[i].as_str(), "{v}");
+            assert_eq!(
+                (r["first_seq"].as_u64(), r["last_seq"].as_u64()),
+                (Some(round * 2 + 1), Some(round * 2 + 2)),
+                "{v}"
+            );
+        }
+    }
+    let got = watched.events(6).await.unwrap();
+    assert_eq!(seqs(&got), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(&got[5].payload[..], br#"{"k":1,"r":2}"#);
+    // With Redis gone, every org's result says why, and the request answers 503 or 504 with
+    // a reason, never 201.
+    let mut redis = redis;
+    redis.kill();
+    let body = serde_json::json!([{"org": "o1", "events": {"late": 1}}, {"org": "o2", "events": {"late": 2}}]);
+    let res = a
+        .api
+        .client
+        .post(format!("{}/v1/events", a.api.base))
+        .bearer_auth(&tok)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let v: serde_json::Value = res.json().await.unwrap();
+    assert!(status == 503 || status == 504, "{status}: {v}");
+    assert!(v["error"].is_string(), "{v}");
+    for r in v["results"].as_array().unwrap() {
+        assert!(matches!(r["status"].as_u64(), Some(503 | 504)), "{v}");
+        assert!(r["error"].is_string(), "{v}");
+    }
+}

@@ -242,19 +242,27 @@ async fn scale_figures(
     if cli.wants("many_orgs") {
         let n = if q { 500 } else { 10_000 };
         let mut runs = Vec::new();
-        for (orgs, per_org) in [(1, n), (n / 10, 10), (n, 1)] {
-            eprintln!("many_orgs: {orgs} orgs x {per_org} subscribers ...");
+        // The last run publishes 100 orgs per request (`POST /v1/events`).
+        for (orgs, per_org, per_request) in [(1, n, 1), (n / 10, 10, 1), (n, 1, 1), (n, 1, 100)] {
+            eprintln!(
+                "many_orgs: {orgs} orgs x {per_org} subscribers, {per_request} orgs a request ..."
+            );
             runs.push(
-                scale::orgs_run(cli, orgs, orgs * per_org, 20)
+                scale::orgs_run(cli, orgs, orgs * per_org, 20, per_request)
                     .await
                     .with_context(|| format!("many_orgs {orgs}x{per_org}"))?,
             );
         }
         let rate = |r: &scale::OrgsRun| r.delivered_per_sec;
-        let ratio = rate(&runs[2]) / rate(&runs[0]).max(f64::MIN_POSITIVE);
+        let ratio = |i: usize| rate(&runs[i]) / rate(&runs[0]).max(f64::MIN_POSITIVE);
+        let (one_request_per_org, many_orgs_per_request) = (ratio(2), ratio(3));
         report.insert(
             "many_orgs".into(),
-            json!({"runs": runs, "ratio_many_to_one": ratio}),
+            json!({
+                "runs": runs,
+                "ratio_many_to_one": one_request_per_org,
+                "ratio_many_to_one_multi_org_requests": many_orgs_per_request,
+            }),
         );
     }
     if cli.wants("org_memory") {

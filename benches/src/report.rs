@@ -239,13 +239,14 @@ fn scale_rows(r: &Value) -> String {
     if let Some(runs) = r["many_orgs"]["runs"].as_array() {
         for x in runs {
             s += &format!(
-                "| many orgs: {} orgs x {} WebSocket subscribers, delivered/s; p99 (us) | {:.0}; {} | {} | |\n",
-                x["orgs"], x["subscribers_per_org"], f(&x["delivered_per_sec"]), x["us"]["p99"], cpu(&x["cpu"])
+                "| many orgs: {} orgs x {} WebSocket subscribers, {} orgs per publish request, delivered/s; p99 (us) | {:.0}; {} | {} | |\n",
+                x["orgs"], x["subscribers_per_org"], x["orgs_per_request"], f(&x["delivered_per_sec"]), x["us"]["p99"], cpu(&x["cpu"])
             );
         }
         s += &format!(
-            "| many orgs: delivered/s of the most orgs against one org | {:.2}x | | |\n",
-            f(&r["many_orgs"]["ratio_many_to_one"])
+            "| many orgs: delivered/s of the most orgs against one org: one request per org / 100 orgs per request | {:.2}x / {:.2}x | | |\n",
+            f(&r["many_orgs"]["ratio_many_to_one"]),
+            f(&r["many_orgs"]["ratio_many_to_one_multi_org_requests"])
         );
     }
     let m = &r["org_memory"];

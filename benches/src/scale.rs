@@ -64,47 +64,70 @@ fn stream_url(es: &Edgestream, transport: Transport) -> String {
 
 /// Publishes `per_org` events to each of `orgs` orgs (one request per org).
 async fn publish_to_orgs(es: &Edgestream, orgs: usize, per_org: u64) -> anyhow::Result<()> {
-    publish_to_org_range(es, 0..orgs, per_org).await
+    publish_to_org_range(es, 0..orgs, per_org, 1).await
 }
 
 /// Keep-alive connections the publishers use.
 const PUBLISH_CONNECTIONS: usize = 32;
 
-/// `per_org` timed events to each of the orgs `o{i}`, `i` in `range`, one request per org, over
-/// [`PUBLISH_CONNECTIONS`] keep-alive HTTP/1.1 connections. The requests are written by hand
-/// (one write each, the answer read by its Content-Length) with one token for every org: the
-/// publishers share the machine with the server, and through reqwest, with a token signed and
-/// a JSON value built per request, they took 0.64 cores at 10,000 orgs, a third of the machine.
+/// `per_org` timed events to each of the orgs `o{i}`, `i` in `range`, over
+/// [`PUBLISH_CONNECTIONS`] keep-alive HTTP/1.1 connections: one request per org
+/// (`orgs_per_request` 1, `POST /v1/orgs/{org}/events`) or per `orgs_per_request` orgs
+/// (`POST /v1/events`). The requests are written by hand (one write each, the answer read by
+/// its Content-Length) with one token for every org: the publishers share the machine with
+/// the server, and through reqwest, with a token signed and a JSON value built per request,
+/// they took 0.64 cores at 10,000 orgs, a third of the machine.
 async fn publish_to_org_range(
     es: &Edgestream,
     range: std::ops::Range<usize>,
     per_org: u64,
+    orgs_per_request: usize,
 ) -> anyhow::Result<()> {
     let token = tok(&["*"]);
     let orgs: Vec<usize> = range.collect();
-    let per_conn = orgs.len().div_ceil(PUBLISH_CONNECTIONS).max(1);
+    let requests: Vec<&[usize]> = orgs.chunks(orgs_per_request.max(1)).collect();
+    let per_conn = requests.len().div_ceil(PUBLISH_CONNECTIONS).max(1);
     let filler = "x".repeat(PAYLOAD_BYTES - 40);
-    futures_util::future::try_join_all(orgs.chunks(per_conn).map(|chunk| {
+    futures_util::future::try_join_all(requests.chunks(per_conn).map(|share| {
         let (token, filler) = (&token, &filler);
         async move {
             let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", es.http)).await?;
             conn.set_nodelay(true)?;
             let (mut req, mut body, mut answer) = (Vec::new(), Vec::new(), Vec::new());
-            for i in chunk {
+            for group in share {
                 body.clear();
-                body.push(b'[');
-                for n in 0..per_org {
-                    if n > 0 {
-                        body.push(b',');
+                let events = |body: &mut Vec<u8>| -> std::io::Result<()> {
+                    body.push(b'[');
+                    for n in 0..per_org {
+                        if n > 0 {
+                            body.push(b',');
+                        }
+                        // What `load::timed_payload` builds, without a `Value` per event.
+                        write!(body, r#"{{"u":{},"p":"{filler}"}}"#, load::unix_us())?;
                     }
-                    // What `load::timed_payload` builds, without a `Value` per event.
-                    write!(body, r#"{{"u":{},"p":"{filler}"}}"#, load::unix_us())?;
-                }
-                body.push(b']');
+                    body.push(b']');
+                    Ok(())
+                };
+                let path = if let [i] = group {
+                    events(&mut body)?;
+                    format!("/v1/orgs/o{i}/events")
+                } else {
+                    body.push(b'[');
+                    for (k, i) in group.iter().enumerate() {
+                        if k > 0 {
+                            body.push(b',');
+                        }
+                        write!(body, r#"{{"org":"o{i}","events":"#)?;
+                        events(&mut body)?;
+                        body.push(b'}');
+                    }
+                    body.push(b']');
+                    "/v1/events".to_string()
+                };
                 req.clear();
                 write!(
                     req,
-                    "POST /v1/orgs/o{i}/events HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+                    "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\
                      authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
                      content-length: {}\r\n\r\n",
                     body.len()
@@ -114,7 +137,7 @@ async fn publish_to_org_range(
                 let status = read_answer(&mut conn, &mut answer).await?;
                 anyhow::ensure!(
                     status == 201,
-                    "publish to o{i} answered {status}: {}",
+                    "{path} answered {status}: {}",
                     String::from_utf8_lossy(&answer)
                 );
             }
@@ -412,6 +435,8 @@ pub async fn handshakes(
 pub struct OrgsRun {
     orgs: usize,
     subscribers_per_org: usize,
+    /// Orgs per publish request: 1 is `POST /v1/orgs/{org}/events`, more is `POST /v1/events`.
+    orgs_per_request: usize,
     events_per_org: u64,
     delivered: u64,
     pub delivered_per_sec: f64,
@@ -419,13 +444,14 @@ pub struct OrgsRun {
     cpu: Cpu,
 }
 
-/// `subscribers` WebSocket sessions spread over `orgs` orgs; `deliveries / subscribers` events
-/// per org, one publish request per org.
+/// `subscribers` WebSocket sessions spread over `orgs` orgs; `events_per_org` events per org,
+/// `orgs_per_request` orgs per publish request.
 pub async fn orgs_run(
     cli: &Cli,
     orgs: usize,
     subscribers: usize,
     events_per_org: u64,
+    orgs_per_request: usize,
 ) -> anyhow::Result<OrgsRun> {
     let es = start_edgestream(cli, events_per_org).await?;
     let url = stream_url(&es, Transport::Ws);
@@ -446,7 +472,7 @@ pub async fn orgs_run(
     )
     .await?;
     let cpu = CpuWindow::start(&es, &load);
-    publish_to_orgs(&es, orgs, events_per_org).await?;
+    publish_to_org_range(&es, 0..orgs, events_per_org, orgs_per_request).await?;
     load.ask(&format!("until {events_per_org}"), "reached")
         .await?;
     let cpu = cpu.end(&es, &load, n);
@@ -454,6 +480,7 @@ pub async fn orgs_run(
     Ok(OrgsRun {
         orgs,
         subscribers_per_org: subscribers / orgs,
+        orgs_per_request,
         events_per_org,
         delivered: done.delivered,
         delivered_per_sec: done.delivered as f64 / done.seconds().max(1e-6),
@@ -491,7 +518,7 @@ pub async fn org_memory(cli: &Cli, orgs: usize) -> anyhow::Result<OrgMemory> {
     let one = rss_bytes(&es.proc);
     let m = until_emptied(&es).await?;
     let emptied = rss_bytes(&es.proc);
-    publish_to_org_range(&es, orgs..2 * orgs, 1).await?;
+    publish_to_org_range(&es, orgs..2 * orgs, 1, 1).await?;
     until_emptied(&es).await?;
     let second = rss_bytes(&es.proc);
     let per_org = |rss: u64| (rss as f64 - before as f64) / orgs as f64;

@@ -97,6 +97,7 @@ pub fn admin_router(app: Arc<App>) -> Router {
 pub fn router(app: Arc<App>) -> Router {
     let mut r = Router::new()
         .route("/v1/orgs/{org}/events", post(publish::publish).get(history))
+        .route("/v1/events", post(publish::publish_batch))
         .route("/v1/orgs/{org}/presence", get(org_presence))
         .route("/v1/orgs/{org}/uploads", axum::routing::put(upload::put))
         .route("/v1/uploads/{id}", get(upload::status))

@@ -1,5 +1,9 @@
 //! `POST /v1/orgs/{org}/events`: one event (a JSON object) or a batch (an array of objects),
 //! appended atomically with consecutive seqs; `Idempotency-Key` answers a repeat from the log.
+//!
+//! `POST /v1/events`: events for many orgs in one request (`[{"org": .., "events": ..}, ..]`),
+//! each org's appended as `POST /v1/orgs/{org}/events` would; refused whole (nothing stored)
+//! when any part is invalid or not allowed.
 
 use std::sync::Arc;
 
@@ -15,6 +19,7 @@ use super::{authenticate, org_param, ApiError};
 use crate::app::App;
 use crate::close::Refusal;
 use crate::log::LogError;
+use crate::model::OrgId;
 
 /// Idempotency keys longer than this are refused.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -39,21 +44,7 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
     let (parts, body) = req.into_parts();
     let grant = authenticate(app, &parts.headers, parts.uri.query())?;
     grant.check_publish(&org).map_err(Refusal::from)?;
-    let key = match parts.headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let k = v
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
-            Some(k.ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "Idempotency-Key must be 1 to 256 visible ASCII chars",
-                )
-            })?)
-        }
-    };
+    let key = idempotency_key(&parts.headers)?;
     let body = read_body(body, app.config.max_request_bytes).await?;
     let payloads = split_events(&body, app.config.max_event_bytes)?;
     let count = payloads.len() as u64;
@@ -62,23 +53,7 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
         .hub
         .append(&org, payloads, key)
         .await
-        .map_err(|e| match e {
-            LogError::Unavailable(m) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("log unavailable, not stored: {m}"),
-            ),
-            LogError::Indeterminate(m) => ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "outcome unknown: the log did not answer in time, the events may have been \
-                     stored; retry with the same Idempotency-Key to store them exactly once ({m})"
-                ),
-            ),
-            LogError::Internal(m) => {
-                tracing::error!(org = %org, error = %m, "append failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-            }
-        })?;
+        .map_err(|e| append_error(&org, e))?;
     let status = if appended.duplicate {
         app.env.metrics.publish_duplicates.inc();
         StatusCode::OK
@@ -92,6 +67,155 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
         "first_seq": appended.first_seq,
         "last_seq": appended.last_seq,
     });
+    Ok((status, Json(body)).into_response())
+}
+
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Idempotency-Key must be 1 to 256 visible ASCII chars",
+                )
+            }),
+    }
+}
+
+fn append_error(org: &OrgId, e: LogError) -> ApiError {
+    match e {
+        LogError::Unavailable(m) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("log unavailable, not stored: {m}"),
+        ),
+        LogError::Indeterminate(m) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "outcome unknown: the log did not answer in time, the events may have been \
+                 stored; retry with the same Idempotency-Key to store them exactly once ({m})"
+            ),
+        ),
+        LogError::Internal(m) => {
+            tracing::error!(org = %org, error = %m, "append failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+/// Orgs one `POST /v1/events` may name.
+pub const MAX_BATCH_ORGS: usize = 1_000;
+
+/// One entry of a multi-org publish: an org and its event or events, kept as raw bytes.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrgEvents<'a> {
+    #[serde(borrow)]
+    org: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    events: &'a RawValue,
+}
+
+pub(super) async fn publish_batch(State(app): State<Arc<App>>, req: Request) -> Response {
+    app.env.metrics.publish_requests.inc();
+    match publish_batch_inner(&app, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            app.env.metrics.publish_rejected.inc();
+            e.into_response()
+        }
+    }
+}
+
+/// Everything is checked (orgs, grant, every event) before anything is appended; then the
+/// orgs are appended concurrently, each atomically. The answer lists every org's result in
+/// the request's order: 201 when every org's events were stored (200 when every org answered
+/// from its Idempotency-Key), else the status of the first org that failed, with the results
+/// of the others, so a publisher knows what to retry.
+async fn publish_batch_inner(app: &App, req: Request) -> Result<Response, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let (parts, body) = req.into_parts();
+    let grant = authenticate(app, &parts.headers, parts.uri.query())?;
+    let key = idempotency_key(&parts.headers)?;
+    let body = read_body(body, app.config.max_request_bytes).await?;
+    let entries: Vec<OrgEvents<'_>> = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!(
+            "expected [{{\"org\": ..., \"events\": ...}}, ...]: {e}"
+        ))
+    })?;
+    if entries.is_empty() {
+        return Err(bad("no orgs".into()));
+    }
+    if entries.len() > MAX_BATCH_ORGS {
+        return Err(bad(format!(
+            "{} orgs in one request, over the limit of {MAX_BATCH_ORGS}",
+            entries.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    let mut batch = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let org = org_param(&e.org)?;
+        if !seen.insert(org.clone()) {
+            return Err(bad(format!("org {org} is named twice")));
+        }
+        grant.check_publish(&org).map_err(Refusal::from)?;
+        let payloads = split_events(e.events.get().as_bytes(), app.config.max_event_bytes)
+            .map_err(|err| ApiError::new(err.status, format!("org {org}: {}", err.message)))?;
+        batch.push((org, payloads));
+    }
+    drop(entries);
+    let hub = &app.env.hub;
+    let results = futures_util::future::join_all(batch.into_iter().map(|(org, payloads)| {
+        let count = payloads.len() as u64;
+        async move {
+            let r = hub.append(&org, payloads, key).await;
+            (org, count, r)
+        }
+    }))
+    .await;
+    let (mut failed, mut stored) = (None, false);
+    let results: Vec<serde_json::Value> = results
+        .into_iter()
+        .map(|(org, count, r)| match r {
+            Ok(a) => {
+                if a.duplicate {
+                    app.env.metrics.publish_duplicates.inc();
+                } else {
+                    stored = true;
+                    app.env.metrics.events_published.inc_by(count);
+                }
+                json!({
+                    "org": org.as_str(),
+                    "epoch": a.epoch.as_str(),
+                    "first_seq": a.first_seq,
+                    "last_seq": a.last_seq,
+                    "duplicate": a.duplicate,
+                })
+            }
+            Err(e) => {
+                let e = append_error(&org, e);
+                failed.get_or_insert(e.status);
+                json!({"org": org.as_str(), "status": e.status.as_u16(), "error": e.message})
+            }
+        })
+        .collect();
+    let status = match failed {
+        Some(s) => {
+            app.env.metrics.publish_rejected.inc();
+            s
+        }
+        None if stored => StatusCode::CREATED,
+        None => StatusCode::OK,
+    };
+    let mut body = json!({ "results": results });
+    if failed.is_some() {
+        body["error"] = json!("some orgs were not stored; see results");
+    }
     Ok((status, Json(body)).into_response())
 }
 
