@@ -897,28 +897,6 @@ async fn a_sessions_log_lines_carry_its_span() {
     child.kill().await.unwrap();
 }
 
-/// POSTs a multi-org publish (`POST /v1/events`); the status and the JSON answer.
-async fn publish_many(
-    s: &TestServer,
-    tok: &str,
-    body: &str,
-    key: Option<&str>,
-) -> (u16, serde_json::Value) {
-    let mut req = s
-        .api
-        .client
-        .post(format!("{}/v1/events", s.api.base))
-        .bearer_auth(tok)
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    if let Some(k) = key {
-        req = req.header("idempotency-key", k);
-    }
-    let res = req.send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap())
-}
-
 async fn head(s: &TestServer, org: &str) -> u64 {
     let tok = s.token(&[org]);
     let (_, h) = s
@@ -950,7 +928,7 @@ async fn one_request_publishes_to_many_orgs() {
     let body = r#"[{"org":"acme","events":[{"a":1},{"a":2}]},
                    {"org":"beta","events":{"b":1}},
                    {"org":"gamma","events":[{"g":1}]}]"#;
-    let (st, v) = publish_many(&s, &tok, body, None).await;
+    let (st, v) = s.publish_many(&tok, body.to_string(), None).await;
     assert_eq!(st, 201, "{v}");
     let r = &v["results"];
     assert_eq!(r.as_array().unwrap().len(), 3, "{v}");
@@ -1030,13 +1008,15 @@ async fn a_multi_org_publish_is_refused_whole() {
         } else {
             tok.clone()
         };
-        let (st, v) = publish_many(&s, &wide, body, None).await;
+        let (st, v) = s.publish_many(&wide, body.to_string(), None).await;
         assert_eq!(st, *want, "{body:.120}: {v}");
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
     // A subscribe-only token may not publish anywhere.
     let reader = s.token_for("r", &["acme"], "subscribe");
-    let (st, _) = publish_many(&s, &reader, r#"[{"org":"acme","events":{"a":1}}]"#, None).await;
+    let (st, _) = s
+        .publish_many(&reader, r#"[{"org":"acme","events":{"a":1}}]"#, None)
+        .await;
     assert_eq!(st, 403);
     assert_eq!(
         (head(&s, "acme").await, head(&s, "beta").await),
@@ -1051,9 +1031,13 @@ async fn a_multi_org_publish_repeat_appends_nothing() {
     let s = TestServer::start().await;
     let tok = s.token(&["acme", "beta"]);
     let body = r#"[{"org":"acme","events":[{"a":1},{"a":2}]},{"org":"beta","events":{"b":1}}]"#;
-    let (st, first) = publish_many(&s, &tok, body, Some("batch-9")).await;
+    let (st, first) = s
+        .publish_many(&tok, body.to_string(), Some("batch-9"))
+        .await;
     assert_eq!(st, 201, "{first}");
-    let (st, again) = publish_many(&s, &tok, body, Some("batch-9")).await;
+    let (st, again) = s
+        .publish_many(&tok, body.to_string(), Some("batch-9"))
+        .await;
     assert_eq!(st, 200, "{again}");
     for i in 0..2 {
         assert_eq!(

@@ -1144,17 +1144,10 @@ async fn a_multi_org_publish_on_one_node_is_delivered_on_the_other() {
             .iter()
             .map(|o| serde_json::json!({"org": o, "events": [{"r": round, "k": 0}, {"r": round, "k": 1}]}))
             .collect();
-        let res = a
-            .api
-            .client
-            .post(format!("{}/v1/events", a.api.base))
-            .bearer_auth(&tok)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status().as_u16(), 201);
-        let v: serde_json::Value = res.json().await.unwrap();
+        let (status, v) = a
+            .publish_many(&tok, serde_json::to_vec(&body).unwrap(), None)
+            .await;
+        assert_eq!(status, 201, "{v}");
         for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
             assert_eq!(r["org"], orgs[i].as_str(), "{v}");
             assert_eq!(
@@ -1172,17 +1165,9 @@ async fn a_multi_org_publish_on_one_node_is_delivered_on_the_other() {
     let mut redis = redis;
     redis.kill();
     let body = serde_json::json!([{"org": "o1", "events": {"late": 1}}, {"org": "o2", "events": {"late": 2}}]);
-    let res = a
-        .api
-        .client
-        .post(format!("{}/v1/events", a.api.base))
-        .bearer_auth(&tok)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    let v: serde_json::Value = res.json().await.unwrap();
+    let (status, v) = a
+        .publish_many(&tok, serde_json::to_vec(&body).unwrap(), None)
+        .await;
     assert!(status == 503 || status == 504, "{status}: {v}");
     assert!(v["error"].is_string(), "{v}");
     for r in v["results"].as_array().unwrap() {

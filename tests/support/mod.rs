@@ -168,6 +168,28 @@ impl TestServer {
     }
 
     /// A subscribe+publish token for `orgs` (user `alice`).
+    /// POSTs a multi-org publish (`POST /v1/events`); the status and the JSON answer.
+    pub async fn publish_many(
+        &self,
+        tok: &str,
+        body: impl Into<reqwest::Body>,
+        key: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .api
+            .client
+            .post(format!("{}/v1/events", self.api.base))
+            .bearer_auth(tok)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let res = req.send().await.expect("POST /v1/events");
+        let status = res.status().as_u16();
+        (status, res.json().await.expect("a JSON answer"))
+    }
+
     pub fn token(&self, orgs: &[&str]) -> String {
         token(orgs)
     }
