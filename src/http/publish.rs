@@ -18,7 +18,7 @@ use serde_json::{json, value::RawValue};
 use super::{authenticate, org_param, ApiError};
 use crate::app::App;
 use crate::close::Refusal;
-use crate::log::LogError;
+use crate::log::{Appended, LogError};
 use crate::model::OrgId;
 
 /// Idempotency keys longer than this are refused.
@@ -54,20 +54,33 @@ async fn publish_inner(app: &App, org: &str, req: Request) -> Result<Response, A
         .append(&org, payloads, key)
         .await
         .map_err(|e| append_error(&org, e))?;
-    let status = if appended.duplicate {
-        app.env.metrics.publish_duplicates.inc();
-        StatusCode::OK
-    } else {
-        app.env.metrics.events_published.inc_by(count);
+    let status = if count_appended(app, &appended, count) {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    let body = json!({
+    Ok((status, Json(appended_body(&org, &appended))).into_response())
+}
+
+/// Counts one org's append in the metrics; whether it stored events (not a repeat answered
+/// from its Idempotency-Key).
+fn count_appended(app: &App, appended: &Appended, events: u64) -> bool {
+    if appended.duplicate {
+        app.env.metrics.publish_duplicates.inc();
+    } else {
+        app.env.metrics.events_published.inc_by(events);
+    }
+    !appended.duplicate
+}
+
+/// What a publish answers for one org.
+fn appended_body(org: &OrgId, appended: &Appended) -> serde_json::Value {
+    json!({
         "org": org.as_str(),
         "epoch": appended.epoch.as_str(),
         "first_seq": appended.first_seq,
         "last_seq": appended.last_seq,
-    });
-    Ok((status, Json(body)).into_response())
+    })
 }
 
 fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
@@ -183,19 +196,10 @@ async fn publish_batch_inner(app: &App, req: Request) -> Result<Response, ApiErr
         .into_iter()
         .map(|(org, count, r)| match r {
             Ok(a) => {
-                if a.duplicate {
-                    app.env.metrics.publish_duplicates.inc();
-                } else {
-                    stored = true;
-                    app.env.metrics.events_published.inc_by(count);
-                }
-                json!({
-                    "org": org.as_str(),
-                    "epoch": a.epoch.as_str(),
-                    "first_seq": a.first_seq,
-                    "last_seq": a.last_seq,
-                    "duplicate": a.duplicate,
-                })
+                stored |= count_appended(app, &a, count);
+                let mut v = appended_body(&org, &a);
+                v["duplicate"] = json!(a.duplicate);
+                v
             }
             Err(e) => {
                 let e = append_error(&org, e);
