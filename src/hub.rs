@@ -129,6 +129,26 @@ impl Sink {
             self.shared.waker.wake();
         }
     }
+
+    /// Queues every event of a batch under one lock, with at most one wake; raises the
+    /// overflow when they do not all fit (what fits is queued: the session closes with 4008).
+    /// The upstream fans a batch out sink by sink with this: one lock per subscriber per
+    /// batch, not one per subscriber per event (`Sink::push` per event was 10% of the server's
+    /// CPU in a 1 -> 1,000 fan-out of batches of 100).
+    fn push_events(&self, events: &[Arc<Event>]) {
+        let mut items = self.shared.items.lock();
+        let was_empty = items.is_empty();
+        let room = self.shared.capacity.saturating_sub(items.len());
+        items.extend(events.iter().take(room).cloned().map(Live::Event));
+        let woke = was_empty && !items.is_empty();
+        drop(items);
+        if woke {
+            self.shared.waker.wake();
+        }
+        if events.len() > room {
+            self.shared.overflow.raise();
+        }
+    }
 }
 
 /// Nothing queued now.
@@ -436,10 +456,8 @@ async fn upstream(
             }
             {
                 let subs = feed.subscribers.lock();
-                for event in &events {
-                    for sink in subs.iter().filter_map(|(_, s)| s.as_ref()) {
-                        sink.push(Live::Event(event.clone()));
-                    }
+                for sink in subs.iter().filter_map(|(_, s)| s.as_ref()) {
+                    sink.push_events(&events);
                 }
             }
             if !signals.is_empty() {
@@ -649,6 +667,38 @@ mod tests {
             hub.orgs_subscribed(),
             0,
             "the last subscriber out releases the feed"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_queued_in_order_and_overflows_only_past_capacity() {
+        let org = OrgId::parse("acme").unwrap();
+        let epoch = Epoch::parse("e1").unwrap();
+        let batch = |from: u64, n: u64| -> Vec<Arc<Event>> {
+            (from..from + n)
+                .map(|seq| Event::new(org.clone(), epoch.clone(), seq, 0, Bytes::from("{}")))
+                .collect()
+        };
+        let (sink, mut rx, overflow) = Sink::bounded(5);
+        sink.push_events(&batch(1, 3));
+        sink.push_events(&batch(4, 2));
+        assert!(!overflow.is_raised(), "5 events fit a queue of 5");
+        let seqs = |rx: &mut Queue| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|l| match l {
+                    Live::Event(e) => e.seq,
+                    Live::Presence(_) => 0,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&mut rx), [1, 2, 3, 4, 5]);
+        sink.push_events(&batch(6, 4));
+        sink.push_events(&batch(10, 3));
+        assert!(overflow.is_raised(), "7 events do not fit a queue of 5");
+        assert_eq!(
+            seqs(&mut rx),
+            [6, 7, 8, 9, 10],
+            "what fits is queued, in order"
         );
     }
 
