@@ -57,11 +57,13 @@ impl Job {
     }
 }
 
-/// One client's position, kept across a drop and a resume.
+/// One client's position, kept across a drop and a resume, and its latency samples (its own
+/// lock: clients never wait for each other to record one).
 #[derive(Default)]
 struct Position {
     epoch: Mutex<String>,
     last: AtomicU64,
+    latencies_us: Mutex<Vec<u64>>,
 }
 
 #[derive(Default)]
@@ -161,7 +163,10 @@ pub async fn worker(job: String) -> anyhow::Result<()> {
         t.abort();
     }
     let seen = &shared.seen;
-    let mut lat = std::mem::take(&mut *seen.latencies_us.lock().expect("not poisoned"));
+    let mut lat: Vec<u64> = positions
+        .iter()
+        .flat_map(|p| std::mem::take(&mut *p.latencies_us.lock().expect("not poisoned")))
+        .collect();
     lat.sort_unstable();
     let errors = seen.errors.take();
     say(
@@ -326,11 +331,8 @@ async fn read(
         seen.last_rx.fetch_max(t, Ordering::Relaxed);
         seen.delivered.fetch_add(1, Ordering::Relaxed);
         if sample {
-            if let Some(sent) = serde_json::from_slice::<Value>(&payload)
-                .ok()
-                .and_then(|v| v["u"].as_u64())
-            {
-                seen.latencies_us
+            if let Some(sent) = Stamp::of(&payload).u {
+                pos.latencies_us
                     .lock()
                     .expect("not poisoned")
                     .push(t.saturating_sub(sent));

@@ -32,6 +32,19 @@ pub struct Ev {
     pub compressed: bool,
 }
 
+/// The read buffer of a test client. tungstenite fills the free part of its read buffer with
+/// zeros before every `read` (`FrameCodec::read_in` in tungstenite 0.29), so with its default
+/// of 128 KiB a client that receives one small event per read zeroes 128 KiB per event: in the
+/// bench's fixed-load run (1,000 clients, one 150-byte event per read) that memset was 28% of
+/// a load worker's CPU (perf). 16 KiB still takes a hundred 144-byte events per read when a
+/// client is behind.
+const READ_BUFFER: usize = 16 * 1024;
+
+fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+}
+
 pub struct WsClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
@@ -82,7 +95,11 @@ impl WsClient {
         stream.set_nodelay(true)?;
         let (ws, _) = tokio::time::timeout(
             HANG_GUARD,
-            tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)),
+            tokio_tungstenite::client_async_with_config(
+                req,
+                MaybeTlsStream::Plain(stream),
+                Some(client_config()),
+            ),
         )
         .await??;
         Ok(WsClient { ws })
