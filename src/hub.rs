@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
+use slab::Slab;
 use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 
@@ -210,8 +211,10 @@ struct Feed {
     /// The latest seq seen upstream (for heartbeats).
     head: AtomicU64,
     /// Sinks that receive the org's events (`None`: a [`Watch`], which only keeps the org
-    /// followed).
-    subscribers: Mutex<Vec<(u64, Option<Sink>)>>,
+    /// followed), keyed by their [`Registration`]: a slab, so that leaving is O(1) however
+    /// many subscribe (a `retain` over the list made 10,000 subscribers leaving one org
+    /// 5 * 10^7 steps, under the hub's lock).
+    subscribers: Mutex<Slab<Option<Sink>>>,
     task: Mutex<Option<AbortHandle>>,
     /// True once the upstream follows the log. Subscribers wait for it before reading the
     /// head, so the follower's start is never after a head a subscriber relies on.
@@ -221,7 +224,6 @@ struct Feed {
 struct HubInner {
     log: Arc<dyn EventLog>,
     feeds: Mutex<HashMap<OrgId, Arc<Feed>>>,
-    next_id: AtomicU64,
     metrics: Arc<Metrics>,
     signals: std::sync::OnceLock<Weak<dyn SignalHandler>>,
 }
@@ -253,7 +255,6 @@ impl Hub {
             inner: Arc::new(HubInner {
                 log,
                 feeds: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
                 metrics,
                 signals: std::sync::OnceLock::new(),
             }),
@@ -343,7 +344,6 @@ impl Hub {
     }
 
     fn register(&self, org: &OrgId, sink: Option<&Sink>) -> Registration {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut feeds = self.inner.feeds.lock();
         let feed = match feeds.get(org) {
             Some(f) => f.clone(),
@@ -351,7 +351,7 @@ impl Hub {
                 let feed = Arc::new(Feed {
                     org: org.clone(),
                     head: AtomicU64::new(0),
-                    subscribers: Mutex::new(Vec::new()),
+                    subscribers: Mutex::new(Slab::new()),
                     task: Mutex::new(None),
                     following: watch::channel(false).0,
                 });
@@ -366,11 +366,11 @@ impl Hub {
                 feed
             }
         };
-        feed.subscribers.lock().push((id, sink.cloned()));
+        let key = feed.subscribers.lock().insert(sink.cloned());
         Registration {
             hub: Arc::downgrade(&self.inner),
             feed,
-            id,
+            key,
         }
     }
 }
@@ -383,7 +383,8 @@ pub struct Watch(#[allow(dead_code)] Registration);
 struct Registration {
     hub: Weak<HubInner>,
     feed: Arc<Feed>,
-    id: u64,
+    /// Its place in the feed's subscribers.
+    key: usize,
 }
 
 impl Drop for Registration {
@@ -394,7 +395,7 @@ impl Drop for Registration {
         let mut feeds = hub.feeds.lock();
         let empty = {
             let mut subs = self.feed.subscribers.lock();
-            subs.retain(|(id, _)| *id != self.id);
+            subs.try_remove(self.key);
             subs.is_empty()
         };
         if empty
@@ -699,6 +700,45 @@ mod tests {
             seqs(&mut rx),
             [6, 7, 8, 9, 10],
             "what fits is queued, in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn subscribers_leave_in_any_order_and_the_others_keep_receiving() {
+        let log = Arc::new(MemoryLog::new(Retention::default()));
+        let hub = Hub::new(log.clone(), Arc::new(Metrics::default()));
+        let org = OrgId::parse("acme").unwrap();
+        let mut subs = Vec::new();
+        for _ in 0..300 {
+            let (sink, rx, _) = Sink::bounded(16);
+            let (cursor, _) = hub.subscribe(&org, None, &sink).await.unwrap();
+            subs.push(Some((cursor, rx)));
+        }
+        // Every third, then every other one leaves (slab places are reused by newcomers).
+        for i in (0..300).step_by(3).chain((1..300).step_by(2)) {
+            subs[i] = None;
+        }
+        let (sink, rx, _) = Sink::bounded(16);
+        let (cursor, _) = hub.subscribe(&org, None, &sink).await.unwrap();
+        subs.push(Some((cursor, rx)));
+        let stayed = subs.iter().filter(|s| s.is_some()).count();
+        assert_eq!(stayed, 101);
+        log.append(&org, vec![Bytes::from_static(b"{}")], None)
+            .await
+            .unwrap();
+        for (cursor, rx) in subs.iter_mut().flatten() {
+            let d = next_delivery(cursor, rx).await;
+            assert!(
+                matches!(&d[..], [Delivery::Event(e)] if e.seq == 1),
+                "{d:?}"
+            );
+        }
+        assert_eq!(hub.orgs_subscribed(), 1);
+        subs.clear();
+        assert_eq!(
+            hub.orgs_subscribed(),
+            0,
+            "the last one out releases the feed"
         );
     }
 

@@ -76,10 +76,11 @@ struct Room {
     dirty: HashMap<String, bool>,
     /// Embedded mode: `online` as the last batch (or snapshot) told it.
     published: u64,
-    /// Sessions that get the batches.
-    listeners: Vec<(u64, Sink)>,
+    /// Sessions that get the batches, by their listening id (maps, so that a session leaving
+    /// costs O(1) however many listen: 10,000 leaving a room was quadratic with lists).
+    listeners: HashMap<u64, Sink>,
     /// Sessions waiting for their snapshot (at the next flush).
-    awaiting: Vec<(u64, Sink)>,
+    awaiting: HashMap<u64, Sink>,
 }
 
 impl Room {
@@ -413,12 +414,12 @@ impl Presence {
         match listen {
             Listen::Not => {}
             Listen::Add(id, sink) => {
-                r.awaiting.push((id, sink));
+                r.awaiting.insert(id, sink);
                 wants_snapshot = true;
             }
             Listen::Remove(id) => {
-                r.listeners.retain(|(i, _)| *i != id);
-                r.awaiting.retain(|(i, _)| *i != id);
+                r.listeners.remove(&id);
+                r.awaiting.remove(&id);
             }
         }
         let before = r.members.get(user).copied().unwrap_or(0);
