@@ -327,6 +327,21 @@ impl Frames {
     async fn write_to<T: AsyncWrite + Unpin>(&mut self, io: &mut T) -> std::io::Result<()> {
         self.cut();
         while !self.chunks.is_empty() {
+            if self.chunks.len() == 1 {
+                // One chunk (small frames are staged together, so usually the whole wake-up):
+                // a plain write, which on a socket is `send`; `writev` goes through the VFS
+                // (`vfs_writev`, `fdget_pos`), 5% of the server's CPU at one event per write.
+                let chunk = &mut self.chunks[0];
+                let written = io.write(chunk).await?;
+                if written == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                chunk.advance(written);
+                if chunk.is_empty() {
+                    self.chunks.pop_front();
+                }
+                continue;
+            }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let n = self.chunks.len().min(MAX_SLICES);
             for (slot, chunk) in slices.iter_mut().zip(&self.chunks) {
