@@ -21,10 +21,23 @@ fn frames(events: u64, payload_bytes: usize) -> Vec<Bytes> {
         .collect()
 }
 
-/// Sends every frame through a broadcast channel big enough that no receiver lags.
-async fn broadcast_all(tx: broadcast::Sender<Bytes>, frames: Vec<Bytes>) {
-    for f in frames {
-        let _ = tx.send(f);
+/// Sends the frames through a broadcast channel big enough that no receiver lags: every
+/// frame at once, or (`rate` events/s) one at a time on a fixed schedule, each payload
+/// stamped with its send time as edgestream's fixed-load publisher stamps it (unix micros in
+/// `u`), so the load workers time both the same way.
+async fn broadcast(tx: broadcast::Sender<Bytes>, events: u64, payload_bytes: usize, rate: f64) {
+    if rate <= 0.0 {
+        for f in frames(events, payload_bytes) {
+            let _ = tx.send(f);
+        }
+        return;
+    }
+    let step = std::time::Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    for seq in 1..=events {
+        tokio::time::sleep_until(start + step * (seq - 1) as u32).await;
+        let payload = serde_json::to_vec(&crate::load::timed_payload()).unwrap_or_default();
+        let _ = tx.send(edgestream_codec::encode_event("bench", seq, 0, 0, &payload));
     }
 }
 
@@ -33,6 +46,7 @@ pub async fn websocket(
     subscribers: usize,
     events: u64,
     payload_bytes: usize,
+    rate: f64,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("ready {}", listener.local_addr()?.port());
@@ -69,7 +83,7 @@ pub async fn websocket(
         });
     }
     all.wait().await;
-    broadcast_all(tx, frames(events, payload_bytes)).await;
+    broadcast(tx, events, payload_bytes, rate).await;
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -80,6 +94,7 @@ pub async fn webtransport(
     subscribers: usize,
     events: u64,
     payload_bytes: usize,
+    rate: f64,
 ) -> anyhow::Result<()> {
     let cert = edgestream::tls::DevCertificate::generate(
         &["localhost".into(), "127.0.0.1".into()],
@@ -136,7 +151,7 @@ pub async fn webtransport(
         });
     }
     all.wait().await;
-    broadcast_all(tx, frames(events, payload_bytes)).await;
+    broadcast(tx, events, payload_bytes, rate).await;
     std::future::pending::<()>().await;
     Ok(())
 }

@@ -98,6 +98,9 @@ enum Cmd {
         subscribers: usize,
         events: u64,
         payload_bytes: usize,
+        /// Events per second on a fixed schedule, each stamped (0: every event at once).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
     },
     /// Measures the durable log's storage choice: redb against edgestream's segment files,
     /// appends per second with a sync per acknowledgement (see ARCHITECTURE.md).
@@ -113,6 +116,9 @@ enum Cmd {
         subscribers: usize,
         events: u64,
         payload_bytes: usize,
+        /// Events per second on a fixed schedule, each stamped (0: every event at once).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
     },
 }
 
@@ -161,12 +167,14 @@ fn main() -> anyhow::Result<()> {
                 subscribers,
                 events,
                 payload_bytes,
-            }) => baseline::websocket(subscribers, events, payload_bytes).await,
+                rate,
+            }) => baseline::websocket(subscribers, events, payload_bytes, rate).await,
             Some(Cmd::BaselineWt {
                 subscribers,
                 events,
                 payload_bytes,
-            }) => baseline::webtransport(subscribers, events, payload_bytes).await,
+                rate,
+            }) => baseline::webtransport(subscribers, events, payload_bytes, rate).await,
             Some(Cmd::StorageChoice { records }) => storage::run(records).await,
             Some(Cmd::Load { job }) => load::worker(job).await,
             None => run(cli).await,
@@ -848,17 +856,20 @@ struct Baseline {
     cert: String,
 }
 
+/// `rate`: events/s on a fixed schedule, stamped (none: every event at once).
 async fn spawn_baseline(
     cli: &Cli,
     transport: Transport,
     subscribers: usize,
     events: u64,
+    rate: Option<f64>,
 ) -> anyhow::Result<Baseline> {
     let args = vec![
         transport.baseline().to_string(),
         subscribers.to_string(),
         events.to_string(),
         PAYLOAD_BYTES.to_string(),
+        format!("--rate={}", rate.unwrap_or(0.0)),
     ];
     let mut proc = Proc::spawn(&cli.server_cpus, &std::env::current_exe()?, &args)?;
     let ready = proc.ready_line().await?;
@@ -883,7 +894,7 @@ async fn fanout_baseline(
         proc: mut p,
         port,
         cert,
-    } = spawn_baseline(cli, transport, n, events).await?;
+    } = spawn_baseline(cli, transport, n, events, None).await?;
     let epoch = Instant::now();
     let seen = Arc::new(Seen {
         first_rx: AtomicU64::new(u64::MAX),
@@ -1105,7 +1116,7 @@ async fn idle_memory(
     };
     let ours = idle_rss(&target, transport, key, low, high).await?;
     // The baseline accepts `high` sessions, sends nothing (0 events) and keeps them open.
-    let b = spawn_baseline(cli, transport, high, 0).await?;
+    let b = spawn_baseline(cli, transport, high, 0, None).await?;
     let target = IdleTarget {
         proc: &b.proc,
         ws_url: format!("ws://127.0.0.1:{}/", b.port),

@@ -209,9 +209,15 @@ fn scale_rows(r: &Value) -> String {
     for t in ["websocket", "webtransport"] {
         let x = &r["fixed_latency"][t];
         if !x.is_null() {
+            let b = &x["baseline"];
             s += &format!(
                 "| {t}: {:.0} events/s of 128 B to {} subscribers, latency p50/p99/p999 (us) | {}/{}/{} | {} | |\n",
                 f(&x["events_per_sec"]), x["subscribers"], x["us"]["p50"], x["us"]["p99"], x["us"]["p999"], cpu(&x["cpu"])
+            );
+            s += &format!(
+                "| {t}: the same load from the bare library's broadcaster, p50/p99/p999 (us) | {}/{}/{} | {} | p99 {:.2}x the bare library's |\n",
+                b["us"]["p50"], b["us"]["p99"], b["us"]["p999"], cpu(&b["cpu"]),
+                f(&x["us"]["p99"]) / f(&b["us"]["p99"]).max(1.0)
             );
         }
     }

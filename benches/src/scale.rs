@@ -237,6 +237,16 @@ pub struct FixedLatency {
     delivered: u64,
     us: Percentiles,
     cpu: Cpu,
+    /// The bare library's broadcaster at the same load, same machine, same load workers: the
+    /// floor this machine puts under the figure.
+    baseline: BareLatency,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BareLatency {
+    delivered: u64,
+    us: Percentiles,
+    cpu: Cpu,
 }
 
 /// `rate` events/s of 128 B to `subscribers` on one org for `events` events: publish-to-receive
@@ -262,6 +272,9 @@ pub async fn fixed_latency(
     load.ask(&format!("until {events}"), "reached").await?;
     let cpu = cpu.end(&es, &load, n);
     let done = load.finish().await?;
+    drop(es);
+    let (mut bare, bare_done) = bare_run(cli, transport, subscribers, events, Some(rate)).await?;
+    let _ = bare.proc.child.start_kill();
     Ok(FixedLatency {
         events_per_sec: rate,
         subscribers,
@@ -269,6 +282,11 @@ pub async fn fixed_latency(
         delivered: done.delivered,
         us: percentiles(&done.latencies_us),
         cpu,
+        baseline: BareLatency {
+            delivered: bare_done.delivered,
+            us: percentiles(&bare_done.latencies_us),
+            cpu: bare.cpu,
+        },
     })
 }
 
@@ -675,18 +693,39 @@ pub async fn baseline_with_load(
     n: usize,
     events: u64,
 ) -> anyhow::Result<Fanout> {
+    let (mut bare, done) = bare_run(cli, transport, n, events, None).await?;
+    let _ = bare.proc.child.start_kill();
+    Ok(fanout_figure(n, events, &done, &bare.cpu, false))
+}
+
+/// A bare-library baseline process that ran `events` to `n` subscribers in load workers
+/// (every subscriber timed when `rate` paces the events), and the CPU of both sides from the
+/// first connect to the last event.
+struct BareRun {
+    proc: Proc,
+    cpu: Cpu,
+}
+
+async fn bare_run(
+    cli: &Cli,
+    transport: Transport,
+    n: usize,
+    events: u64,
+    rate: Option<f64>,
+) -> anyhow::Result<(BareRun, load::Done)> {
     let Baseline {
-        proc: mut p,
+        proc: p,
         port,
         cert,
-    } = spawn_baseline(cli, transport, n, events).await?;
+    } = spawn_baseline(cli, transport, n, events, rate).await?;
     let url = match transport {
         Transport::Ws => format!("ws://127.0.0.1:{port}/"),
         Transport::Wt => format!("https://127.0.0.1:{port}/"),
     };
     let procs = procs(cli, n);
-    let server0 = p.cpu_seconds();
-    let t0 = Instant::now();
+    // All at once: the broadcast starts as the last client is accepted, so the window opens
+    // before the connects; paced, it opens once every client is connected.
+    let (mut server0, mut t0) = (p.cpu_seconds(), Instant::now());
     let mut load = Load::start(
         Spec {
             transport,
@@ -695,26 +734,31 @@ pub async fn baseline_with_load(
             clients: n,
             orgs: 1,
             procs,
-            sample_every: 0,
+            sample_every: usize::from(rate.is_some()),
             concurrency: 64,
             bare: true,
         },
         &cli.load_cpus,
     )
     .await?;
+    let load0 = if rate.is_some() {
+        (server0, t0) = (p.cpu_seconds(), Instant::now());
+        load.cpu_seconds()
+    } else {
+        0.0
+    };
     load.ask(&format!("until {events}"), "reached").await?;
     let window = t0.elapsed().as_secs_f64();
     let cpu = Cpu {
         seconds: window,
         server_cores: (p.cpu_seconds() - server0) / window,
-        load_cores: load.cpu_seconds() / window,
+        load_cores: (load.cpu_seconds() - load0) / window,
         load_procs: procs,
         publisher_cores: 0.0,
     };
     // The workers stop reading before the baseline goes away (a reset is an error to them).
     let done = load.finish().await?;
-    let _ = p.child.start_kill();
-    Ok(fanout_figure(n, events, &done, &cpu, false))
+    Ok((BareRun { proc: p, cpu }, done))
 }
 
 fn fanout_figure(n: usize, events: u64, done: &load::Done, cpu: &Cpu, latency: bool) -> Fanout {
