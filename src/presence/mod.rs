@@ -153,7 +153,7 @@ impl Room {
             return false;
         }
         let note = PresenceNote::new(org, name, online, changes);
-        for (_, sink) in to {
+        for sink in to.values() {
             sink.push(Live::Presence(note.clone()));
         }
         if snapshot {
