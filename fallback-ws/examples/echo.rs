@@ -15,6 +15,7 @@ struct Echo;
 
 impl WsSession for Echo {
     type Wake = ();
+    type Payload = bytes::Bytes;
 
     async fn wait(&mut self) {
         std::future::pending().await

@@ -17,7 +17,7 @@ pub mod pump;
 use std::time::Duration;
 
 pub use handshake::{upgrade, HandshakeError, OriginPolicy};
-pub use pump::{run, Close, Incoming, Outgoing, WsSession};
+pub use pump::{run, Close, Incoming, Outgoing, Payload, WsSession};
 pub use tokio_tungstenite::tungstenite;
 
 /// Bytes of the write buffer left for pongs beyond the largest message (a pong is at most 127).

@@ -43,12 +43,25 @@ pub enum Incoming {
     Text(Utf8Bytes),
 }
 
-/// A data message to the client.
+/// A data message to the client, its bytes held by `P` (`Bytes`, or something a session
+/// shares with many others and lends the pump: it copies small messages out of [`Payload::bytes`]
+/// and clones only large ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outgoing {
-    Binary(Bytes),
+pub enum Outgoing<P = Bytes> {
+    Binary(P),
     /// Must be UTF-8 (the pump writes it as it is; a client closes with 1007 otherwise).
-    Text(Bytes),
+    Text(P),
+}
+
+/// What holds the bytes of an [`Outgoing`] message.
+pub trait Payload: Send + 'static {
+    fn bytes(&self) -> &Bytes;
+}
+
+impl Payload for Bytes {
+    fn bytes(&self) -> &Bytes {
+        self
+    }
 }
 
 /// The same message sent back (echo servers, tests).
@@ -81,6 +94,8 @@ impl Close {
 pub trait WsSession: Send {
     /// What [`WsSession::wait`] found to do.
     type Wake: Send;
+    /// What holds the bytes of the session's messages.
+    type Payload: Payload;
 
     /// Waits until the session has work (an event to send, a timer). Must be cancel-safe: the
     /// pump drops this future whenever something else happens first.
@@ -91,7 +106,7 @@ pub trait WsSession: Send {
     fn on_wake(
         &mut self,
         wake: Self::Wake,
-        out: &mut Vec<Outgoing>,
+        out: &mut Vec<Outgoing<Self::Payload>>,
     ) -> impl Future<Output = Result<(), Close>> + Send;
 
     /// Handles one client message, appending replies to `out`. `Err` closes the connection
@@ -99,7 +114,7 @@ pub trait WsSession: Send {
     fn on_message(
         &mut self,
         msg: Incoming,
-        out: &mut Vec<Outgoing>,
+        out: &mut Vec<Outgoing<Self::Payload>>,
     ) -> impl Future<Output = Result<(), Close>> + Send;
 
     /// Resolves when the connection must close at once, even mid-write (called once).
@@ -144,7 +159,7 @@ where
 {
     let interrupt = session.interrupted();
     tokio::pin!(interrupt);
-    let mut out: Vec<Outgoing> = Vec::new();
+    let mut out: Vec<Outgoing<S::Payload>> = Vec::new();
     let mut frames = Frames::default();
     let mut last_rx = Instant::now();
     // Pings received since the socket last took everything written to it (the pongs
@@ -289,11 +304,12 @@ impl Frames {
     }
 
     /// Queues one unmasked, unfragmented data frame (RFC 6455, section 5.2).
-    fn push(&mut self, m: Outgoing) {
-        let (opcode, payload) = match m {
+    fn push<P: Payload>(&mut self, m: Outgoing<P>) {
+        let (opcode, held) = match m {
             Outgoing::Binary(b) => (0x2, b),
             Outgoing::Text(t) => (0x1, t),
         };
+        let payload = held.bytes();
         let len = payload.len();
         self.staging
             .reserve(10 + if len <= COPY_AT_MOST { len } else { 0 });
@@ -308,10 +324,10 @@ impl Frames {
             self.staging.put_u64(len as u64);
         }
         if len <= COPY_AT_MOST {
-            self.staging.extend_from_slice(&payload);
+            self.staging.extend_from_slice(payload);
         } else {
             self.cut();
-            self.chunks.push_back(payload);
+            self.chunks.push_back(payload.clone());
         }
     }
 

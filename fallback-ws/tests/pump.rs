@@ -17,6 +17,7 @@ struct Echo {
 
 impl WsSession for Echo {
     type Wake = Outgoing;
+    type Payload = bytes::Bytes;
 
     async fn wait(&mut self) -> Outgoing {
         match self.push.recv().await {

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use super::{Admitted, ConnectParams, Format, Held, SessionEnv, SessionToken};
 use crate::close::{CloseCode, Refusal};
+use crate::event::{Encoded, EventFrame};
 use crate::hub::{Delivery, Live, OrgCursor, Subscribed, CATCH_UP_BATCH};
 use crate::log::{Appended, LogError, ReadOutcome};
 use crate::metrics::{Transport, TransportMetrics};
@@ -67,11 +68,35 @@ pub enum Layout {
 pub struct StreamId(pub u64);
 
 /// A message as the client receives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Message {
     Binary(Bytes),
     /// UTF-8 text (JSON format).
     Text(Bytes),
+    /// An event, in the session's format ([`EventFrame::is_text`]): its bytes stay the event's.
+    Event(EventFrame),
+}
+
+/// The bytes of one frame on an org's stream: built for this session, or an event's.
+#[derive(Debug, Clone)]
+pub enum FrameBytes {
+    Own(Bytes),
+    Event(EventFrame),
+}
+
+impl FrameBytes {
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            FrameBytes::Own(b) => b,
+            FrameBytes::Event(f) => f.bytes(),
+        }
+    }
+}
+
+impl edgestream_ws::Payload for FrameBytes {
+    fn bytes(&self) -> &Bytes {
+        FrameBytes::bytes(self)
+    }
 }
 
 /// What to send where.
@@ -83,7 +108,7 @@ pub enum Transmit {
     Open(StreamId),
     /// WebTransport: frames of one org's stream, in order, to write as one chunk. The driver
     /// reports their progress with [`SessionCore::handle_sent`].
-    Stream(StreamId, Vec<Bytes>),
+    Stream(StreamId, Vec<FrameBytes>),
     /// WebTransport: finish the stream after its frames (UNSUBSCRIBED was the last).
     Finish(StreamId),
     /// WebTransport: drop the stream at once (replaced by a new subscription).
@@ -453,8 +478,10 @@ impl SessionCore {
         let Layout::Streams = self.layout else {
             return self.control(m);
         };
-        let Message::Binary(frame) = m else {
-            unreachable!("streams carry binary frames")
+        let frame = match m {
+            Message::Binary(b) => FrameBytes::Own(b),
+            Message::Event(f) if !f.is_text() => FrameBytes::Event(f),
+            Message::Text(_) | Message::Event(_) => unreachable!("streams carry binary frames"),
         };
         let sub = &mut self.subs[i];
         let n = usize::from(live);
@@ -1044,13 +1071,12 @@ impl SessionCore {
                             self.metrics().observe_delivery(e.ts);
                         }
                     }
-                    match format {
-                        Format::Json => Message::Text(e.json().clone()),
-                        Format::Binary if self.brotli => {
-                            Message::Binary(e.binary_for_brotli(&self.env.encoding).clone())
-                        }
-                        Format::Binary => Message::Binary(e.binary().clone()),
-                    }
+                    let encoded = match format {
+                        Format::Json => Encoded::Json,
+                        Format::Binary if self.brotli => Encoded::Brotli,
+                        Format::Binary => Encoded::Binary,
+                    };
+                    Message::Event(EventFrame::new(e, encoded, &self.env.encoding))
                 }
                 Delivery::Reset { epoch, head } => {
                     let org = self.subs[i].cursor.org().clone();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use edgestream_ws::{Close, Incoming, Outgoing, WsSession};
 use tokio::time::Instant;
 
-use super::core::{self, Layout, Message, Read, SessionCore, Transmit};
+use super::core::{self, FrameBytes, Layout, Message, Read, SessionCore, Transmit};
 use super::io::SessionIo;
 use super::{ConnectParams, SessionEnv};
 use crate::close::Refusal;
@@ -74,7 +74,7 @@ impl WsStreamSession {
         }
     }
 
-    async fn start(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Close> {
+    async fn start(&mut self, out: &mut Vec<Outgoing<FrameBytes>>) -> Result<(), Close> {
         let State::New(params) = std::mem::replace(&mut self.state, State::Gone) else {
             return Ok(());
         };
@@ -103,15 +103,23 @@ impl WsStreamSession {
     }
 
     /// Moves the core's transmits to the socket.
-    fn flush(&mut self, out: &mut Vec<Outgoing>) -> Result<(), Close> {
+    fn flush(&mut self, out: &mut Vec<Outgoing<FrameBytes>>) -> Result<(), Close> {
         let Some(core) = self.core() else {
             return Ok(());
         };
         while let Some(t) = core.poll_transmit() {
             match t {
-                Transmit::Control(Message::Binary(b)) => out.push(Outgoing::Binary(b)),
+                Transmit::Control(Message::Binary(b)) => {
+                    out.push(Outgoing::Binary(FrameBytes::Own(b)))
+                }
                 // The core makes text from JSON it built or validated: always UTF-8.
-                Transmit::Control(Message::Text(t)) => out.push(Outgoing::Text(t)),
+                Transmit::Control(Message::Text(t)) => out.push(Outgoing::Text(FrameBytes::Own(t))),
+                Transmit::Control(Message::Event(f)) if f.is_text() => {
+                    out.push(Outgoing::Text(FrameBytes::Event(f)))
+                }
+                Transmit::Control(Message::Event(f)) => {
+                    out.push(Outgoing::Binary(FrameBytes::Event(f)))
+                }
                 Transmit::Close(r) => return Err(close(r)),
                 // Streams and datagrams are WebTransport's; a socket core emits none.
                 Transmit::Open(_)
@@ -131,6 +139,7 @@ fn close(r: Refusal) -> Close {
 
 impl WsSession for WsStreamSession {
     type Wake = Wake;
+    type Payload = FrameBytes;
 
     async fn wait(&mut self) -> Wake {
         let core = match &mut self.state {
@@ -161,7 +170,11 @@ impl WsSession for WsStreamSession {
         }
     }
 
-    async fn on_wake(&mut self, wake: Wake, out: &mut Vec<Outgoing>) -> Result<(), Close> {
+    async fn on_wake(
+        &mut self,
+        wake: Wake,
+        out: &mut Vec<Outgoing<FrameBytes>>,
+    ) -> Result<(), Close> {
         if let Wake::Start = wake {
             return self.start(out).await;
         }
@@ -191,7 +204,11 @@ impl WsSession for WsStreamSession {
         self.flush(out)
     }
 
-    async fn on_message(&mut self, msg: Incoming, out: &mut Vec<Outgoing>) -> Result<(), Close> {
+    async fn on_message(
+        &mut self,
+        msg: Incoming,
+        out: &mut Vec<Outgoing<FrameBytes>>,
+    ) -> Result<(), Close> {
         if let State::New(_) = self.state {
             // The client spoke first: authenticate and subscribe before handling it.
             self.start(out).await?;

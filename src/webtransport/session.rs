@@ -38,7 +38,7 @@ use super::h3::{self, wire};
 use crate::close::{CloseCode, Refusal};
 use crate::log::{LogError, ReadOutcome};
 use crate::metrics::Transport;
-use crate::session::core::{Layout, Message, SessionCore, StreamId, Transmit};
+use crate::session::core::{FrameBytes, Layout, Message, SessionCore, StreamId, Transmit};
 use crate::session::io::SessionIo;
 use crate::session::{ConnectParams, SessionEnv};
 
@@ -129,7 +129,7 @@ struct OrgOut {
     /// `None` while it is being opened or a write is in flight.
     stream: Option<SendStream>,
     /// Frames waiting for the stream (or what is left of them after a partial write).
-    pending: Vec<Bytes>,
+    pending: Vec<FrameBytes>,
     /// How many of the core's frames `pending` holds (counted as sent once all their bytes
     /// are).
     frames: usize,
@@ -695,11 +695,15 @@ impl Driver {
         }
         let (id, n) = (o.id, std::mem::take(&mut o.frames));
         let mut chunk = if o.pending.len() == 1 {
-            o.pending.pop().expect("one chunk")
+            match o.pending.pop().expect("one chunk") {
+                FrameBytes::Own(b) => b,
+                FrameBytes::Event(f) => f.bytes().clone(),
+            }
         } else {
-            let mut joined = BytesMut::with_capacity(o.pending.iter().map(Bytes::len).sum());
+            let size = o.pending.iter().map(|f| f.bytes().len()).sum();
+            let mut joined = BytesMut::with_capacity(size);
             for f in o.pending.drain(..) {
-                joined.extend_from_slice(&f);
+                joined.extend_from_slice(f.bytes());
             }
             joined.freeze()
         };
@@ -708,7 +712,8 @@ impl Driver {
         let credit = self.flow.data_out.available();
         let mut frames = n;
         if (chunk.len() as u64) > credit {
-            o.pending.push(chunk.split_off(credit as usize));
+            o.pending
+                .push(FrameBytes::Own(chunk.split_off(credit as usize)));
             o.frames = n;
             frames = 0;
             let limit = self.flow.data_out.limit();
@@ -792,9 +797,13 @@ impl Driver {
     async fn route(&mut self) -> Result<(), Refusal> {
         while let Some(t) = self.core.poll_transmit() {
             match t {
-                Transmit::Control(Message::Binary(b) | Message::Text(b)) => {
+                Transmit::Control(m) => {
+                    let b = match &m {
+                        Message::Binary(b) | Message::Text(b) => b,
+                        Message::Event(f) => f.bytes(),
+                    };
                     if let Some(c) = self.control.as_mut() {
-                        c.write_all(&b).await.map_err(|_| {
+                        c.write_all(b).await.map_err(|_| {
                             Refusal::new(CloseCode::Protocol, "control stream closed")
                         })?;
                     }

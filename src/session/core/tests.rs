@@ -108,7 +108,7 @@ impl Session {
                     id,
                     frames
                         .into_iter()
-                        .map(|b| Frame::decode_exact(b, 1 << 20).unwrap())
+                        .map(|b| Frame::decode_exact(b.bytes().clone(), 1 << 20).unwrap())
                         .collect(),
                 ),
                 Transmit::Datagram(d) => Out::Datagram(Frame::decode_exact(d, 1 << 20).unwrap()),
@@ -163,6 +163,12 @@ fn decode(m: Message) -> Decoded {
     match m {
         Message::Binary(b) => Decoded::Frame(Frame::decode_exact(b, 1 << 20).unwrap()),
         Message::Text(t) => Decoded::Json(serde_json::from_slice(&t).unwrap()),
+        Message::Event(f) if f.is_text() => {
+            Decoded::Json(serde_json::from_slice(f.bytes()).unwrap())
+        }
+        Message::Event(f) => {
+            Decoded::Frame(Frame::decode_exact(f.bytes().clone(), 1 << 20).unwrap())
+        }
     }
 }
 
