@@ -152,15 +152,9 @@ fn main() -> anyhow::Result<()> {
             bail!("taskset -c {cpus} failed for the load process");
         }
     }
-    // A load worker runs on one thread: four of them already share the two cores, and one
-    // thread per worker wakes once per batch of readable sockets instead of two threads
-    // waking each other.
-    let rt = match cli.cmd {
-        Some(Cmd::Load { .. }) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    }
-    .enable_all()
-    .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.cmd {
             Some(Cmd::BaselineWs {
