@@ -77,6 +77,16 @@ pub enum Message {
     Event(EventFrame),
 }
 
+impl Message {
+    /// What goes on the wire.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Message::Binary(b) | Message::Text(b) => b,
+            Message::Event(f) => f.bytes(),
+        }
+    }
+}
+
 /// The bytes of one frame on an org's stream: built for this session, or an event's.
 #[derive(Debug, Clone)]
 pub enum FrameBytes {
@@ -89,6 +99,14 @@ impl FrameBytes {
         match self {
             FrameBytes::Own(b) => b,
             FrameBytes::Event(f) => f.bytes(),
+        }
+    }
+
+    /// The bytes as their own handle (the event's are shared, not copied).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            FrameBytes::Own(b) => b,
+            FrameBytes::Event(f) => f.bytes().clone(),
         }
     }
 }

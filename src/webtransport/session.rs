@@ -38,7 +38,7 @@ use super::h3::{self, wire};
 use crate::close::{CloseCode, Refusal};
 use crate::log::{LogError, ReadOutcome};
 use crate::metrics::Transport;
-use crate::session::core::{FrameBytes, Layout, Message, SessionCore, StreamId, Transmit};
+use crate::session::core::{FrameBytes, Layout, SessionCore, StreamId, Transmit};
 use crate::session::io::SessionIo;
 use crate::session::{ConnectParams, SessionEnv};
 
@@ -695,10 +695,7 @@ impl Driver {
         }
         let (id, n) = (o.id, std::mem::take(&mut o.frames));
         let mut chunk = if o.pending.len() == 1 {
-            match o.pending.pop().expect("one chunk") {
-                FrameBytes::Own(b) => b,
-                FrameBytes::Event(f) => f.bytes().clone(),
-            }
+            o.pending.pop().expect("one chunk").into_bytes()
         } else {
             let size = o.pending.iter().map(|f| f.bytes().len()).sum();
             let mut joined = BytesMut::with_capacity(size);
@@ -798,12 +795,8 @@ impl Driver {
         while let Some(t) = self.core.poll_transmit() {
             match t {
                 Transmit::Control(m) => {
-                    let b = match &m {
-                        Message::Binary(b) | Message::Text(b) => b,
-                        Message::Event(f) => f.bytes(),
-                    };
                     if let Some(c) = self.control.as_mut() {
-                        c.write_all(b).await.map_err(|_| {
+                        c.write_all(m.bytes()).await.map_err(|_| {
                             Refusal::new(CloseCode::Protocol, "control stream closed")
                         })?;
                     }
